@@ -1,0 +1,1 @@
+"""Benchmark harness for fada_core (``python benchmarks/run.py --help``); results in RESULTS.md."""

@@ -1,0 +1,381 @@
+"""Semantic-segmentation evaluation as in the official FADA ``test.py``.
+
+Inference: the classifier's low-resolution logits are upsampled to the *label* size (bilinear,
+``align_corners=True``) and turned into probabilities with a softmax. Optional horizontal-flip
+averaging and multi-scale testing (inputs resized bilinear, ``align_corners=True``, to
+``int(H*s), int(W*s)`` for s in e.g. (0.7, 1.0, 1.3)) average the softmax maps.
+
+Scores come from a K x K confusion matrix (rows = ground truth, columns = prediction, pixels with
+the ignore label skipped), accumulated batch by batch and summed across ``torch.distributed``
+ranks:
+
+    IoU_c = TP_c / (TP_c + FP_c + FN_c)     Acc_c = TP_c / (TP_c + FN_c)
+    mIoU = mean_c IoU_c    mAcc = mean_c Acc_c    allAcc = sum_c TP_c / #labelled pixels
+
+A class that never occurs (neither in the ground truth nor in the predictions) has IoU NaN and is
+left out of the mean, exactly as Cityscapes' official ``evalPixelLevelSemanticLabeling`` does; a
+class absent from the ground truth has Acc NaN. On a data set in which every class occurs (e.g.
+Cityscapes val) this equals the official FADA ``test.py`` figures (which count absent classes as
+0 instead).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+try:  # tqdm is in the examples extra; evaluation still works without it.
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+MULTI_SCALES = (0.7, 1.0, 1.3)
+
+__all__ = [
+    "MULTI_SCALES",
+    "EvalResult",
+    "confusion_matrix",
+    "scores_from_confusion",
+    "predict_probabilities",
+    "evaluate",
+    "format_table",
+    "write_results_csv",
+    "build_eval_loader",
+    "colorize_prediction",
+    "default_palette",
+    "safe_name",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# scores
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Scores of one evaluation run. Fractions in [0, 1]; multiply by 100 for percent.
+
+    Attributes:
+        miou: mean IoU over the classes that occur (NaN-IoU classes left out).
+        macc: mean per-class accuracy (recall) over the classes present in the ground truth.
+        allacc: overall pixel accuracy, correct / labelled pixels.
+        iou: (K,) per-class IoU, NaN where the class occurs nowhere.
+        acc: (K,) per-class accuracy, NaN where the class is absent from the ground truth.
+        confusion: (K, K) int64 pixel counts, rows = ground truth, columns = prediction.
+    """
+
+    miou: float
+    macc: float
+    allacc: float
+    iou: np.ndarray
+    acc: np.ndarray
+    confusion: np.ndarray
+    num_images: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self, class_names: Optional[Sequence[str]] = None) -> dict:
+        names = _names(class_names, len(self.iou))
+        out = {"mIoU": self.miou, "mAcc": self.macc, "allAcc": self.allacc, "images": self.num_images}
+        for name, value in zip(names, self.iou):
+            out[f"IoU/{name}"] = float(value)
+        return out
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) int64 confusion matrix of integer predictions against labels (any equal shapes).
+
+    Pixels whose label is ``ignore_index`` (or outside [0, K)) are skipped. Rows index the
+    ground truth, columns the prediction.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    pred = pred.reshape(-1).long()
+    target = target.reshape(-1).long()
+    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    pred = pred[valid]
+    target = target[valid]
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+        raise ValueError(f"predictions must lie in [0, {num_classes}); got [{int(pred.min())}, {int(pred.max())}]")
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(confusion, num_images: int = 0) -> EvalResult:
+    """mIoU, mAcc, allAcc and per-class IoU/Acc from a (K, K) confusion matrix."""
+    conf = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.int64)
+    tp = np.diag(conf).astype(np.float64)
+    gt = conf.sum(axis=1).astype(np.float64)      # TP + FN
+    predicted = conf.sum(axis=0).astype(np.float64)  # TP + FP
+    union = gt + predicted - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt > 0, tp / gt, np.nan)
+    total = gt.sum()
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    macc = float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+    allacc = float(tp.sum() / total) if total > 0 else float("nan")
+    return EvalResult(miou, macc, allacc, iou, acc, conf, num_images)
+
+
+# --------------------------------------------------------------------------------------------
+# inference
+# --------------------------------------------------------------------------------------------
+def _probabilities(feature_extractor, classifier, image: torch.Tensor, size) -> torch.Tensor:
+    logits = classifier(feature_extractor(image))
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
+    return F.softmax(logits, dim=1)
+
+
+def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, size,
+                          *, flip: bool = False, scales: Iterable[float] = (1.0,)) -> torch.Tensor:
+    """Softmax probabilities (B, K, *size) averaged over ``scales`` and, if ``flip``, mirroring.
+
+    As the official ``inference`` / ``multi_scale_inference``: each scaled input is
+    ``bilinear(image, (int(H*s), int(W*s)), align_corners=True)``; logits are upsampled to
+    ``size`` (the label size) with ``align_corners=True`` before the softmax; a flipped input's
+    probabilities are flipped back before averaging.
+    """
+    size = tuple(int(v) for v in size)
+    height, width = image.shape[-2:]
+    total = None
+    count = 0
+    for s in scales:
+        s = float(s)
+        if s == 1.0:
+            x = image
+        else:
+            x = F.interpolate(image, size=(int(height * s), int(width * s)), mode="bilinear",
+                              align_corners=True)
+        views = [(x, False)] + ([(x.flip(3), True)] if flip else [])
+        for view, flipped in views:
+            prob = _probabilities(feature_extractor, classifier, view, size)
+            if flipped:
+                prob = prob.flip(3)
+            total = prob if total is None else total + prob
+            count += 1
+    if total is None:
+        raise ValueError("scales must not be empty")
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# colour-coded predictions
+# --------------------------------------------------------------------------------------------
+def default_palette(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 colours: Cityscapes' 19 trainId colours (from fada_examples.data.labels or
+    cityscapesscripts) for K = 19, else a deterministic distinct palette."""
+    if num_classes == 19:
+        try:
+            from fada_examples.data.labels import PALETTE_19
+
+            return np.asarray(PALETTE_19, dtype=np.uint8).reshape(19, 3)
+        except ImportError:
+            pass
+        try:
+            from cityscapesscripts.helpers.labels import labels as cs_labels
+
+            palette = np.zeros((19, 3), dtype=np.uint8)
+            for label in cs_labels:
+                if 0 <= label.trainId < 19:
+                    palette[label.trainId] = label.color
+            return palette
+        except ImportError:  # pragma: no cover
+            pass
+    rng = np.random.RandomState(1234)
+    return rng.randint(0, 256, size=(num_classes, 3)).astype(np.uint8)
+
+
+def colorize_prediction(train_ids: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """Palette ('P' mode) PNG image of a (H, W) trainId map; ids outside the palette are black."""
+    ids = np.ascontiguousarray(np.asarray(train_ids).astype(np.uint8))
+    if ids.ndim != 2:
+        raise ValueError(f"expected a (H, W) id map, got shape {ids.shape}")
+    image = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.tobytes())
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(palette)] = palette
+    image.putpalette(flat.reshape(-1).tolist())
+    return image
+
+
+def safe_name(name: str) -> str:
+    """A data-set sample name as one file name ('/' -> '__', extension -> .png)."""
+    return os.path.splitext(str(name).replace("\\", "/").replace("/", "__"))[0] + ".png"
+
+
+# --------------------------------------------------------------------------------------------
+# data loading helper
+# --------------------------------------------------------------------------------------------
+def _dist_info(distributed: bool):
+    if distributed and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_eval_loader(dataset, *, batch_size: int = 1, num_workers: int = 2, distributed: bool = False,
+                      pin_memory: bool = False):
+    """A sequential DataLoader; under ``distributed`` each rank gets the strided shard
+    ``rank, rank + world, ...`` so every image is evaluated exactly once (no padding duplicates,
+    unlike DistributedSampler)."""
+    rank, world = _dist_info(distributed)
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation loop
+# --------------------------------------------------------------------------------------------
+def _unpack(batch):
+    if isinstance(batch, (list, tuple)):
+        image, label = batch[0], batch[1]
+        names = batch[2] if len(batch) > 2 else None
+    elif isinstance(batch, dict):
+        image, label, names = batch["image"], batch["label"], batch.get("name")
+    else:
+        raise TypeError(f"a batch must be (image, label[, name]); got {type(batch).__name__}")
+    if names is not None and isinstance(names, str):
+        names = [names]
+    return image, label, names
+
+
+@torch.no_grad()
+def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
+             flip: bool = False, scales: Sequence[float] = (1.0,), output_dir: Optional[str] = None,
+             num_images_to_save: int = 0, class_names: Optional[Sequence[str]] = None,
+             distributed: bool = False, ignore_index: int = 255, palette: Optional[np.ndarray] = None,
+             label_id_dir: Optional[str] = None, trainid_to_labelid: Optional[np.ndarray] = None,
+             progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Evaluate a segmentor over ``loader`` and return an :class:`EvalResult`.
+
+    Args:
+        feature_extractor, classifier: ``classifier(feature_extractor(x))`` gives (B, K, h, w) logits.
+        loader: yields ``(image (B,3,H,W), label (B,H',W') int, names)``; the label may have another
+            resolution than the image (the official test keeps full-resolution labels).
+        flip: average with the horizontally mirrored input.
+        scales: input scales, e.g. :data:`MULTI_SCALES` for multi-scale testing.
+        output_dir: where ``num_images_to_save`` colour-coded prediction PNGs go
+            (``<output_dir>/predictions/<name>.png``; rank 0 only under DDP).
+        label_id_dir, trainid_to_labelid: if both given, every prediction is also written as a
+            label-ID PNG ``<label_id_dir>/<name without extension>.png`` (Cityscapes' submission
+            format, readable by cityscapesscripts' evaluation); all ranks write their shard.
+        distributed: sum the confusion matrix over the initialised process group.
+    Models are put in eval mode for the run and restored to their previous mode after it.
+    """
+    device = torch.device(device)
+    rank, world = _dist_info(distributed)
+    was_training = (feature_extractor.training, classifier.training)
+    feature_extractor.eval()
+    classifier.eval()
+    if palette is None:
+        palette = default_palette(num_classes)
+    pred_dir = None
+    if output_dir is not None and num_images_to_save > 0 and rank == 0:
+        pred_dir = os.path.join(output_dir, "predictions")
+        os.makedirs(pred_dir, exist_ok=True)
+    lut = None
+    if label_id_dir is not None and trainid_to_labelid is not None:
+        lut = np.full(256, 0, dtype=np.uint8)
+        mapping = np.asarray(trainid_to_labelid)
+        lut[: len(mapping)] = mapping
+
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    saved = 0
+    images_seen = 0
+    iterator = loader
+    if progress and tqdm is not None:
+        iterator = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True)
+    try:
+        for batch in iterator:
+            image, label, names = _unpack(batch)
+            image = image.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True).long()
+            prob = predict_probabilities(feature_extractor, classifier, image, label.shape[-2:],
+                                         flip=flip, scales=scales)
+            pred = prob.argmax(dim=1)
+            confusion += confusion_matrix(pred, label, num_classes, ignore_index)
+            images_seen += image.shape[0]
+            if pred_dir is None and lut is None:
+                continue
+            pred_np = pred.to(torch.uint8).cpu().numpy()
+            for i in range(pred_np.shape[0]):
+                name = names[i] if names is not None else f"{rank:02d}_{images_seen - pred_np.shape[0] + i:06d}"
+                if pred_dir is not None and saved < num_images_to_save:
+                    colorize_prediction(pred_np[i], palette).save(os.path.join(pred_dir, safe_name(name)))
+                    saved += 1
+                if lut is not None:
+                    path = os.path.join(label_id_dir, os.path.splitext(str(name))[0] + ".png")
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                    Image.fromarray(lut[pred_np[i]]).save(path)
+    finally:
+        feature_extractor.train(was_training[0])
+        classifier.train(was_training[1])
+
+    if world > 1:
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        seen = torch.tensor([images_seen], dtype=torch.int64, device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+        images_seen = int(seen.item())
+    result = scores_from_confusion(confusion, num_images=images_seen)
+    if pred_dir is not None:
+        result.extra["predictions_dir"] = pred_dir
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+def _names(class_names, k):
+    if class_names is None:
+        return [f"class_{i}" for i in range(k)]
+    if len(class_names) != k:
+        raise ValueError(f"{len(class_names)} class names given for {k} classes")
+    return list(class_names)
+
+
+def _pct(value: float) -> str:
+    return "   n/a" if not np.isfinite(value) else f"{100.0 * value:6.2f}"
+
+
+def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None) -> str:
+    """Per-class IoU / accuracy table in percent, followed by mIoU, mAcc and allAcc."""
+    names = _names(class_names, len(result.iou))
+    width = max(12, max(len(n) for n in names))
+    lines = [f"{'id':>3}  {'class':<{width}}  {'IoU (%)':>8}  {'Acc (%)':>8}"]
+    lines.append("-" * len(lines[0]))
+    for i, name in enumerate(names):
+        lines.append(f"{i:>3}  {name:<{width}}  {_pct(result.iou[i]):>8}  {_pct(result.acc[i]):>8}")
+    lines.append("-" * len(lines[0]))
+    lines.append(f"mIoU {_pct(result.miou).strip()} %   mAcc {_pct(result.macc).strip()} %   "
+                 f"allAcc {_pct(result.allacc).strip()} %   ({result.num_images} images)")
+    return "\n".join(lines)
+
+
+def write_results_csv(result: EvalResult, class_names: Optional[Sequence[str]], path: str) -> str:
+    """CSV with one row per class (IoU, Acc as fractions, GT / predicted pixel counts) and the
+    summary rows mIoU, mAcc, allAcc."""
+    names = _names(class_names, len(result.iou))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    conf = result.confusion
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class_id", "class", "iou", "acc", "gt_pixels", "pred_pixels"])
+        for i, name in enumerate(names):
+            writer.writerow([i, name, _fmt(result.iou[i]), _fmt(result.acc[i]),
+                             int(conf[i].sum()), int(conf[:, i].sum())])
+        writer.writerow(["", "mIoU", _fmt(result.miou), "", "", ""])
+        writer.writerow(["", "mAcc", "", _fmt(result.macc), "", ""])
+        writer.writerow(["", "allAcc", "", _fmt(result.allacc), "", ""])
+    return path
+
+
+def _fmt(value) -> str:
+    value = float(value)
+    return "nan" if not np.isfinite(value) else f"{value:.6f}"

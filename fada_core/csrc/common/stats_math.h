@@ -1,0 +1,65 @@
+// Per-class feature statistics math shared by the CPU and CUDA kernels of
+// class_center_stats (FADA_HD: the same inline code on host and device).
+//
+// Accuracy with a large common offset: every class k gets a shift s_k (its
+// first pixel's feature vector), and the kernels accumulate, per class and
+// channel, in float64,
+//     S1 = Σ (x − s),   S2 = Σ (x − s)².
+// Then mean = s + S1/n and the centred sum of squares is S2 − S1²/n, which
+// only cancels at the scale of the class's spread, not of the offset.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace fada_core {
+namespace stats {
+
+// Which accumulator slot a label goes to: the class itself, `num_classes` (a
+// dump slot) for ignore_index, or -1 for an invalid label.
+FADA_HD int64_t label_slot(int64_t label, int64_t num_classes, int64_t ignore_index) {
+  if (label == ignore_index) return num_classes;
+  return (label >= 0 && label < num_classes) ? label : -1;
+}
+
+// One sample into the shifted accumulators.
+FADA_HD void accumulate(double x, double shift, double& s1, double& s2) {
+  const double d = x - shift;
+  s1 += d;
+  s2 += d * d;
+}
+
+// Mean of a class's channel from its shifted sum; 0 for an absent class.
+FADA_HD double finish_mean(double shift, double s1, double n) {
+  return n > 0.0 ? shift + s1 / n : 0.0;
+}
+
+// Centred sum of squares of one channel, Σ (x − mean)², from the shifted sums;
+// clamped at 0 against rounding; 0 for an absent class.
+FADA_HD double finish_m2(double s1, double s2, double n) {
+  if (!(n > 0.0)) return 0.0;
+  const double m2 = s2 - s1 * (s1 / n);
+  return m2 > 0.0 ? m2 : 0.0;
+}
+
+// Chan et al.'s merge of two summaries (n, mean, m2) of one channel, in place
+// into (n_a, mean_a, m2_a): exact for disjoint sample sets.
+FADA_HD void chan_merge(double& n_a, double& mean_a, double& m2_a, double n_b, double mean_b,
+                        double m2_b) {
+  const double n = n_a + n_b;
+  if (!(n_b > 0.0)) return;
+  if (!(n_a > 0.0)) {
+    n_a = n_b;
+    mean_a = mean_b;
+    m2_a = m2_b;
+    return;
+  }
+  const double delta = mean_b - mean_a;
+  mean_a += delta * (n_b / n);
+  m2_a += m2_b + delta * delta * (n_a * n_b / n);
+  n_a = n;
+}
+
+}  // namespace stats
+}  // namespace fada_core

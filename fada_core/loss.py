@@ -1,0 +1,205 @@
+"""FADA's losses as modules, and the two-line adversarial helper."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+from torch import Tensor, nn
+
+from . import _validation as V
+from . import functional as FF
+
+Size = Optional[Union[int, Tuple[int, int]]]
+
+
+class FADALoss(nn.Module):
+    r"""Fine-grained adversarial loss: soft-label cross-entropy against the domain encoding.
+
+    .. math:: \ell = \operatorname{reduce}_{p}\Big( w(p) \sum_{c=1}^{K}
+        -a_c(p)\, \log \mathrm{softmax}(z(p))_{o+c} \Big)
+
+    with :math:`z` the discriminator logits and :math:`a` the capped soft
+    labels, both bilinearly upsampled (``align_corners=True``) to ``size``,
+    and :math:`o = 0` for ``"source"``, :math:`K` for ``"target"``. The value
+    equals the official ``soft_label_cross_entropy(D_up, cat(...))``; the
+    gradient flows into the discriminator logits only.
+
+    Args:
+        num_classes: :math:`K`.
+        temperature: :math:`T` of the soft labels (1.8).
+        cap: soft-label cap (0.9).
+        reduction: ``"mean"`` (over :math:`B \cdot H \cdot W`), ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` (fused kernels when available), ``"eager"`` or ``"kernel"``.
+
+    Shape:
+        - disc_logits: :math:`(B, 2K, h, w)`; seg_logits: :math:`(B, K, h', w')`.
+        - weight: optional :math:`(B, H, W)`.
+        - Output: scalar, or :math:`(B, H, W)` with ``reduction="none"``.
+
+    Example:
+        >>> crit = FADALoss(num_classes=3, backend="eager")
+        >>> d = torch.randn(2, 6, 8, 8, requires_grad=True)
+        >>> crit(d, torch.randn(2, 3, 8, 8), "target", size=(64, 64)).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        temperature: float = 1.8,
+        cap: float = 0.9,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_classes = V.check_num_classes(num_classes)
+        self.temperature = V.check_temperature(temperature)
+        self.cap = V.check_cap(cap)
+        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
+        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+
+    def forward(
+        self, disc_logits: Tensor, seg_logits: Tensor, domain: str, size: Size = None, weight: Optional[Tensor] = None
+    ) -> Tensor:
+        V.check_fada_inputs(disc_logits, seg_logits, domain, size, weight, self.num_classes)
+        return FF.fada_loss(
+            disc_logits, seg_logits, domain, self.temperature, self.cap, size, weight, self.reduction, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+class UpsampledCrossEntropy(nn.Module):
+    r"""Cross-entropy of low-resolution logits against full-resolution labels.
+
+    Equals ``nn.CrossEntropyLoss(ignore_index=...)(upsample(logits) / T, labels)``
+    (bilinear, ``align_corners=True``), without building the upsampled logits
+    when the kernels are used.
+
+    Args:
+        temperature: divides the logits (FADA's adversarial stage uses 1.8 for
+            the supervised loss; source-only and self-distillation use 1).
+        ignore_index: label that contributes nothing (255).
+        reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"``.
+        backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+
+    Shape:
+        - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` integers.
+        - Output: scalar, or :math:`(B, H, W)` with ``reduction="none"``.
+
+    Example:
+        >>> ce = UpsampledCrossEntropy(backend="eager")
+        >>> ce(torch.randn(2, 4, 5, 5), torch.randint(0, 4, (2, 40, 40))).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, ignore_index: int = 255, reduction: str = "mean", backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature)
+        self.ignore_index = V.check_ignore_index(ignore_index)
+        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
+        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return FF.upsampled_cross_entropy(
+            logits, labels, self.temperature, self.ignore_index, self.reduction, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+class FineGrainedAdversary(nn.Module):
+    r"""FADA's adversarial game in two calls, with the official weights.
+
+    Wraps a discriminator (e.g. :class:`~fada_core.FineGrainedDiscriminator`)
+    and a :class:`FADALoss`:
+
+    - :meth:`generator_loss` — for the segmentation network's step: target
+      features should look like *source* features of the same class,
+      :math:`0.001 \cdot \ell(D(F(x_t)), [a_t, 0])`.
+    - :meth:`discriminator_loss` — for the discriminator's step, on detached
+      features: :math:`0.5\,\ell(D(F(x_s)), [a_s, 0]) + 0.5\,\ell(D(F(x_t)), [0, a_t])`.
+
+    As in the official code, the generator loss also leaves gradients on the
+    discriminator's parameters: clear them (``optimizer_D.zero_grad()``)
+    before the discriminator's backward.
+
+    Args:
+        discriminator: module mapping features to :math:`(B, 2K, h, w)` logits.
+        num_classes: :math:`K`.
+        temperature, cap: soft-label parameters (1.8, 0.9).
+        adversarial_weight: weight of the generator's loss (0.001).
+        discriminator_weights: weights of the source and target terms (0.5, 0.5).
+        backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+
+    Example:
+        >>> D = FineGrainedDiscriminator(in_channels=8, num_classes=3, ndf=16)
+        >>> adv = FineGrainedAdversary(D, num_classes=3, backend="eager")
+        >>> f_s, f_t = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+        >>> z_s, z_t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> loss_adv = adv.generator_loss(f_t, z_t, size=(32, 32))          # add to the seg loss
+        >>> loss_d = adv.discriminator_loss(f_s, z_s, (32, 32), f_t, z_t, (32, 32))
+        >>> loss_adv.shape, loss_d.shape
+        (torch.Size([]), torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        num_classes: int,
+        temperature: float = 1.8,
+        cap: float = 0.9,
+        adversarial_weight: float = 0.001,
+        discriminator_weights: Tuple[float, float] = (0.5, 0.5),
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(discriminator, nn.Module):
+            raise TypeError(f"discriminator must be an nn.Module, got {type(discriminator).__name__}")
+        self.discriminator = discriminator
+        self.criterion = FADALoss(num_classes, temperature, cap, "mean", backend)
+        self.adversarial_weight = float(adversarial_weight)
+        if len(discriminator_weights) != 2:
+            raise ValueError(f"discriminator_weights must be (source, target), got {discriminator_weights!r}")
+        self.discriminator_weights = (float(discriminator_weights[0]), float(discriminator_weights[1]))
+
+    def generator_loss(self, target_features: Tensor, target_seg_logits: Tensor, size: Size = None) -> Tensor:
+        """Adversarial loss for the segmentation network (gradient reaches the features)."""
+        disc_logits = self.discriminator(target_features)
+        loss = self.criterion(disc_logits, target_seg_logits.detach(), "source", size)
+        return self.adversarial_weight * loss
+
+    def discriminator_loss(
+        self,
+        source_features: Tensor,
+        source_seg_logits: Tensor,
+        source_size: Size,
+        target_features: Tensor,
+        target_seg_logits: Tensor,
+        target_size: Size,
+    ) -> Tensor:
+        """Loss for the discriminator; features and logits are detached here."""
+        w_src, w_tgt = self.discriminator_weights
+        loss_src = self.criterion(
+            self.discriminator(source_features.detach()), source_seg_logits.detach(), "source", source_size
+        )
+        loss_tgt = self.criterion(
+            self.discriminator(target_features.detach()), target_seg_logits.detach(), "target", target_size
+        )
+        return w_src * loss_src + w_tgt * loss_tgt
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - guidance only
+        raise RuntimeError("call generator_loss(...) or discriminator_loss(...) instead of the module itself")
+
+    def extra_repr(self) -> str:
+        return f"adversarial_weight={self.adversarial_weight}, discriminator_weights={self.discriminator_weights}"

@@ -1,0 +1,56 @@
+"""Shared test fixtures.
+
+``kernel_ops``: the compiled ``torch.ops.fada_core`` namespace. The extension is
+built/loaded on first use; if that fails the test is skipped, unless
+``FADA_CORE_REQUIRE_KERNELS=1`` (CI), where it fails with the build error.
+
+``@pytest.mark.cuda``: skipped when no CUDA device is visible.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def _require_kernels() -> bool:
+    return os.environ.get("FADA_CORE_REQUIRE_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@pytest.fixture(scope="session")
+def kernel_ops():
+    """``torch.ops.fada_core`` with the compiled kernels loaded."""
+    from fada_core import _build
+
+    try:
+        _build.load()
+    except RuntimeError as exc:
+        if _require_kernels():
+            pytest.fail(f"FADA_CORE_REQUIRE_KERNELS=1 but the kernels did not load: {exc}", pytrace=False)
+        pytest.skip(f"fada_core kernels unavailable: {exc}")
+    return torch.ops.fada_core
+
+
+@pytest.fixture
+def cuda_kernel_ops(kernel_ops):
+    """Like ``kernel_ops``, and also requires CUDA kernels and a visible GPU."""
+    from fada_core import _build
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not _build.kernels_available("cuda"):
+        if _require_kernels():
+            pytest.fail(f"CUDA kernels not loaded: {_build.status()['cuda_kernels_reason']}", pytrace=False)
+        pytest.skip(f"CUDA kernels not loaded: {_build.status()['cuda_kernels_reason']}")
+    return kernel_ops
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip_cuda)

@@ -1,0 +1,440 @@
+"""Evaluation, CCD analysis and plots of the examples (fada_examples.{evaluation,analysis,plots}).
+
+Independent of the example models/training: tiny stand-in modules (a conv feature extractor and
+a 1x1 classifier) and tiny data written here.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+from fada_examples import analysis, evaluation, plots  # noqa: E402
+
+K = 5
+
+
+# ------------------------------------------------------------------------------ stand-ins
+class TinyFeatures(nn.Module):
+    def __init__(self, channels=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self, channels=6, num_classes=K, seed=1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features, size=None):
+        out = self.conv(features)
+        if size is not None:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
+        return out
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_items(n=5, image_hw=(12, 20), label_hw=(24, 40), num_classes=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        image = torch.randn(3, *image_hw, generator=g)
+        label = torch.randint(0, num_classes, label_hw, generator=g)
+        label[: label_hw[0] // 6] = 255  # an ignored band
+        items.append((image, label, f"city{i % 2}/img_{i:03d}.png"))
+    return items
+
+
+def official_counts(pred, target, k, ignore=255):
+    """Intersection / union / target areas by histogram, as the official misc.intersectionAndUnion."""
+    pred = pred.reshape(-1).copy()
+    target = target.reshape(-1)
+    pred[target == ignore] = ignore
+    inter = pred[pred == target]
+    a_i = np.histogram(inter, bins=np.arange(k + 1))[0]
+    a_p = np.histogram(pred, bins=np.arange(k + 1))[0]
+    a_t = np.histogram(target, bins=np.arange(k + 1))[0]
+    return a_i, a_p + a_t - a_i, a_t
+
+
+# ------------------------------------------------------------------------------ scores
+def test_confusion_and_scores_match_official_histograms():
+    rng = np.random.RandomState(0)
+    pred = rng.randint(0, K, size=(3, 17, 23))
+    target = rng.randint(0, K, size=(3, 17, 23))
+    target[rng.rand(*target.shape) < 0.2] = 255
+    conf = evaluation.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), K)
+    assert conf.dtype == torch.int64 and conf.shape == (K, K)
+    assert int(conf.sum()) == int((target != 255).sum())
+    res = evaluation.scores_from_confusion(conf)
+    inter, union, tgt = official_counts(pred, target, K)
+    np.testing.assert_allclose(res.iou, inter / union, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.acc, inter / tgt, rtol=0, atol=1e-12)
+    assert res.miou == pytest.approx(np.mean(inter / union), abs=1e-12)
+    assert res.macc == pytest.approx(np.mean(inter / tgt), abs=1e-12)
+    assert res.allacc == pytest.approx(inter.sum() / tgt.sum(), abs=1e-12)
+
+
+def test_scores_hand_example_and_absent_classes():
+    # rows gt, cols pred; class 2 never occurs, class 3 only predicted
+    conf = np.array([[3, 1, 0, 0], [0, 2, 0, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
+    res = evaluation.scores_from_confusion(conf)
+    assert res.iou[0] == pytest.approx(3 / 4)
+    assert res.iou[1] == pytest.approx(2 / 5)
+    assert np.isnan(res.iou[2])
+    assert res.iou[3] == 0.0
+    assert res.miou == pytest.approx((3 / 4 + 2 / 5 + 0) / 3)
+    assert res.acc[1] == pytest.approx(0.5) and np.isnan(res.acc[3])
+    assert res.macc == pytest.approx((0.75 + 0.5) / 2)
+    assert res.allacc == pytest.approx(5 / 8)
+    table = evaluation.format_table(res, ["a", "b", "c", "d"])
+    assert "IoU (%)" in table and " 75.00" in table and "n/a" in table and "mIoU 38.33 %" in table
+
+
+def test_confusion_rejects_out_of_range_predictions():
+    with pytest.raises(ValueError, match="predictions"):
+        evaluation.confusion_matrix(torch.tensor([0, 7]), torch.tensor([0, 1]), 3)
+
+
+# ------------------------------------------------------------------------------ inference
+def _manual_probs(fe, clf, image, size, flip, scales):
+    outs = []
+    h, w = image.shape[-2:]
+    for s in scales:
+        x = F.interpolate(image, size=(int(h * s), int(w * s)), mode="bilinear", align_corners=True)
+        inputs = [x, torch.flip(x, [3])] if flip else [x]
+        for j, xi in enumerate(inputs):
+            logits = F.interpolate(clf(fe(xi)), size=size, mode="bilinear", align_corners=True)
+            p = torch.softmax(logits, 1)
+            outs.append(torch.flip(p, [3]) if j == 1 else p)
+    return torch.stack(outs).mean(0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("scales", [(1.0,), evaluation.MULTI_SCALES])
+def test_predict_probabilities_matches_official_recipe(flip, scales):
+    fe, clf = TinyFeatures().eval(), TinyClassifier().eval()
+    image = torch.randn(2, 3, 14, 22)
+    size = (29, 43)
+    with torch.no_grad():
+        got = evaluation.predict_probabilities(fe, clf, image, size, flip=flip, scales=scales)
+        want = _manual_probs(fe, clf, image, size, flip, scales)
+    assert got.shape == (2, K, *size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(2, *size), rtol=0, atol=1e-5)
+    if flip or len(scales) > 1:  # the options change the answer
+        with torch.no_grad():
+            plain = evaluation.predict_probabilities(fe, clf, image, size)
+        assert (got - plain).abs().max() > 1e-4
+
+
+def test_evaluate_matches_manual_loop_and_saves_images(tmp_path):
+    fe, clf = TinyFeatures(), TinyClassifier()
+    fe.train()
+    clf.eval()
+    items = make_items()
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
+    names = [f"n{i}" for i in range(K)]
+    res = evaluation.evaluate(fe, clf, loader, K, device="cpu", output_dir=str(tmp_path),
+                              num_images_to_save=3, class_names=names, progress=False)
+    assert fe.training and not clf.training  # modes restored
+    fe.eval()
+    inter = np.zeros(K)
+    union = np.zeros(K)
+    tgt = np.zeros(K)
+    with torch.no_grad():
+        for image, label, _ in items:
+            logits = F.interpolate(clf(fe(image[None])), size=label.shape, mode="bilinear", align_corners=True)
+            pred = logits.argmax(1)[0].numpy()
+            a, b, c = official_counts(pred, label.numpy(), K)
+            inter += a
+            union += b
+            tgt += c
+    np.testing.assert_allclose(res.iou, inter / union, atol=1e-12)
+    assert res.allacc == pytest.approx(inter.sum() / tgt.sum())
+    assert res.num_images == len(items)
+    saved = sorted(os.listdir(tmp_path / "predictions"))
+    assert saved == ["city0__img_000.png", "city0__img_002.png", "city1__img_001.png"]
+    img = Image.open(tmp_path / "predictions" / saved[0])
+    assert img.mode == "P" and img.size == (40, 24)
+    rgb = np.asarray(img.convert("RGB"))
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) >= 2
+    # CSV
+    path = evaluation.write_results_csv(res, names, str(tmp_path / "res.csv"))
+    rows = list(csv.reader(open(path)))
+    assert rows[0][:3] == ["class_id", "class", "iou"] and rows[1][1] == "n0"
+    assert float(rows[1][2]) == pytest.approx(res.iou[0], abs=1e-6)
+    assert rows[K + 1][1] == "mIoU" and float(rows[K + 1][2]) == pytest.approx(res.miou, abs=1e-6)
+
+
+def test_perfect_model_scores_one():
+    class Oracle(nn.Module):  # the "image" carries the one-hot label at the label resolution
+        def forward(self, x):
+            return x
+
+    class Identity(nn.Module):
+        def forward(self, f, size=None):
+            return f * 20
+
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for _ in range(3):
+        label = torch.randint(0, K, (9, 13), generator=g)
+        items.append((F.one_hot(label, K).permute(2, 0, 1).float(), label, "x"))
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=3)
+    res = evaluation.evaluate(Oracle(), Identity(), loader, K, device="cpu", flip=True, progress=False)
+    assert res.miou == pytest.approx(1.0) and res.allacc == pytest.approx(1.0) and res.macc == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------ Cityscapes agreement
+cs_labels = pytest.importorskip("cityscapesscripts.helpers.labels")
+
+
+def _cs_luts():
+    id_to_train = np.full(256, 255, dtype=np.uint8)
+    train_to_id = np.zeros(19, dtype=np.uint8)
+    for lab in cs_labels.labels:
+        if lab.id >= 0 and 0 <= lab.trainId < 19:
+            id_to_train[lab.id] = lab.trainId
+            train_to_id[lab.trainId] = lab.id
+    names = [cs_labels.trainId2label[i].name for i in range(19)]
+    return id_to_train, train_to_id, names
+
+
+@pytest.fixture
+def cs_eval(monkeypatch, tmp_path):
+    ev = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    monkeypatch.setattr(ev.args, "evalInstLevelScore", False)
+    monkeypatch.setattr(ev.args, "JSONOutput", False)
+    monkeypatch.setattr(ev.args, "quiet", True)
+    monkeypatch.setattr(ev.args, "predictionPath", None)
+    monkeypatch.setattr(ev.args, "predictionWalk", None)
+    monkeypatch.setattr(ev.args, "exportFile", str(tmp_path / "cs.json"))
+    return ev
+
+
+def _write_cityscapes_gt(root, n=4, hw=(24, 40), seed=0):
+    """Tiny gtFine label-ID PNGs: random blocks of label IDs, including ones ignored in eval."""
+    rng = np.random.RandomState(seed)
+    valid_ids = [lab.id for lab in cs_labels.labels if lab.id >= 0]
+    # leave out 'train' (31) and 'motorcycle' (32) entirely: those classes must give NaN / 0
+    valid_ids = [i for i in valid_ids if i not in (31, 32)]
+    files = []
+    for i in range(n):
+        gt = np.array(rng.choice(valid_ids, size=(hw[0] // 4, hw[1] // 4)), dtype=np.uint8)
+        gt = np.kron(gt, np.ones((4, 4), dtype=np.uint8))
+        city = "aachen" if i < 2 else "bremen"
+        d = root / "gtFine" / "val" / city
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{city}_{i:06d}_000019_gtFine_labelIds.png"
+        Image.fromarray(gt).save(path)
+        files.append(str(path))
+    return files
+
+
+def test_iou_agrees_with_cityscapesscripts(tmp_path, cs_eval):
+    id_to_train, train_to_id, names = _cs_luts()
+    gt_files = _write_cityscapes_gt(tmp_path)
+    rng = np.random.RandomState(1)
+    pred_files = []
+    conf = torch.zeros(19, 19, dtype=torch.int64)
+    for f in gt_files:
+        gt = np.array(Image.open(f))
+        # a noisy prediction: the true trainId on 60% of pixels, else random (never 'train' = 16)
+        pred_train = id_to_train[gt].astype(np.int64)
+        noise = rng.choice([t for t in range(19) if t != 16], size=gt.shape)
+        pred_train = np.where((rng.rand(*gt.shape) < 0.6) & (pred_train != 255), pred_train, noise)
+        path = tmp_path / "results" / (os.path.basename(f).replace("gtFine_labelIds", "pred"))
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(train_to_id[pred_train]).save(path)
+        pred_files.append(str(path))
+        conf += evaluation.confusion_matrix(torch.from_numpy(pred_train), torch.from_numpy(id_to_train[gt].astype(np.int64)), 19)
+    ours = evaluation.scores_from_confusion(conf)
+    theirs = cs_eval.evaluateImgLists(pred_files, gt_files, cs_eval.args)
+    for t, name in enumerate(names):
+        ref = theirs["classScores"][name]
+        if np.isnan(ref):
+            assert np.isnan(ours.iou[t]), name
+        else:
+            assert ours.iou[t] == pytest.approx(ref, abs=1e-6), name
+    assert np.isnan(ours.iou[16])  # 'train': nowhere
+    assert ours.iou[17] == 0.0      # 'motorcycle': predicted but never in the ground truth
+    assert ours.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+
+
+def test_evaluate_label_id_outputs_agree_with_cityscapesscripts(tmp_path, cs_eval, monkeypatch):
+    """evaluate() writes Cityscapes submission PNGs; the official script finds them by name and
+    scores them exactly like evaluate()'s own confusion matrix."""
+    id_to_train, train_to_id, names = _cs_luts()
+    gt_files = _write_cityscapes_gt(tmp_path, n=3)
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for f in gt_files:
+        gt = np.array(Image.open(f))
+        city, rest = os.path.basename(f).split("_", 1)
+        name = f"{city}/{city}_{rest.replace('gtFine_labelIds', 'leftImg8bit')}"
+        items.append((torch.randn(3, 12, 20, generator=g), torch.from_numpy(id_to_train[gt].astype(np.int64)), name))
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
+    out = tmp_path / "label_ids"
+    res = evaluation.evaluate(TinyFeatures().eval(), TinyClassifier(num_classes=19), loader, 19, device="cpu",
+                              flip=True, label_id_dir=str(out), trainid_to_labelid=train_to_id,
+                              class_names=names, progress=False)
+    monkeypatch.setenv("CITYSCAPES_RESULTS", str(out))
+    pred_files = [cs_eval.getPrediction(cs_eval.args, f) for f in gt_files]
+    assert all(p.startswith(str(out)) for p in pred_files)
+    theirs = cs_eval.evaluateImgLists(pred_files, gt_files, cs_eval.args)
+    for t, name in enumerate(names):
+        ref = theirs["classScores"][name]
+        assert (np.isnan(ref) and np.isnan(res.iou[t])) or res.iou[t] == pytest.approx(ref, abs=1e-6), name
+    assert res.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+
+
+def test_palette_is_cityscapes():
+    _, _, _ = _cs_luts()
+    pal = evaluation.default_palette(19)
+    assert pal.shape == (19, 3) and pal.dtype == np.uint8
+    assert tuple(pal[0]) == tuple(cs_labels.trainId2label[0].color)   # road
+    assert tuple(pal[13]) == tuple(cs_labels.trainId2label[13].color)  # car
+    img = evaluation.colorize_prediction(np.array([[0, 13], [255, 1]]), pal)
+    rgb = np.asarray(img.convert("RGB"))
+    assert tuple(rgb[0, 1]) == tuple(pal[13]) and tuple(rgb[1, 0]) == (0, 0, 0)
+
+
+# ------------------------------------------------------------------------------ CCD analysis
+def _direct_ccd(fe, items, k):
+    feats, labs = [], []
+    with torch.no_grad():
+        for image, label, _ in items:
+            f = fe(image[None]).double()[0]
+            lab = F.interpolate(label[None, None].float(), size=f.shape[-2:], mode="nearest")[0, 0].long()
+            feats.append(f.reshape(f.shape[0], -1).T)
+            labs.append(lab.reshape(-1))
+    x = torch.cat(feats)
+    y = torch.cat(labs)
+    mu, var, counts = {}, {}, np.zeros(k)
+    for c in range(k):
+        s = x[y == c]
+        counts[c] = len(s)
+        if len(s):
+            mu[c] = s.mean(0)
+            var[c] = ((s - mu[c]) ** 2).sum(1).mean()
+    per = np.full(k, np.nan)
+    for i in mu:
+        per[i] = np.mean([float(var[i] / ((mu[i] - mu[j]) ** 2).sum()) for j in mu if j != i])
+    return per, counts
+
+
+def test_class_center_analysis_streams_exactly(tmp_path):
+    fe = TinyFeatures()
+    items = make_items(n=5)
+    # class 4 absent everywhere
+    items = [(im, torch.where(lab == 4, torch.full_like(lab, 255), lab), n) for im, lab, n in items]
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
+    r = analysis.class_center_analysis(fe, loader, K, device="cpu", backend="eager", progress=False)
+    fe.eval()
+    per, counts = _direct_ccd(fe, items, K)
+    np.testing.assert_allclose(r.per_class.numpy(), per, rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(r.counts.numpy(), counts)
+    assert not bool(r.present[4]) and np.isnan(float(r.per_class[4]))
+    assert r.mean == pytest.approx(np.nanmean(per), rel=1e-6)
+
+    names = [f"c{i}" for i in range(K)]
+    p = analysis.write_ccd_csv(r, names, str(tmp_path / "ccd.csv"))
+    rows = list(csv.reader(open(p)))
+    assert rows[0] == ["class_id", "class", "count", "present", "ccd"]
+    assert rows[1][1] == "c0" and int(rows[1][2]) == counts[0] and float(rows[1][4]) == pytest.approx(per[0], rel=1e-5)
+    assert rows[5][3] == "0" and rows[5][4] == "nan"
+    assert rows[-1][1] == "mean" and float(rows[-1][4]) == pytest.approx(r.mean, rel=1e-5)
+    m = analysis.write_ccd_matrix_csv(r, names, str(tmp_path / "ccd_matrix.csv"))
+    rows = list(csv.reader(open(m)))
+    assert rows[0] == ["class"] + names and len(rows) == K + 1 and rows[1][1] == "nan"
+    assert float(rows[1][2]) == pytest.approx(float(r.matrix[0, 1]), rel=1e-5)
+    cmp_path = analysis.write_ccd_comparison_csv({"a": r, "b": r}, names, str(tmp_path / "cmp.csv"))
+    rows = list(csv.reader(open(cmp_path)))
+    assert rows[0] == ["class_id", "class", "a", "b"] and rows[-1][1] == "mean"
+    table = analysis.format_ccd_comparison({"src": r, "fada": r}, names, counts_from="src")
+    assert "src" in table and "fada" in table and "mean CCD" in table and "n/a" in table
+
+
+# ------------------------------------------------------------------------------ plots
+def _nontrivial_png(path, min_size=(300, 200)):
+    assert os.path.isfile(path) and os.path.getsize(path) > 5000
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[1] >= min_size[0] and img.shape[0] >= min_size[1]
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
+
+
+def test_plots_write_nontrivial_pngs(tmp_path):
+    names = [f"class {i}" for i in range(6)]
+    iou = np.array([0.9, 0.5, np.nan, 0.2, 0.0, 0.66])
+    p = plots.plot_per_class_iou(iou, names, str(tmp_path / "iou.png"), colors=evaluation.default_palette(6))
+    _nontrivial_png(p)
+    per = {"source only": np.array([1.0, 0.5, np.nan, 0.3, 0.2, 0.1]), "FADA": np.array([0.6, 0.3, np.nan, 0.2, 0.1, 0.1])}
+    q = plots.plot_ccd_comparison(per, names, str(tmp_path / "sub" / "ccd.png"))
+    _nontrivial_png(q)
+    r = plots.plot_ccd_comparison(per, names, str(tmp_path / "ccd_log.png"), log_scale=True)
+    _nontrivial_png(r)
+    with pytest.raises(ValueError):
+        plots.plot_ccd_comparison({"x": np.ones(3)}, names, str(tmp_path / "bad.png"))
+
+
+# ------------------------------------------------------------------------------ DDP (2 x gloo)
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        items = make_items(n=5)
+        loader = evaluation.build_eval_loader(ListDataset(items), batch_size=2, num_workers=0, distributed=True)
+        res = evaluation.evaluate(TinyFeatures().eval(), TinyClassifier(), loader, K, device="cpu",
+                                  distributed=True, progress=False)
+        ccd = analysis.class_center_analysis(TinyFeatures(), loader, K, device="cpu", backend="eager",
+                                             progress=False)
+        torch.save({"confusion": res.confusion, "images": res.num_images, "ccd": ccd.per_class,
+                    "counts": ccd.counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_process_gloo_matches_single(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    items = make_items(n=5)
+    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
+    single = evaluation.evaluate(TinyFeatures().eval(), TinyClassifier(), loader, K, device="cpu", progress=False)
+    ccd = analysis.class_center_analysis(TinyFeatures(), loader, K, device="cpu", backend="eager", progress=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        np.testing.assert_array_equal(got["confusion"], single.confusion)
+        assert got["images"] == 5
+        np.testing.assert_allclose(got["ccd"].numpy(), ccd.per_class.numpy(), rtol=1e-9, equal_nan=True)
+        np.testing.assert_array_equal(got["counts"].numpy(), ccd.counts.numpy())
