@@ -24,6 +24,7 @@ import contextlib
 import glob
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -61,6 +62,20 @@ def disabled() -> bool:
 # ----------------------------------------------------------------------------- toolchain
 
 
+def _cpp_extension() -> Any:
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found"
+    warning (which names torch's CUDA_HOME guess, not the toolkit :func:`cuda_home` picks)."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            importlib.import_module("torch.utils.cpp_extension")
+        finally:
+            logger.setLevel(level)
+    return sys.modules["torch.utils.cpp_extension"]
+
+
 def cuda_home() -> Optional[str]:
     """The CUDA toolkit to compile with: one that has ``bin/nvcc`` and ``include/cuda_runtime.h``.
 
@@ -68,7 +83,7 @@ def cuda_home() -> Optional[str]:
     the PATH is a wrapper script (e.g. ``/usr/local/bin/nvcc``); this also tries
     ``CUDA_HOME``/``CUDA_PATH`` and ``/usr/local/cuda``.
     """
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     candidates = [
         os.environ.get("CUDA_HOME"),
@@ -111,7 +126,7 @@ def _cxx() -> str:
 def _ensure_ninja_on_path() -> bool:
     """Make ``ninja`` findable: the pip ``ninja`` package installs it next to the
     interpreter, which is not on the PATH when a venv's python is run directly."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if cpp_extension.is_ninja_available():
         return True
@@ -183,7 +198,7 @@ def cuda_cflags(ptxas_verbose: bool = False) -> List[str]:
 def _cuda_build_env(home: Optional[str]) -> Iterator[None]:
     """Point torch's cpp_extension at ``home`` and default ``TORCH_CUDA_ARCH_LIST``
     for the duration of a build."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     saved_home = cpp_extension.CUDA_HOME
     saved_env = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME")}
@@ -208,7 +223,7 @@ def build_name(with_cuda: bool) -> str:
 
 
 def build_directory(with_cuda: bool) -> str:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         cpp_extension.get_default_build_root(),
@@ -219,7 +234,7 @@ def build_directory(with_cuda: bool) -> str:
 
 def _jit_build(with_cuda: bool, verbose: bool, ptxas_verbose: bool = False) -> str:
     """Compile (if stale) and load the JIT extension; returns the shared object's path."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     home = cuda_home() if with_cuda else None
     include_paths = [_CSRC] + (_cuda_extra_include_paths(home) if home else [])
@@ -426,7 +441,7 @@ def failure_reason() -> Optional[str]:
 
 def status() -> Dict[str, Any]:
     """What a user has: versions, toolchain, and whether/which kernels are loaded. Loads nothing."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     home = cuda_home()
     include_cuda, cuda_reason = cuda_decision()

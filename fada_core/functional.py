@@ -49,14 +49,14 @@ _KERNEL_DTYPES = {
 }
 
 
-def _use_kernel(backend: str, x: Tensor) -> bool:
-    """Whether to run the compiled operator for tensors like ``x``."""
+def _use_kernel(backend: str, x: Tensor, op: str) -> bool:
+    """Whether to run the compiled operator ``op`` for tensors like ``x``."""
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "eager":
         return False
     from . import _build
 
-    if _build.kernels_available(x.device):
+    if _build.kernels_available(x.device, op):
         return True
     if backend == "kernel":
         reason = _build.failure_reason() or f"no kernels are compiled for device type {x.device.type!r}"
@@ -214,7 +214,7 @@ def fada_loss(
     temperature = V.check_temperature(temperature)
     cap = V.check_cap(cap)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
-    if not _use_kernel(backend, disc_logits):
+    if not _use_kernel(backend, disc_logits, "fada_loss"):
         return _reference.fada_loss(disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction)
 
     dtype = _kernel_dtype(disc_logits.device, torch.promote_types(disc_logits.dtype, seg_logits.dtype))
@@ -274,7 +274,7 @@ def upsampled_cross_entropy(
     V.check_same_device(logits=logits, labels=labels)
     if not torch.compiler.is_compiling():
         V.check_label_range("labels", labels, logits.shape[1], ignore_index)
-    if not _use_kernel(backend, logits):
+    if not _use_kernel(backend, logits, "upsampled_cross_entropy"):
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction)
     dtype = _kernel_dtype(logits.device, logits.dtype)
     out = torch.ops.fada_core.upsampled_cross_entropy(
@@ -338,7 +338,7 @@ def class_center_stats(
     if not torch.compiler.is_compiling():
         V.check_label_range("labels", labels, num_classes, ignore_index)
     features = features.detach()
-    if _use_kernel(backend, features):
+    if _use_kernel(backend, features, "class_center_stats"):
         counts, means, m2 = torch.ops.fada_core.class_center_stats(
             features.to(_kernel_dtype(features.device, features.dtype)), labels, num_classes, ignore_index
         )

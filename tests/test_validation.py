@@ -144,7 +144,7 @@ def test_adversary_rejects_non_module():
 def test_kernel_backend_unavailable_message(monkeypatch):
     from fada_core import _build
 
-    monkeypatch.setattr(_build, "kernels_available", lambda device: False)
+    monkeypatch.setattr(_build, "kernels_available", lambda device, op=None: False)
     monkeypatch.setattr(_build, "failure_reason", lambda: "no compiler (test)")
     with pytest.raises(RuntimeError, match="backend='kernel'.*no compiler \\(test\\)"):
         FF.fada_loss(D4, S4, "source", backend="kernel")
