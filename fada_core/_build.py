@@ -363,10 +363,17 @@ def load(
 
 
 def _describe_failure(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if len(text) > 6000:
-        text = text[:1500] + "\n...\n" + text[-4000:]
-    return f"building/loading the fada_core extension failed ({type(exc).__name__}): {text}"
+    """A short reason: the error's first line and the compiler's error lines, not the whole log."""
+    lines = [line.rstrip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    head, rest = lines[0], lines[1:]
+    if head.startswith("Error building extension") and ": " in head:
+        head = head.split(": ", 1)[0]  # drop the first ninja command echoed after it
+    keys = ("error", "not found", "No such file", "undefined", "FAILED")
+    picked = [line for line in rest if any(k in line for k in keys) and not line.startswith("[")]
+    picked = [line if len(line) < 400 else line[:400] + " ..." for line in picked][:12]
+    text = "\n".join([head] + picked) if rest else head
+    hint = "" if len(lines) <= 1 else "\n(full compiler output: python -m fada_core.info --build --verbose)"
+    return f"building/loading the fada_core extension failed ({type(exc).__name__}): {text}{hint}"
 
 
 def _dispatch_key(device: Any) -> str:
@@ -449,6 +456,7 @@ def status() -> Dict[str, Any]:
     if _loaded:
         for name in op_names():
             ops_devices[name] = [k.lower() for k in ("CPU", "CUDA") if _has_kernel(k, name)]
+    cuda_kernels = any("cuda" in devices for devices in ops_devices.values())
     spec = _aot_spec()
     return {
         "python": sys.version.split()[0],
@@ -470,11 +478,9 @@ def status() -> Dict[str, Any]:
         "origin": _origin,
         "library": _library_path,
         "failure": failure_reason(),
-        "cuda_kernels": _has_kernel("CUDA") if _loaded else False,
-        "cuda_kernels_reason": (
-            (None if _has_kernel("CUDA") else (_cuda_reason or "not built")) if _loaded else cuda_reason
-        ),
+        "cuda_kernels": cuda_kernels,
+        "cuda_kernels_reason": None if cuda_kernels else (_cuda_reason or "not built") if _loaded else cuda_reason,
         "would_build_cuda": include_cuda,
-        "build_dir": build_directory(include_cuda),
+        "build_dir": os.path.dirname(_library_path) if _library_path else build_directory(include_cuda),
         "ops": ops_devices,
     }

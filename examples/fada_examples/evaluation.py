@@ -20,6 +20,7 @@ Cityscapes val) this equals the official FADA ``test.py`` figures (which count a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass, field
@@ -47,9 +48,16 @@ __all__ = [
     "evaluate",
     "format_table",
     "write_results_csv",
+    "subset_miou",
     "build_eval_loader",
+    "build_test_dataset",
+    "resolve_test_root",
+    "class_names_for",
+    "make_test_dataset",
+    "setup_device",
     "colorize_prediction",
     "default_palette",
+    "invert_lut",
     "safe_name",
 ]
 
@@ -88,11 +96,12 @@ class EvalResult:
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+                     ignore_index: int = 255, check: bool = True) -> torch.Tensor:
     """(K, K) int64 confusion matrix of integer predictions against labels (any equal shapes).
 
     Pixels whose label is ``ignore_index`` (or outside [0, K)) are skipped. Rows index the
-    ground truth, columns the prediction.
+    ground truth, columns the prediction. ``check=False`` skips the (synchronising) range check
+    of the predictions, for argmax outputs that are in range by construction.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
@@ -101,7 +110,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
     pred = pred[valid]
     target = target[valid]
-    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+    if check and pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
         raise ValueError(f"predictions must lie in [0, {num_classes}); got [{int(pred.min())}, {int(pred.max())}]")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
@@ -127,23 +136,30 @@ def scores_from_confusion(confusion, num_images: int = 0) -> EvalResult:
 # --------------------------------------------------------------------------------------------
 # inference
 # --------------------------------------------------------------------------------------------
-def _probabilities(feature_extractor, classifier, image: torch.Tensor, size) -> torch.Tensor:
-    logits = classifier(feature_extractor(image))
-    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
-    return F.softmax(logits, dim=1)
+def _autocast(device: torch.device, amp: Optional[str]):
+    if amp in (None, "", "none"):
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be None, 'none', 'bf16' or 'fp16', got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=dtypes[amp])
 
 
 def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, size,
-                          *, flip: bool = False, scales: Iterable[float] = (1.0,)) -> torch.Tensor:
+                          *, flip: bool = False, scales: Iterable[float] = (1.0,),
+                          amp: Optional[str] = None) -> torch.Tensor:
     """Softmax probabilities (B, K, *size) averaged over ``scales`` and, if ``flip``, mirroring.
 
     As the official ``inference`` / ``multi_scale_inference``: each scaled input is
     ``bilinear(image, (int(H*s), int(W*s)), align_corners=True)``; logits are upsampled to
     ``size`` (the label size) with ``align_corners=True`` before the softmax; a flipped input's
-    probabilities are flipped back before averaging.
+    probabilities are flipped back before averaging (the flipped copy runs in the same batch).
+    ``amp`` ("bf16" / "fp16") runs the networks under autocast; upsampling and softmax stay in
+    float32.
     """
     size = tuple(int(v) for v in size)
     height, width = image.shape[-2:]
+    batch = image.shape[0]
     total = None
     count = 0
     for s in scales:
@@ -153,13 +169,18 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
         else:
             x = F.interpolate(image, size=(int(height * s), int(width * s)), mode="bilinear",
                               align_corners=True)
-        views = [(x, False)] + ([(x.flip(3), True)] if flip else [])
-        for view, flipped in views:
-            prob = _probabilities(feature_extractor, classifier, view, size)
-            if flipped:
-                prob = prob.flip(3)
-            total = prob if total is None else total + prob
+        if flip:
+            x = torch.cat([x, x.flip(3)], dim=0)
+        with _autocast(image.device, amp):
+            logits = classifier(feature_extractor(x))
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
+        prob = F.softmax(logits, dim=1)
+        if flip:
+            prob = prob[:batch] + prob[batch:].flip(3)
+            count += 2
+        else:
             count += 1
+        total = prob if total is None else total + prob
     if total is None:
         raise ValueError("scales must not be empty")
     return total / count
@@ -169,27 +190,42 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
 # colour-coded predictions
 # --------------------------------------------------------------------------------------------
 def default_palette(num_classes: int) -> np.ndarray:
-    """(K, 3) uint8 colours: Cityscapes' 19 trainId colours (from fada_examples.data.labels or
-    cityscapesscripts) for K = 19, else a deterministic distinct palette."""
-    if num_classes == 19:
+    """(K, 3) uint8 colours: the Cityscapes trainId colours for the 19-, 16- and 13-class
+    protocols (``fada_examples.data.labels``, read from cityscapesscripts), else a deterministic
+    random palette."""
+    if num_classes in (19, 16, 13):
         try:
-            from fada_examples.data.labels import PALETTE_19
+            from fada_examples.data.labels import palette
 
-            return np.asarray(PALETTE_19, dtype=np.uint8).reshape(19, 3)
+            return np.asarray(palette(num_classes), dtype=np.uint8).reshape(num_classes, 3)
         except ImportError:
             pass
+    if num_classes == 19:
         try:
             from cityscapesscripts.helpers.labels import labels as cs_labels
 
-            palette = np.zeros((19, 3), dtype=np.uint8)
+            colours = np.zeros((19, 3), dtype=np.uint8)
             for label in cs_labels:
-                if 0 <= label.trainId < 19:
-                    palette[label.trainId] = label.color
-            return palette
+                if label.id >= 0 and 0 <= label.trainId < 19:
+                    colours[label.trainId] = label.color
+            return colours
         except ImportError:  # pragma: no cover
             pass
     rng = np.random.RandomState(1234)
     return rng.randint(0, 256, size=(num_classes, 3)).astype(np.uint8)
+
+
+def invert_lut(id_to_trainid: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K,) uint8 trainId -> label ID from a 256-entry label-ID -> trainId LUT (the smallest label
+    ID of each trainId); used to write predictions as Cityscapes label-ID PNGs."""
+    lut = np.asarray(id_to_trainid)
+    out = np.zeros(num_classes, dtype=np.uint8)
+    for t in range(num_classes):
+        ids = np.nonzero(lut == t)[0]
+        if len(ids) == 0:
+            raise ValueError(f"trainId {t} has no label ID in the LUT")
+        out[t] = ids[0]
+    return out
 
 
 def colorize_prediction(train_ids: np.ndarray, palette: np.ndarray) -> Image.Image:
@@ -230,6 +266,105 @@ def build_eval_loader(dataset, *, batch_size: int = 1, num_workers: int = 2, dis
                                        num_workers=num_workers, pin_memory=pin_memory, drop_last=False)
 
 
+def _get(cfg, dotted, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir: Optional[str] = None) -> str:
+    """The evaluation data root: ``data_root`` if given, else the config's ``datasets.test_root`` /
+    ``datasets.target_root``; when all are empty, the synthetic Cityscapes-layout target set
+    (generated once under ``synthetic_dir`` / ``datasets.synthetic_dir`` /
+    ``<output_dir>/../synthetic_data``)."""
+    root = data_root or _get(cfg, "datasets.test_root") or _get(cfg, "datasets.target_root")
+    if root:
+        return root
+    from fada_examples.data.synthetic import make_synthetic_data
+
+    folder = synthetic_dir or _get(cfg, "datasets.synthetic_dir")
+    if not folder:
+        output_dir = _get(cfg, "output_dir", "results") or "results"
+        folder = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "synthetic_data")
+    params = dict(_get(cfg, "datasets.synthetic", {}) or {})
+    if "size" in params:
+        params["size"] = tuple(params["size"])
+    return make_synthetic_data(folder, **params)["target"]
+
+
+def build_test_dataset(cfg: dict, data_root: Optional[str] = None, *, split: Optional[str] = None,
+                       size=None, synthetic_dir: Optional[str] = None, name: Optional[str] = None):
+    """The test data set of a training config (``datasets.test``, ``datasets.test_split``,
+    ``input.size_test``), as the official ``build_dataset(cfg, mode='test')``: the image is resized
+    to ``size`` (W, H) (``input.size_test``; pass ``False`` for none), the label keeps its full
+    resolution."""
+    from fada_examples.data.datasets import build_dataset
+    from fada_examples.data.transforms import build_transforms
+
+    root = resolve_test_root(cfg, data_root, synthetic_dir)
+    if size is None:
+        size = _get(cfg, "input.size_test")
+    transform = build_transforms(
+        False, resize=tuple(size) if size else None,
+        mean=tuple(_get(cfg, "input.pixel_mean", (0.485, 0.456, 0.406))),
+        std=tuple(_get(cfg, "input.pixel_std", (0.229, 0.224, 0.225))),
+        to_bgr255=bool(_get(cfg, "input.to_bgr255", False)))
+    kwargs = dict(_get(cfg, "datasets.test_kwargs", {}) or {})
+    num_classes = _get(cfg, "model.num_classes")
+    dataset_name = name or _get(cfg, "datasets.test", "cityscapes")
+    if num_classes is not None and dataset_name in ("cityscapes", "crosscity", "synthia"):
+        kwargs.setdefault("num_classes", int(num_classes))
+    if dataset_name == "crosscity":
+        kwargs.pop("num_classes", None)
+    return build_dataset(dataset_name, root, split or _get(cfg, "datasets.test_split", "val"),
+                         transform, **kwargs)
+
+
+def make_test_dataset(cfg: dict, *, data_root: Optional[str] = None, name: Optional[str] = None,
+                      split: Optional[str] = None, city: Optional[str] = None, size=None,
+                      native_size: bool = False, max_images: int = 0, synthetic_dir: Optional[str] = None):
+    """:func:`build_test_dataset` with the entry scripts' options: ``city`` (Cross-City),
+    ``native_size`` (no resize), ``max_images`` (first N images only)."""
+    cfg = dict(cfg)
+    if city:
+        datasets = dict(cfg.get("datasets", {}))
+        datasets["test_kwargs"] = dict(datasets.get("test_kwargs", {}) or {}, city=city)
+        cfg["datasets"] = datasets
+    size = False if native_size else (tuple(size) if size else None)
+    dataset = build_test_dataset(cfg, data_root, split=split, size=size, synthetic_dir=synthetic_dir, name=name)
+    if max_images and max_images < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, list(range(max_images)))
+    return dataset
+
+
+def setup_device(name: str = "auto"):
+    """``(device, distributed)`` for the entry scripts; under torchrun (WORLD_SIZE > 1) initialises
+    the process group (NCCL on CUDA, else gloo) and picks ``cuda:LOCAL_RANK``."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
+    if name.startswith("cuda") and distributed:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        name = f"cuda:{local}"
+    return torch.device(name), distributed
+
+
+def class_names_for(num_classes: int) -> List[str]:
+    """Cityscapes names for the 19/16/13-class protocols, else ``class_<i>``."""
+    try:
+        from fada_examples.data.labels import class_names
+
+        return list(class_names(num_classes))
+    except (ImportError, ValueError):
+        return [f"class_{i}" for i in range(num_classes)]
+
+
 # --------------------------------------------------------------------------------------------
 # the evaluation loop
 # --------------------------------------------------------------------------------------------
@@ -252,7 +387,7 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
              num_images_to_save: int = 0, class_names: Optional[Sequence[str]] = None,
              distributed: bool = False, ignore_index: int = 255, palette: Optional[np.ndarray] = None,
              label_id_dir: Optional[str] = None, trainid_to_labelid: Optional[np.ndarray] = None,
-             progress: bool = True, desc: str = "eval") -> EvalResult:
+             progress: bool = True, desc: str = "eval", amp: Optional[str] = None) -> EvalResult:
     """Evaluate a segmentor over ``loader`` and return an :class:`EvalResult`.
 
     Args:
@@ -267,6 +402,7 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
             label-ID PNG ``<label_id_dir>/<name without extension>.png`` (Cityscapes' submission
             format, readable by cityscapesscripts' evaluation); all ranks write their shard.
         distributed: sum the confusion matrix over the initialised process group.
+        amp: "bf16" / "fp16" to run the networks under autocast (CUDA; bf16 also on the CPU).
     Models are put in eval mode for the run and restored to their previous mode after it.
     """
     device = torch.device(device)
@@ -290,18 +426,24 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
     saved = 0
     images_seen = 0
     iterator = loader
+    show_postfix = False
+    step = 0
     if progress and tqdm is not None:
         iterator = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True)
+        show_postfix = rank == 0
     try:
         for batch in iterator:
             image, label, names = _unpack(batch)
             image = image.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True).long()
             prob = predict_probabilities(feature_extractor, classifier, image, label.shape[-2:],
-                                         flip=flip, scales=scales)
+                                         flip=flip, scales=scales, amp=amp)
             pred = prob.argmax(dim=1)
-            confusion += confusion_matrix(pred, label, num_classes, ignore_index)
+            confusion += confusion_matrix(pred, label, num_classes, ignore_index, check=False)
             images_seen += image.shape[0]
+            if show_postfix and (step % 10 == 0):
+                iterator.set_postfix(pixel_acc=f"{100.0 * float(confusion.diag().sum()) / max(float(confusion.sum()), 1.0):.1f}%")
+            step += 1
             if pred_dir is None and lut is None:
                 continue
             pred_np = pred.to(torch.uint8).cpu().numpy()
@@ -342,6 +484,17 @@ def _names(class_names, k):
 
 def _pct(value: float) -> str:
     return "   n/a" if not np.isfinite(value) else f"{100.0 * value:6.2f}"
+
+
+def subset_miou(result: EvalResult, class_names: Sequence[str], subset: Sequence[str]) -> float:
+    """Mean IoU over the named classes only, e.g. the 13-class mIoU* of the SYNTHIA->Cityscapes
+    protocol from a 16-class evaluation."""
+    names = list(class_names)
+    missing = [n for n in subset if n not in names]
+    if missing:
+        raise ValueError(f"classes {missing} are not among {names}")
+    values = np.array([result.iou[names.index(n)] for n in subset], dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None) -> str:

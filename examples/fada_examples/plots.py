@@ -8,8 +8,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-__all__ = ["plot_per_class_iou", "plot_ccd_comparison"]
+__all__ = ["plot_per_class_iou", "plot_ccd_comparison", "plot_ccd_grid"]
 
 
 def _values(x) -> np.ndarray:
@@ -100,4 +101,43 @@ def plot_ccd_comparison(per_class: Mapping[str, object], class_names: Sequence[s
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_ccd_grid(per_class: Mapping[str, object], class_names: Sequence[str], path: str, *,
+                  title: Optional[str] = None, log_scale: bool = False, columns: int = 5,
+                  dpi: int = 110) -> str:
+    """One small bar chart per class (one bar per checkpoint, same colours in every panel), so
+    each class's CCD can be compared across checkpoints at its own scale. Absent classes show
+    'absent'."""
+    labels = list(per_class)
+    if not labels:
+        raise ValueError("per_class is empty")
+    data = {k: _values(v) for k, v in per_class.items()}
+    k = len(class_names)
+    for lab, v in data.items():
+        if len(v) != k:
+            raise ValueError(f"run {lab!r} has {len(v)} values for {k} classes")
+    columns = max(1, min(columns, k))
+    rows = (k + columns - 1) // columns
+    fig = Figure(figsize=(2.4 * columns, 2.0 * rows + 0.8))
+    colours = [f"C{j % 10}" for j in range(len(labels))]
+    x = np.arange(len(labels))
+    for i, name in enumerate(class_names):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        values = np.array([data[lab][i] for lab in labels])
+        finite = np.isfinite(values)
+        if finite.any():
+            ax.bar(x[finite], values[finite], color=[c for c, f in zip(colours, finite) if f])
+            if log_scale:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "absent", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.tick_params(axis="y", labelsize=7)
+    handles = [Patch(color=c, label=lab) for c, lab in zip(colours, labels)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle(title or "CCD per class (lower is better)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return _save(fig, path, dpi)

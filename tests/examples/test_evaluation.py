@@ -114,6 +114,9 @@ def test_scores_hand_example_and_absent_classes():
     assert res.acc[1] == pytest.approx(0.5) and np.isnan(res.acc[3])
     assert res.macc == pytest.approx((0.75 + 0.5) / 2)
     assert res.allacc == pytest.approx(5 / 8)
+    assert evaluation.subset_miou(res, ["a", "b", "c", "d"], ["a", "c", "d"]) == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="zz"):
+        evaluation.subset_miou(res, ["a", "b", "c", "d"], ["zz"])
     table = evaluation.format_table(res, ["a", "b", "c", "d"])
     assert "IoU (%)" in table and " 75.00" in table and "n/a" in table and "mIoU 38.33 %" in table
 
@@ -153,6 +156,19 @@ def test_predict_probabilities_matches_official_recipe(flip, scales):
         with torch.no_grad():
             plain = evaluation.predict_probabilities(fe, clf, image, size)
         assert (got - plain).abs().max() > 1e-4
+
+
+def test_predict_probabilities_bf16_autocast_close_to_fp32():
+    fe, clf = TinyFeatures().eval(), TinyClassifier().eval()
+    image = torch.randn(2, 3, 16, 24)
+    with torch.no_grad():
+        ref = evaluation.predict_probabilities(fe, clf, image, (32, 48), flip=True)
+        low = evaluation.predict_probabilities(fe, clf, image, (32, 48), flip=True, amp="bf16")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, rtol=0, atol=3e-2)
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="amp"):
+        evaluation.predict_probabilities(fe, clf, image, (32, 48), amp="int8")
 
 
 def test_evaluate_matches_manual_loop_and_saves_images(tmp_path):
@@ -289,31 +305,54 @@ def test_iou_agrees_with_cityscapesscripts(tmp_path, cs_eval):
     assert ours.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
 
 
-def test_evaluate_label_id_outputs_agree_with_cityscapesscripts(tmp_path, cs_eval, monkeypatch):
+@pytest.mark.parametrize("source", ["tensors", "cityscapes_dataset"])
+def test_evaluate_label_id_outputs_agree_with_cityscapesscripts(tmp_path, cs_eval, monkeypatch, source):
     """evaluate() writes Cityscapes submission PNGs; the official script finds them by name and
-    scores them exactly like evaluate()'s own confusion matrix."""
+    scores them exactly like evaluate()'s own confusion matrix. With ``cityscapes_dataset`` the
+    data come from fada_examples' CityscapesDataset reading leftImg8bit/gtFine files (image
+    resized to half size, label kept at full size, as the official test)."""
     id_to_train, train_to_id, names = _cs_luts()
     gt_files = _write_cityscapes_gt(tmp_path, n=3)
-    g = torch.Generator().manual_seed(0)
+    rng = np.random.RandomState(0)
     items = []
     for f in gt_files:
         gt = np.array(Image.open(f))
         city, rest = os.path.basename(f).split("_", 1)
         name = f"{city}/{city}_{rest.replace('gtFine_labelIds', 'leftImg8bit')}"
-        items.append((torch.randn(3, 12, 20, generator=g), torch.from_numpy(id_to_train[gt].astype(np.int64)), name))
-    loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
+        rgb = rng.randint(0, 256, size=gt.shape + (3,), dtype=np.uint8)
+        image_path = tmp_path / "leftImg8bit" / "val" / name
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(image_path)
+        image = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - 0.45) / 0.225
+        items.append((image, torch.from_numpy(id_to_train[gt].astype(np.int64)), name))
+    if source == "tensors":
+        dataset = ListDataset(items)
+    else:
+        datasets = pytest.importorskip("fada_examples.data.datasets")
+        transforms = pytest.importorskip("fada_examples.data.transforms")
+        dataset = datasets.CityscapesDataset(str(tmp_path), "val",
+                                             transform=transforms.build_transforms(False, resize=(20, 12)))
+        assert len(dataset) == 3
+        image, label, name = dataset[0]
+        assert image.shape == (3, 12, 20) and label.shape == (24, 40) and name == items[0][2]
+        torch.testing.assert_close(label, items[0][1])  # the data set's LUT is Cityscapes' own
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2)
     out = tmp_path / "label_ids"
     res = evaluation.evaluate(TinyFeatures().eval(), TinyClassifier(num_classes=19), loader, 19, device="cpu",
                               flip=True, label_id_dir=str(out), trainid_to_labelid=train_to_id,
                               class_names=names, progress=False)
+    assert res.num_images == 3
     monkeypatch.setenv("CITYSCAPES_RESULTS", str(out))
     pred_files = [cs_eval.getPrediction(cs_eval.args, f) for f in gt_files]
     assert all(p.startswith(str(out)) for p in pred_files)
     theirs = cs_eval.evaluateImgLists(pred_files, gt_files, cs_eval.args)
+    assert np.isfinite(res.iou).sum() >= 10
     for t, name in enumerate(names):
         ref = theirs["classScores"][name]
         assert (np.isnan(ref) and np.isnan(res.iou[t])) or res.iou[t] == pytest.approx(ref, abs=1e-6), name
     assert res.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
+    if source == "cityscapes_dataset":
+        np.testing.assert_array_equal(evaluation.invert_lut(dataset.lut, 19), train_to_id)
 
 
 def test_palette_is_cityscapes():
@@ -401,6 +440,8 @@ def test_plots_write_nontrivial_pngs(tmp_path):
     _nontrivial_png(q)
     r = plots.plot_ccd_comparison(per, names, str(tmp_path / "ccd_log.png"), log_scale=True)
     _nontrivial_png(r)
+    grid = plots.plot_ccd_grid(per, names, str(tmp_path / "grid.png"), columns=3)
+    _nontrivial_png(grid)
     with pytest.raises(ValueError):
         plots.plot_ccd_comparison({"x": np.ones(3)}, names, str(tmp_path / "bad.png"))
 
@@ -438,3 +479,99 @@ def test_ddp_two_process_gloo_matches_single(tmp_path):
         assert got["images"] == 5
         np.testing.assert_allclose(got["ccd"].numpy(), ccd.per_class.numpy(), rtol=1e-5, equal_nan=True)
         np.testing.assert_array_equal(got["counts"].numpy(), ccd.counts.numpy())
+
+
+# ------------------------------------------------------------------------------ entry scripts
+def _load_entry(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_entry_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _small_checkpoint(path, synthetic_dir, seed, num_classes=19):
+    models = pytest.importorskip("fada_examples.models")
+    config = pytest.importorskip("fada_examples.config")
+    cfg = config.default_config()
+    cfg["model"].update(backbone="small", num_classes=num_classes)
+    cfg["input"]["size_test"] = [160, 96]
+    cfg["datasets"]["synthetic_dir"] = str(synthetic_dir)
+    cfg["datasets"]["synthetic"].update(num_source=2, num_target_train=1, num_target_val=3)
+    torch.manual_seed(seed)
+    fe, clf = models.build_segmentor("small", num_classes, None, cfg["model"]["freeze_bn"])
+    torch.save({"feature_extractor": fe.state_dict(), "classifier": clf.state_dict(), "config": cfg}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoints(tmp_path_factory):
+    pytest.importorskip("fada_examples.data.synthetic")
+    root = tmp_path_factory.mktemp("entries")
+    return root, [_small_checkpoint(root / f"model_{i}.pth", root / "synthetic_data", seed=i) for i in range(2)]
+
+
+def test_evaluate_entry_end_to_end(small_checkpoints, capsys):
+    root, ckpts = small_checkpoints
+    out = root / "eval"
+    entry = _load_entry("evaluate")
+    res = entry.main(["--checkpoint", ckpts[0], "--output", str(out), "--flip", "--multi-scale",
+                      "--save-images", "2", "--save-label-ids", "--num-workers", "0", "--device", "cpu",
+                      "--amp", "bf16"])
+    printed = capsys.readouterr().out
+    assert "IoU (%)" in printed and "mIoU" in printed and "road" in printed and "s/image" in printed
+    assert res.num_images == 3 and res.confusion.sum() > 0
+    rows = list(csv.reader(open(out / "results.csv")))
+    assert rows[1][1] == "road" and len(rows) == 1 + 19 + 3
+    assert float(rows[20][2]) == pytest.approx(res.miou, abs=1e-6)
+    conf = np.loadtxt(out / "confusion.csv", delimiter=",", dtype=np.int64)
+    np.testing.assert_array_equal(conf, res.confusion)
+    _nontrivial_png(str(out / "per_class_iou.png"))
+    assert len(os.listdir(out / "predictions")) == 2
+    label_ids = [os.path.join(d, f) for d, _, fs in os.walk(out / "label_ids") for f in fs]
+    assert len(label_ids) == 3
+    ids = np.unique(np.concatenate([np.unique(np.array(Image.open(f))) for f in label_ids]))
+    assert set(ids.tolist()) <= {lab.id for lab in cs_labels.labels if 0 <= lab.trainId < 19}
+    import json
+
+    summary = json.load(open(out / "summary.json"))
+    assert summary["images"] == 3 and summary["scales"] == [0.7, 1.0, 1.3] and summary["flip"] is True
+
+
+def test_ccd_entry_end_to_end(small_checkpoints, capsys):
+    root, ckpts = small_checkpoints
+    out = root / "ccd"
+    entry = _load_entry("ccd_analysis")
+    results = entry.main(["--checkpoint", *ckpts, "--labels", "source only", "FADA", "--output", str(out),
+                          "--num-workers", "0", "--device", "cpu", "--backend", "eager"])
+    printed = capsys.readouterr().out
+    assert "mean CCD" in printed and "source only" in printed and "FADA" in printed
+    assert list(results) == ["source only", "FADA"]
+    assert results["source only"].mean != pytest.approx(results["FADA"].mean)  # different weights
+    for name in ("ccd_source_only.csv", "ccd_FADA.csv", "ccd_matrix_FADA.csv", "ccd_per_class.csv"):
+        assert (out / name).is_file(), name
+    rows = list(csv.reader(open(out / "ccd_per_class.csv")))
+    assert rows[0] == ["class_id", "class", "source only", "FADA"] and rows[1][1] == "road"
+    assert float(rows[-1][3]) == pytest.approx(results["FADA"].mean, rel=1e-5)
+    rows = list(csv.reader(open(out / "ccd_FADA.csv")))
+    assert sum(int(r[2]) for r in rows[1:-1]) == int(results["FADA"].counts.sum()) > 0
+    _nontrivial_png(str(out / "ccd_per_class.png"))
+    _nontrivial_png(str(out / "ccd_per_class_grid.png"))
+
+
+def test_evaluate_entry_16_classes_reports_miou13(small_checkpoints, capsys):
+    root, _ = small_checkpoints
+    ckpt = _small_checkpoint(root / "model_16.pth", root / "synthetic_data", seed=3, num_classes=16)
+    out = root / "eval16"
+    res = _load_entry("evaluate").main(["--checkpoint", ckpt, "--output", str(out), "--num-workers", "0",
+                                        "--device", "cpu", "--max-images", "2"])
+    printed = capsys.readouterr().out
+    assert "mIoU* (13 classes)" in printed and res.iou.shape == (16,) and res.num_images == 2
+    import json
+
+    summary = json.load(open(out / "summary.json"))
+    assert "terrain" not in summary["iou"] and "mIoU13" in summary
+    names = evaluation.class_names_for(16)
+    thirteen = [n for n in names if n not in ("wall", "fence", "pole")]
+    assert summary["mIoU13"] == pytest.approx(evaluation.subset_miou(res, names, thirteen))

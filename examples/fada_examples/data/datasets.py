@@ -25,7 +25,6 @@ import os
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

@@ -61,21 +61,48 @@ def read_label_ids(path: str) -> np.ndarray:
 def read_label_ids_16bit(path: str, channel: int = 0) -> np.ndarray:
     """(H, W) int32 array of one channel of a (possibly 16-bit, multi-channel) PNG.
 
-    Pillow truncates 16-bit RGB PNGs to their high bytes, so this decodes with torchvision, which
-    keeps all 16 bits (SYNTHIA's GT/LABELS: class ID in channel 0, instance ID in channel 1).
+    Pillow truncates 16-bit RGB PNGs to their high bytes (SYNTHIA's class IDs would all read 0),
+    so this decodes with torchvision, which keeps all 16 bits, or with OpenCV when torchvision
+    cannot (SYNTHIA's GT/LABELS: class ID in channel 0, instance ID in channel 1).
     """
+    check_file(path, "label")
+    try:
+        planes = _decode_png_torchvision(path)
+    except (ImportError, AttributeError):  # torchvision without image decoding
+        planes = _decode_png_cv2(path)
+    if channel >= planes.shape[0]:
+        raise ImageReadError(f"cannot read label {path}: it has {planes.shape[0]} channel(s), "
+                             f"channel {channel} was asked for")
+    return planes[channel].astype(np.int32)
+
+
+def _decode_png_torchvision(path: str) -> np.ndarray:
+    import warnings
+
     import torch
     from torchvision.io import ImageReadMode, decode_png, read_file
 
-    check_file(path, "label")
     try:
-        decoded = decode_png(read_file(path), mode=ImageReadMode.UNCHANGED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_png(read_file(path), mode=ImageReadMode.UNCHANGED)
     except RuntimeError as err:
         raise ImageReadError(f"cannot read label {path}: {err}") from err
-    if channel >= decoded.shape[0]:
-        raise ImageReadError(f"cannot read label {path}: it has {decoded.shape[0]} channel(s), "
-                             f"channel {channel} was asked for")
-    return decoded[channel].to(torch.int32).numpy()
+    return decoded.to(torch.int32).numpy()
+
+
+def _decode_png_cv2(path: str) -> np.ndarray:
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError("reading 16-bit label PNGs needs torchvision's image decoding or "
+                          "OpenCV (pip install opencv-python-headless)") from err
+    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageReadError(f"cannot read label {path}")
+    if arr.ndim == 2:
+        return arr[None]
+    return np.ascontiguousarray(arr[..., [2, 1, 0] + list(range(3, arr.shape[2]))].transpose(2, 0, 1))
 
 
 def write_png_uint16(path: str, array: np.ndarray) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 from .io import check_file
 
 __all__ = ["compute_class_lists", "save_class_lists", "load_class_lists",
-           "class_balanced_indices", "ClassBalancedSampler", "make_class_balanced"]
+           "class_balanced_indices", "class_balanced_draws", "ClassBalancedSampler", "make_class_balanced"]
 
 _FORMAT = "fada-class-lists-v1"
 _SUB_EPOCH = 3000
@@ -107,6 +107,12 @@ def class_balanced_indices(lists: dict, names: Sequence[str], num_samples: int, 
     Files of the lists that are not in ``names`` (for example outside a list file) are skipped;
     classes with no remaining file are never drawn.
     """
+    return [index for _, index in class_balanced_draws(lists, names, num_samples, seed, mode)]
+
+
+def class_balanced_draws(lists: dict, names: Sequence[str], num_samples: int, seed: int = 0,
+                         mode: str = "uniform") -> list[tuple[int, int]]:
+    """As :func:`class_balanced_indices`, with the drawn class: ``[(class, index), ...]``."""
     if mode not in ("uniform", "official"):
         raise ValueError(f"mode must be 'uniform' or 'official', got {mode!r}")
     position = {n: i for i, n in enumerate(names)}
@@ -120,7 +126,7 @@ def class_balanced_indices(lists: dict, names: Sequence[str], num_samples: int, 
     queues = {c: [] for c in classes}
     num_classes = len(per_class)
     counts = np.zeros(num_classes)
-    out: list[int] = []
+    out: list[tuple[int, int]] = []
     for k in range(int(num_samples)):
         if mode == "uniform":
             c = classes[int(rng.integers(len(classes)))]
@@ -134,7 +140,7 @@ def class_balanced_indices(lists: dict, names: Sequence[str], num_samples: int, 
         if not queues[c]:
             queues[c] = list(rng.permutation(per_class[c]))
         index = int(queues[c].pop())
-        out.append(index)
+        out.append((c, index))
         if mode == "official":
             counts[file_classes.get(index, [])] += 1
     return out

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from .labels import IGNORE_INDEX

@@ -198,17 +198,18 @@ inline double vexp(double x) {
 }
 
 // log(x) for float without libm calls (vectorisable). Cephes logf: x = m 2^e
-// with m in [sqrt(1/2), sqrt(2)), polynomial in m - 1. Exact for normal
-// positive x to ~1 ulp; +inf -> inf, NaN and negative -> NaN, 0 -> -inf.
-// Denormal inputs are not handled (never occur: the kernels take the log of a
-// sum of exps that is >= 1).
+// with m in [sqrt(1/2), sqrt(2)), polynomial in m - 1; ~1 ulp for positive
+// normal x. Domain is what the kernels need, the log of a sum of exps that is
+// >= 1: NaN -> NaN and +inf -> NaN (through x - x, since a select here stops
+// GCC from vectorising the loop); zero, negative and denormal x are not handled.
 inline float vlog(float x) {
   const uint32_t u = bits_of(x);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 127;
   float m = float_of((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const int32_t big = m > 1.41421356237f ? 1 : 0;
-  m = big ? m * 0.5f : m;
-  e = e + big;
+  const float half_m = m * 0.5f;
+  const bool big = m > 1.41421356237f;
+  m = big ? half_m : m;
+  e += static_cast<int32_t>(big);
   const float f = m - 1.0f;
   const float z = f * f;
   float p = 7.0376836292e-2f;
@@ -226,11 +227,7 @@ inline float vlog(float x) {
   y = y - 0.5f * z;
   float res = f + y;
   res = res + ef * 0.693359375f;
-  res = x == std::numeric_limits<float>::infinity() ? x : res;
-  res = x == 0.0f ? -std::numeric_limits<float>::infinity() : res;
-  res = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : res;
-  res = x != x ? x : res;
-  return res;
+  return res + (x - x);  // NaN for NaN and inf, +0 otherwise
 }
 
 inline double vlog(double x) {

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -70,6 +71,109 @@ void accumulate_block(const scalar_t* x, int64_t batch, int64_t channels, int64_
                           s2[base + j]);
       }
     }
+  }
+}
+
+// Pixels of each image grouped by class (counting sort, increasing pixel index
+// within a class): list[b] holds the plane offsets, start[b * (K + 1) + k] where
+// class k's run begins.
+struct ClassLists {
+  std::vector<int32_t> pixel;
+  std::vector<int64_t> start;
+};
+
+ClassLists group_by_class(const LabelScan& scan, int64_t batch, int64_t hw, int64_t num_classes) {
+  ClassLists lists;
+  lists.pixel.resize(batch * hw);
+  lists.start.assign(batch * (num_classes + 1), 0);
+  std::vector<int64_t> fill(num_classes + 1);
+  int64_t out = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int32_t* lab = scan.slot.data() + b * hw;
+    std::fill(fill.begin(), fill.end(), 0);
+    for (int64_t p = 0; p < hw; ++p) ++fill[lab[p]];
+    int64_t* start = lists.start.data() + b * (num_classes + 1);
+    for (int64_t k = 0; k < num_classes; ++k) {
+      start[k] = out;
+      out += fill[k];
+      fill[k] = start[k];
+    }
+    start[num_classes] = out;  // end of the valid pixels (ignored ones are not listed)
+    for (int64_t p = 0; p < hw; ++p) {
+      const int32_t k = lab[p];
+      if (k < num_classes) lists.pixel[fill[k]++] = static_cast<int32_t>(p);
+    }
+  }
+  return lists;
+}
+
+// Σ(x − shift) and Σ(x − shift)² over the listed pixels of one plane, in a
+// fixed order (four interleaved partial sums, then combined).
+template <typename scalar_t>
+inline void sum_listed(const scalar_t* plane, const int32_t* idx, int64_t n, double shift, double& s1,
+                       double& s2) {
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    stats::accumulate(static_cast<double>(plane[idx[i]]), shift, a0, q0);
+    stats::accumulate(static_cast<double>(plane[idx[i + 1]]), shift, a1, q1);
+    stats::accumulate(static_cast<double>(plane[idx[i + 2]]), shift, a2, q2);
+    stats::accumulate(static_cast<double>(plane[idx[i + 3]]), shift, a3, q3);
+  }
+  for (; i < n; ++i) stats::accumulate(static_cast<double>(plane[idx[i]]), shift, a0, q0);
+  s1 += (a0 + a1) + (a2 + a3);
+  s2 += (q0 + q1) + (q2 + q3);
+}
+
+template <typename scalar_t>
+void class_stats_sorted(const at::Tensor& features, const LabelScan& scan, int64_t num_classes,
+                        at::Tensor& counts, at::Tensor& means, at::Tensor& m2) {
+  const int64_t batch = features.size(0);
+  const int64_t channels = features.size(1);
+  const int64_t hw = features.size(2) * features.size(3);
+  const scalar_t* x = features.data_ptr<scalar_t>();
+  const ClassLists lists = group_by_class(scan, batch, hw, num_classes);
+  std::vector<double> sum1(num_classes * channels, 0.0), sum2(num_classes * channels, 0.0);
+  auto shift_of = [&](int64_t k, int64_t c) -> double {
+    const int64_t i = scan.first[k];
+    if (i < 0) return 0.0;
+    const int64_t b = i / hw, p = i % hw;
+    return static_cast<double>(x[(b * channels + c) * hw + p]);
+  };
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> shift(num_classes), s1(num_classes), s2(num_classes);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < num_classes; ++k) {
+        shift[k] = shift_of(k, c);
+        s1[k] = 0.0;
+        s2[k] = 0.0;
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        const scalar_t* plane = x + (b * channels + c) * hw;
+        const int64_t* start = lists.start.data() + b * (num_classes + 1);
+        for (int64_t k = 0; k < num_classes; ++k) {
+          sum_listed(plane, lists.pixel.data() + start[k], start[k + 1] - start[k], shift[k], s1[k], s2[k]);
+        }
+      }
+      for (int64_t k = 0; k < num_classes; ++k) {
+        sum1[k * channels + c] = s1[k];
+        sum2[k * channels + c] = s2[k];
+      }
+    }
+  });
+  double* counts_p = counts.data_ptr<double>();
+  double* means_p = means.data_ptr<double>();
+  double* m2_p = m2.data_ptr<double>();
+  for (int64_t k = 0; k < num_classes; ++k) {
+    const double n = static_cast<double>(scan.count[k]);
+    counts_p[k] = n;
+    double acc = 0.0;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double a = sum1[k * channels + c], q = sum2[k * channels + c];
+      means_p[k * channels + c] = stats::finish_mean(n > 0 ? shift_of(k, c) : 0.0, a, n);
+      acc += stats::finish_m2(a, q, n);
+    }
+    m2_p[k] = acc;
   }
 }
 
@@ -175,7 +279,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cpu(const at::
   // Channel planes must be contiguous (NCHW); channels_last and strided inputs are copied.
   const at::Tensor x = features.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_center_stats_cpu",
-                                  [&] { class_stats_impl<scalar_t>(x, scan, num_classes, counts, means, m2); });
+                                  [&] {
+                                    if (std::getenv("FADA_SORTED"))
+                                      class_stats_sorted<scalar_t>(x, scan, num_classes, counts, means, m2);
+                                    else
+                                      class_stats_impl<scalar_t>(x, scan, num_classes, counts, means, m2);
+                                  });
   return {counts, means, m2};
 }
 

@@ -1,0 +1,388 @@
+"""How things are measured: timing, peak memory, errors, bit repeatability, environment.
+
+Timing
+    After warm-up, the variants of one case run interleaved (A B C A B C ...), each call on the
+    next input set of a small pool of fresh random inputs. CPU: ``time.perf_counter`` around the
+    call. CUDA: CUDA events around the call, then a synchronize. "fwd" is the forward as run in
+    training (inputs require grad, the graph is built); "fwdbwd" adds ``backward()``. Reported:
+    median, quartiles and IQR in milliseconds.
+
+Peak memory ("extra" = peak during one forward+backward minus what was live before it)
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+    ``memory_allocated`` before the call.
+    CPU: torch has no CPU allocator statistics, so the peak resident set is used, in a separate
+    worker process started with ``MALLOC_MMAP_THRESHOLD_=65536``: every allocation above 64 KiB
+    then gets its own mapping and is unmapped when freed, so the kernel's high-water mark
+    (``VmHWM``, reset through ``/proc/self/clear_refs``) tracks the live tensor bytes, big
+    full-resolution temporaries included, without glibc's free lists hiding reuse. The worker
+    warms each variant up once (compiling it, for torch.compile) before measuring it. Timing
+    runs in the ordinary process, with the default allocator, as users have it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from benchmarks import variants as V
+
+MODES = {"loss": ("fwd", "fwdbwd"), "ce": ("fwd", "fwdbwd"), "stats": ("fwd",), "train_step": ("step",)}
+FULL_MODE = {"loss": "fwdbwd", "ce": "fwdbwd", "stats": "fwd", "train_step": "step"}
+POOL_BYTES = 512 * 2**20
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def reset_grads(op: str, inputs: Dict[str, torch.Tensor]) -> None:
+    key = V.GRAD_KEY.get(op)
+    if key is not None:
+        inputs[key].grad = None
+
+
+def run(op: str, fn: Callable, inputs: Dict[str, torch.Tensor], mode: str):
+    out = fn(inputs)
+    if mode == "fwdbwd":
+        out.backward()
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: str, call: Callable[[], object]) -> float:
+    """Seconds taken by ``call()`` (CUDA events on the GPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def summarize(seconds: Sequence[float]) -> Dict[str, float]:
+    t = torch.tensor(sorted(seconds), dtype=torch.float64) * 1e3
+    q1, med, q3 = (torch.quantile(t, q).item() for q in (0.25, 0.5, 0.75))
+    return {"median_ms": med, "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "min_ms": t[0].item(), "n": len(seconds)}
+
+
+def pool_size(case: V.Case, repeats: int) -> int:
+    per = max(V.input_bytes(case), 1)
+    return int(max(1, min(4, repeats, POOL_BYTES // per)))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M).group(1))
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cuda_extra_peak_mb(op: str, fn: Callable, inputs: Dict, mode: str) -> float:
+    reset_grads(op, inputs)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run(op, fn, inputs, mode)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 2**20
+
+
+def cpu_extra_peak_mb(op: str, fn: Callable, inputs: Dict, mode: str) -> float:
+    """Peak RSS over the RSS before one call (meaningful in the memory worker process only)."""
+    out = run(op, fn, inputs, mode)  # warm-up: lazy initialisation, compilation
+    del out
+    reset_grads(op, inputs)
+    gc.collect()
+    base = _proc_status_kb("VmRSS")
+    if not _reset_hwm():
+        raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs not writable)")
+    out = run(op, fn, inputs, mode)
+    peak = _proc_status_kb("VmHWM")
+    del out
+    return (peak - base) / 1024
+
+
+def memory_worker(spec_path: str, out_path: str) -> None:
+    """Entry of the CPU memory worker process: measures each job of the spec, writes JSON."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(spec["threads"])
+    results = []
+    for job in spec["jobs"]:
+        case = V.Case.from_dict(job["case"])
+        variant = next(v for v in V.variants_for(case.op) if v.name == job["variant"])
+        rec = {"case": job["case"], "variant": variant.name}
+        try:
+            inputs = V.make_inputs(case, "cpu", seed=12345)
+            fn = variant.build(case, "cpu")
+            rec["extra_peak_mb"] = cpu_extra_peak_mb(case.op, fn, inputs, FULL_MODE[case.op])
+            del fn, inputs
+        except Exception as exc:  # one failure must not lose the other measurements
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        gc.collect()
+        results.append(rec)
+        with open(out_path, "w") as f:  # written after each job: a crash keeps what was done
+            json.dump(results, f)
+
+
+def cpu_memory(jobs: List[Dict], threads: int, workdir: str, timeout: float = 1800) -> List[Dict]:
+    """Run the memory worker on ``jobs`` in a fresh process; returns its records."""
+    os.makedirs(workdir, exist_ok=True)
+    spec_path = os.path.join(workdir, "memory_spec.json")
+    out_path = os.path.join(workdir, "memory_out.json")
+    with open(spec_path, "w") as f:
+        json.dump({"threads": threads, "jobs": jobs}, f)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--_memory-worker", spec_path, out_path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    done = []
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            done = json.load(f)
+    if proc.returncode != 0:
+        why = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        finished = {(json.dumps(r["case"], sort_keys=True), r["variant"]) for r in done}
+        for job in jobs:
+            if (json.dumps(job["case"], sort_keys=True), job["variant"]) not in finished:
+                done.append({"case": job["case"], "variant": job["variant"], "error": f"worker died: {why[0]}"})
+    return done
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def measure_case(
+    case: V.Case,
+    variants: Sequence[V.Variant],
+    device: str,
+    repeats: int,
+    warmup: int,
+    log: Callable[[str], None] = print,
+) -> List[Dict]:
+    """Time, check and (on CUDA) memory-profile every variant of ``case``; one record each."""
+    op = case.op
+    modes = MODES[op]
+    full = FULL_MODE[op]
+    records: Dict[str, Dict] = {}
+    fns: Dict[str, Callable] = {}
+    for v in variants:
+        rec = {"op": op, "case": case.as_dict(), "case_name": case.name, "variant": v.name, "label": v.label,
+               "baseline": v.baseline, "status": "ok"}
+        records[v.name] = rec
+        try:
+            fns[v.name] = v.build(case, device)
+        except V.Unavailable as exc:
+            rec["status"] = f"unavailable ({exc})"
+        except Exception as exc:
+            rec["status"] = f"error ({type(exc).__name__}: {exc})"[:400]
+
+    pool = [V.make_inputs(case, device, seed=1000 + i) for i in range(pool_size(case, repeats))]
+
+    def drop(name: str, exc: BaseException, stage: str) -> None:
+        records[name]["status"] = f"error in {stage} ({type(exc).__name__}: {str(exc)[:300]})"
+        fns.pop(name, None)
+
+    # Warm-up; the first call of a compiled variant includes its compilation.
+    for name in list(fns):
+        for i in range(max(1, warmup)):
+            x = pool[i % len(pool)]
+            reset_grads(op, x)
+            try:
+                t = timed(device, lambda: run(op, fns[name], x, full))
+            except Exception as exc:
+                drop(name, exc, "warm-up")
+                break
+            if i == 0:
+                records[name]["first_call_s"] = t
+
+    # Errors against float64 and bitwise repeatability (same input twice).
+    if op != "train_step":
+        x = pool[0]
+        ref = V.reference(case, x)
+        key = V.GRAD_KEY[op]
+        for name in list(fns):
+            try:
+                outs = []
+                for _ in range(2):
+                    reset_grads(op, x)
+                    out = run(op, fns[name], x, full)
+                    grad = x[key].grad.detach().clone() if key else None
+                    outs.append((out.detach() if isinstance(out, torch.Tensor) else out, grad))
+                records[name]["errors"] = V.errors(case, outs[0][0], outs[0][1], ref)
+                same = V.same_bits(outs[0][0], outs[1][0])
+                if key:
+                    same = same and bool(torch.equal(outs[0][1], outs[1][1]))
+                records[name]["bitwise_repeatable"] = same
+            except Exception as exc:
+                drop(name, exc, "correctness check")
+        reset_grads(op, x)
+        del ref
+
+    if device == "cuda":
+        for name in list(fns):
+            try:
+                records[name]["extra_peak_mb"] = cuda_extra_peak_mb(op, fns[name], pool[0], full)
+            except Exception as exc:
+                drop(name, exc, "memory")
+
+    # Interleaved timing rounds.
+    samples: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in modes} for n in fns}
+    counter = 0
+    for _ in range(repeats):
+        for mode in modes:
+            for name in list(fns):
+                x = pool[counter % len(pool)]
+                counter += 1
+                reset_grads(op, x)
+                try:
+                    samples[name][mode].append(timed(device, lambda: run(op, fns[name], x, mode)))
+                except Exception as exc:
+                    drop(name, exc, f"timing {mode}")
+        for x in pool:
+            reset_grads(op, x)
+    for name, per_mode in samples.items():
+        if name not in fns:
+            continue
+        rec = records[name]
+        rec["time"] = {m: summarize(s) for m, s in per_mode.items() if s}
+        if "first_call_s" in rec and full in rec["time"]:
+            if next(v for v in variants if v.name == name).compiled:
+                rec["compile_s"] = rec["first_call_s"] - rec["time"][full]["median_ms"] / 1e3
+    fns.clear()
+    del pool
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    for rec in records.values():
+        t = rec.get("time", {}).get(full)
+        log(
+            f"  {rec['variant']:<12} "
+            + (f"{full} {t['median_ms']:9.2f} ms (IQR {t['iqr_ms']:.2f})" if t else rec["status"])
+        )
+    return list(records.values())
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _first_line(cmd: List[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in (out.stdout or out.stderr).splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+def _nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            try:
+                out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
+                                     text=True, timeout=30).stdout
+            except (OSError, subprocess.SubprocessError):
+                return None
+            m = re.search(r"release [^\n]*", out)
+            return m.group(0) if m else None
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
+            if m:
+                return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> List[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def environment(device: str, threads: int) -> Dict:
+    env = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "requested_threads": threads,
+        "cxx": _first_line([os.environ.get("CXX", "c++"), "--version"]),
+        "nvcc": _nvcc(),
+        "platform": platform.platform(),
+        "loadavg_start": loadavg(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = props.name
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["cuda_driver"] = _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    try:
+        import fada_core
+        from fada_core import _build
+
+        env["fada_core"] = getattr(fada_core, "__version__", "?")
+        available = _build.kernels_available(device)
+        st = _build.status()
+        env["kernels"] = {
+            "available_on_device": available,
+            "loaded": st.get("loaded"),
+            "origin": st.get("origin"),
+            "failure": st.get("failure"),
+            "disabled": st.get("disabled"),
+            "ops": st.get("ops"),
+            "cuda_kernels_reason": st.get("cuda_kernels_reason"),
+        }
+    except Exception as exc:
+        env["kernels"] = {"available_on_device": False, "failure": f"{type(exc).__name__}: {exc}"}
+    return env

@@ -1,0 +1,311 @@
+"""Turn the measurement records into a markdown report, the issue-3 target check and a plot.
+
+Speedups are ratios of medians measured in the same run, same case, same mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+from benchmarks.measure import FULL_MODE
+
+OP_TITLES = {
+    "loss": "FADA soft-label loss (discriminator logits 2K channels, soft labels from K seg logits)",
+    "ce": "Upsampled segmentation cross-entropy (T = 1.8, ignore 255)",
+    "stats": "Class-center statistics (counts, means, centred sums of squares; float64 accumulators)",
+    "train_step": "End-to-end adversarial training step",
+}
+
+
+def _median(rec: Dict, mode: str) -> Optional[float]:
+    t = rec.get("time", {}).get(mode)
+    return t["median_ms"] if t else None
+
+
+def _fmt_ms(rec: Dict, mode: str) -> str:
+    t = rec.get("time", {}).get(mode)
+    if not t:
+        return "-"
+    med = t["median_ms"]
+    digits = 3 if med < 1 else 2 if med < 100 else 1
+    return f"{med:.{digits}f} [{t['iqr_ms']:.{digits}f}]"
+
+
+def _fmt_ratio(x: Optional[float]) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.2f}x" if x < 10 else f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def _fmt_err(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _fmt_mb(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def by_case(records: Sequence[Dict], op: str) -> Dict[str, List[Dict]]:
+    out: Dict[str, List[Dict]] = {}
+    for r in records:
+        if r["op"] == op:
+            out.setdefault(r["case_name"], []).append(r)
+    return out
+
+
+def ratio(base: Optional[float], other: Optional[float]) -> Optional[float]:
+    if base is None or other is None or other <= 0:
+        return None
+    return base / other
+
+
+def _find(rows: Sequence[Dict], variant: str) -> Optional[Dict]:
+    return next((r for r in rows if r["variant"] == variant), None)
+
+
+def add_speedups(records: Sequence[Dict]) -> None:
+    """Fill ``speedup_vs_<variant>`` (per mode) into each record, from medians of the same run."""
+    for op in {r["op"] for r in records}:
+        for rows in by_case(records, op).values():
+            base = next((r for r in rows if r.get("baseline")), None)
+            comp = _find(rows, "compile")
+            floor = _find(rows, "read_floor")
+            for r in rows:
+                for mode in r.get("time", {}):
+                    m = _median(r, mode)
+                    sp = r.setdefault("speedup", {})
+                    if base is not None:
+                        sp.setdefault(mode, {})[f"vs_{base['variant']}"] = ratio(_median(base, mode), m)
+                    if comp is not None:
+                        sp.setdefault(mode, {})["vs_compile"] = ratio(_median(comp, mode), m)
+                    if floor is not None:
+                        sp.setdefault(mode, {})["x_read_floor"] = ratio(m, _median(floor, mode))
+
+
+def markdown(result: Dict) -> str:
+    env, records = result["environment"], result["records"]
+    lines = [f"# fada_core benchmark results ({env['device']})", ""]
+    lines += _env_lines(result)
+    for op in result["ops"]:
+        cases = by_case(records, op)
+        if not cases:
+            continue
+        lines += ["", f"## {op}: {OP_TITLES[op]}", ""]
+        if op in ("loss", "ce"):
+            lines += _loss_table(cases)
+        elif op == "stats":
+            lines += _stats_table(cases)
+        else:
+            lines += _train_table(cases)
+        comp = [r for rows in cases.values() for r in rows if r.get("compile_s") is not None]
+        if comp:
+            lines += ["", "torch.compile time (first call minus steady-state forward+backward): "
+                      + "; ".join(f"{r['case_name']}: {r['compile_s']:.1f} s" for r in comp)]
+    lines += ["", "## Targets of issue 3", ""] + target_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def _env_lines(result: Dict) -> List[str]:
+    env = result["environment"]
+    k = env.get("kernels", {})
+    dev = env.get("gpu") if env["device"] == "cuda" else env.get("cpu")
+    kern = "available" if k.get("available_on_device") else f"NOT available ({k.get('failure') or k.get('cuda_kernels_reason') or 'see JSON'})"
+    out = [
+        f"- date (UTC): {env['date_utc']}; command: `{result['command']}`",
+        f"- device: {env['device']} -- {dev}; torch threads: {env['threads']}; logical CPUs: {env['logical_cpus']}",
+        f"- torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); python {env['python']}; "
+        f"C++ compiler: {env['cxx']}; nvcc: {env['nvcc']}",
+        f"- fada_core {env.get('fada_core', '?')} kernels on {env['device']}: {kern}",
+        f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}",
+        f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}; "
+        "times are medians in ms with the IQR in brackets",
+    ]
+    if env["device"] == "cpu":
+        out.append("- extra peak memory: peak RSS during one call minus RSS before it, measured in a worker "
+                   "process with MALLOC_MMAP_THRESHOLD_=65536 (see benchmarks/measure.py)")
+    else:
+        out.append("- extra peak memory: CUDA allocator peak during one call minus memory allocated before it")
+    return out
+
+
+def _status_row(r: Dict, ncols: int) -> str:
+    return f"| | {r['label']} | {r['status']} |" + " |" * (ncols - 3)
+
+
+def _loss_table(cases: Dict[str, List[Dict]]) -> List[str]:
+    head = ("| shape | variant | fwd ms [IQR] | fwd+bwd ms [IQR] | fwd+bwd speedup vs official | vs compile "
+            "| extra peak MB | err value | err grad (rel) | same bits |")
+    lines = [head, "|" + "---|" * 10]
+    for name, rows in cases.items():
+        lines.append(f"| **{name}** |" + " |" * 9)
+        for r in rows:
+            if "time" not in r:
+                lines.append(_status_row(r, 10))
+                continue
+            sp = r.get("speedup", {}).get("fwdbwd", {})
+            e = r.get("errors", {})
+            lines.append(
+                f"| | {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ms(r, 'fwdbwd')} | {_fmt_ratio(sp.get('vs_official'))} "
+                f"| {_fmt_ratio(sp.get('vs_compile'))} | {_fmt_mb(r.get('extra_peak_mb'))} | {_fmt_err(e.get('value_abs'))} "
+                f"| {_fmt_err(e.get('grad_rel'))} | {_yes(r.get('bitwise_repeatable'))} |"
+            )
+    return lines
+
+
+def _stats_table(cases: Dict[str, List[Dict]]) -> List[str]:
+    head = ("| shape | variant | ms [IQR] | x read floor | speedup vs index_add | extra peak MB "
+            "| err means (abs) | err m2 (rel) | same bits |")
+    lines = [head, "|" + "---|" * 9]
+    for name, rows in cases.items():
+        lines.append(f"| **{name}** |" + " |" * 8)
+        for r in rows:
+            if "time" not in r:
+                lines.append(_status_row(r, 9))
+                continue
+            sp = r.get("speedup", {}).get("fwd", {})
+            e = r.get("errors", {})
+            lines.append(
+                f"| | {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ratio(sp.get('x_read_floor'))} "
+                f"| {_fmt_ratio(sp.get('vs_index_add'))} | {_fmt_mb(r.get('extra_peak_mb'))} "
+                f"| {_fmt_err(e.get('means_abs'))} | {_fmt_err(e.get('m2_rel'))} | {_yes(r.get('bitwise_repeatable'))} |"
+            )
+    return lines
+
+
+def _train_table(cases: Dict[str, List[Dict]]) -> List[str]:
+    lines = ["| case | variant | step ms [IQR] | speedup vs official | extra peak MB |", "|" + "---|" * 5]
+    for name, rows in cases.items():
+        lines.append(f"| **{name}** |" + " |" * 4)
+        for r in rows:
+            if "time" not in r:
+                lines.append(_status_row(r, 5))
+                continue
+            sp = r.get("speedup", {}).get("step", {})
+            lines.append(f"| | {r['label']} | {_fmt_ms(r, 'step')} | {_fmt_ratio(sp.get('vs_official'))} "
+                         f"| {_fmt_mb(r.get('extra_peak_mb'))} |")
+    return lines
+
+
+def _yes(x) -> str:
+    return "-" if x is None else "yes" if x else "NO"
+
+
+def _case_rows(records, op, batch, k, h, w, H, W, channels=0) -> List[Dict]:
+    return [
+        r for r in records
+        if r["op"] == op and (r["case"]["batch"], r["case"]["classes"], r["case"]["h"], r["case"]["w"],
+                               r["case"]["H"], r["case"]["W"]) == (batch, k, h, w, H, W)
+        and (not channels or r["case"]["channels"] == channels)
+    ]
+
+
+def target_lines(result: Dict) -> List[str]:
+    """Each speed/memory target of issue 3 with the figure measured in this run, if any."""
+    records, device = result["records"], result["environment"]["device"]
+    out = []
+
+    def verdict(ok: Optional[bool]) -> str:
+        return "not measured" if ok is None else "**met**" if ok else "**not met**"
+
+    # 1. CPU loss B=1 65x129 -> 512x1024.
+    rows = _case_rows(records, "loss", 1, 19, 65, 129, 512, 1024)
+    k, off, comp = _find(rows, "fada_kernel"), _find(rows, "official"), _find(rows, "compile")
+    if device == "cpu":
+        if k and "time" in k:
+            s_off = ratio(_median(off, "fwdbwd"), _median(k, "fwdbwd")) if off else None
+            s_comp = ratio(_median(comp, "fwdbwd"), _median(k, "fwdbwd")) if comp and "time" in comp else None
+            ok = None if s_off is None else (s_off >= 10 and (s_comp is None or s_comp >= 10))
+            out.append(
+                f"- CPU loss, B=1, 65x129->512x1024, fwd+bwd, >= 10x vs official and vs torch.compile: kernel "
+                f"{_median(k, 'fwdbwd'):.2f} ms, {_fmt_ratio(s_off)} vs official, {_fmt_ratio(s_comp)} vs compile"
+                + ("" if comp and "time" in comp else " (compile not measured)") + f" -- {verdict(ok)}"
+            )
+            mem_k, mem_o = k.get("extra_peak_mb"), off.get("extra_peak_mb") if off else None
+            okm = None if mem_k is None else mem_k <= 10
+            out.append(f"- CPU loss extra memory 'a few MB instead of hundreds': kernel {_fmt_mb(mem_k)} MB, "
+                       f"official {_fmt_mb(mem_o)} MB -- {verdict(okm)}")
+        else:
+            why = k["status"] if k else "case not run"
+            out.append(f"- CPU loss, B=1, 65x129->512x1024, >= 10x: not measured -- kernel {why}")
+    # 2. Stats within 1.5x of the read floor (B=2, C=2048, 65x129).
+    rows = _case_rows(records, "stats", 2, 19, 65, 129, 65, 129, 2048)
+    k, floor = _find(rows, "fada_kernel"), _find(rows, "read_floor")
+    if k and "time" in k and floor and "time" in floor:
+        x = ratio(_median(k, "fwd"), _median(floor, "fwd"))
+        out.append(f"- {device.upper()} class statistics B=2 C=2048 65x129 within 1.5x of features.sum(): kernel "
+                   f"{_median(k, 'fwd'):.2f} ms vs floor {_median(floor, 'fwd'):.2f} ms = {_fmt_ratio(x)} -- "
+                   f"{verdict(x <= 1.5 if x else None)}")
+    else:
+        why = k["status"] if k else "case not run"
+        out.append(f"- {device.upper()} class statistics within 1.5x of the read floor: not measured -- kernel {why}")
+    # 3. GPU B=4 64x128 -> 512x1024.
+    if device == "cuda":
+        rows = _case_rows(records, "loss", 4, 19, 64, 128, 512, 1024)
+        k, off, comp = _find(rows, "fada_kernel"), _find(rows, "official"), _find(rows, "compile")
+        if k and "time" in k and off and "time" in off:
+            t = _median(k, "fwdbwd")
+            s_off = ratio(_median(off, "fwdbwd"), t)
+            s_comp = ratio(_median(comp, "fwdbwd"), t) if comp and "time" in comp else None
+            mem = ratio(k.get("extra_peak_mb"), off.get("extra_peak_mb")) if k.get("extra_peak_mb") else None
+            frac = None if mem is None else 1 / mem
+            out.append(f"- GPU B=4 64x128->512x1024 fwd+bwd: kernel {t * 1e3:.0f} us (target <= 150 us: "
+                       f"{verdict(t * 1e3 <= 150)}), {_fmt_ratio(s_off)} vs official (>= 30x: "
+                       f"{verdict(s_off >= 30 if s_off else None)}), {_fmt_ratio(s_comp)} vs compile (>= 10x: "
+                       f"{verdict(s_comp >= 10 if s_comp else None)}), extra memory "
+                       f"{'-' if frac is None else f'{100 * frac:.2f}%'} of official's (<= 1%: "
+                       f"{verdict(frac <= 0.01 if frac is not None else None)})")
+        else:
+            out.append("- GPU B=4 64x128->512x1024 targets: not measured -- kernel "
+                       + (k["status"] if k else "case not run"))
+    else:
+        out.append("- GPU targets (B=4 64x128->512x1024: >= 30x vs official, >= 10x vs compile, <= 150 us, "
+                   "<= 1% memory): not measured in this run (device is the CPU)")
+    return out
+
+
+def plot(result: Dict, path: str) -> Optional[str]:
+    """Speedup of each variant over the official path against output pixels (fwd+bwd); None if
+    matplotlib is missing or there is nothing to plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    records = result["records"]
+    ops = [op for op in ("loss", "ce") if any(r["op"] == op for r in records)]
+    if not ops:
+        return None
+    fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        series: Dict[str, List] = {}
+        for rows in by_case(records, op).values():
+            c = rows[0]["case"]
+            if c["classes"] != 19 or c["batch"] != 1:
+                continue
+            for r in rows:
+                s = r.get("speedup", {}).get("fwdbwd", {}).get("vs_official")
+                if s is None or r.get("baseline"):
+                    continue
+                series.setdefault(r["label"], []).append((c["H"] * c["W"], s))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("output pixels H x W (B=1, K=19)")
+        ax.set_ylabel("speedup over official (fwd+bwd)")
+        ax.set_title(f"{op} on {result['environment']['device']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def full_mode(op: str) -> str:
+    return FULL_MODE[op]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Class Center Distance (CCD) of one or several checkpoints on labelled target data — the paper's
+analysis of how compact each class is in feature space (lower is better).
+
+    python examples/ccd_analysis.py --checkpoint results/src/model_final.pth results/adv/model_final.pth \\
+        --labels source-only FADA --data-root /data/cityscapes --output results/ccd
+
+For every checkpoint the features of the target validation images (the feature extractor's output,
+labels brought to the feature size by nearest) are streamed into ``fada_core.ClassCenterDistance``.
+Multi-GPU: ``torchrun --nproc_per_node=N examples/ccd_analysis.py ...`` (the metric merges ranks).
+
+Outputs under ``--output``: ``ccd_<label>.csv`` (class, pixel count, CCD_i), ``ccd_matrix_<label>.csv``
+(K x K CCD(i, j)), ``ccd_per_class.csv`` (all checkpoints side by side), ``ccd_per_class.png``
+(grouped bars per class, one per checkpoint) and ``ccd_per_class_grid.png`` (one small bar chart
+per class).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fada_examples import analysis as A  # noqa: E402
+from fada_examples import evaluation as E  # noqa: E402
+from fada_examples import plots  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, nargs="+", help="one or more training checkpoints (.pth)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="one label per checkpoint for tables and plots (default: file names)")
+    p.add_argument("--data-root", default=None, help="labelled target data root (default: first checkpoint's config)")
+    p.add_argument("--dataset", default=None, help="cityscapes | crosscity | ... (default: config datasets.test)")
+    p.add_argument("--split", default=None, help="split (default: config datasets.test_split)")
+    p.add_argument("--city", default=None, help="Cross-City city")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="resize images to W H (default: config input.size_test)")
+    p.add_argument("--native-size", action="store_true", help="do not resize the images")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=("auto", "kernel", "eager"),
+                   help="fada_core backend for the class statistics")
+    p.add_argument("--log-scale", action="store_true", help="logarithmic CCD axis in the figures")
+    p.add_argument("--synthetic-dir", default=None)
+    return p.parse_args(argv)
+
+
+def _file_label(path: str) -> str:
+    base = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{parent}/{base}" if parent else base
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from fada_examples.models import load_checkpoint_models
+
+    labels = args.labels or [_file_label(c) for c in args.checkpoint]
+    if len(labels) != len(args.checkpoint):
+        raise SystemExit(f"--labels: {len(labels)} labels for {len(args.checkpoint)} checkpoints")
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"--labels must be distinct, got {labels}")
+    device, distributed = E.setup_device(args.device)
+    rank = dist.get_rank() if distributed else 0
+
+    results = {}
+    names = None
+    loader = None
+    num_classes = None
+    for label, ckpt in zip(labels, args.checkpoint):
+        feature_extractor, _, cfg = load_checkpoint_models(ckpt, device)
+        k = int(cfg["model"]["num_classes"])
+        if num_classes is None:
+            num_classes = k
+            names = E.class_names_for(k)
+            dataset = E.make_test_dataset(  # data from the first checkpoint's config
+                cfg, data_root=args.data_root, name=args.dataset, split=args.split, city=args.city,
+                size=args.size, native_size=args.native_size, max_images=args.max_images,
+                synthetic_dir=args.synthetic_dir)
+            loader = E.build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         distributed=distributed, pin_memory=device.type == "cuda")
+            if rank == 0:
+                print(f"images: {len(dataset)}   classes: {k}   device: {device}")
+        elif k != num_classes:
+            raise SystemExit(f"{ckpt}: {k} classes, but {args.checkpoint[0]} has {num_classes}")
+        start = time.time()
+        result = A.class_center_analysis(feature_extractor, loader, k, device=device, backend=args.backend,
+                                         ignore_index=int(cfg.get("input", {}).get("ignore_label", 255)),
+                                         desc=f"ccd {label}")
+        results[label] = result
+        if rank == 0:
+            print(f"{label}: mean CCD {result.mean:.4f} ({time.time() - start:.1f} s)")
+            slug = _slug(label)
+            A.write_ccd_csv(result, names, os.path.join(args.output, f"ccd_{slug}.csv"))
+            A.write_ccd_matrix_csv(result, names, os.path.join(args.output, f"ccd_matrix_{slug}.csv"))
+        del feature_extractor
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if rank == 0:
+        print(A.format_ccd_comparison(results, names, counts_from=labels[0]))
+        A.write_ccd_comparison_csv(results, names, os.path.join(args.output, "ccd_per_class.csv"))
+        per_class = {lab: r.per_class for lab, r in results.items()}
+        means = {lab: r.mean for lab, r in results.items()}
+        plots.plot_ccd_comparison(per_class, names, os.path.join(args.output, "ccd_per_class.png"),
+                                  means=means, log_scale=args.log_scale)
+        plots.plot_ccd_grid(per_class, names, os.path.join(args.output, "ccd_per_class_grid.png"),
+                            log_scale=args.log_scale)
+        print(f"wrote {args.output}/ccd_per_class.csv, ccd_per_class.png, ccd_per_class_grid.png and "
+              f"per-checkpoint ccd_<label>.csv / ccd_matrix_<label>.csv")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Evaluate a trained FADA segmentor: mIoU / mAcc / overall accuracy, per-class IoU table, CSV, bar
+chart, colour-coded prediction images (and optionally Cityscapes label-ID submission PNGs).
+
+    python examples/evaluate.py --checkpoint results/adv/model_final.pth \\
+        --data-root /data/cityscapes --output results/eval [--flip] [--multi-scale] [--save-images 20]
+
+Without ``--data-root`` the checkpoint's config decides (``datasets.test_root`` /
+``datasets.target_root``; if empty, the synthetic Cityscapes-layout data). Multi-GPU:
+``torchrun --nproc_per_node=N examples/evaluate.py ...`` (each rank evaluates a shard; the
+confusion matrix is summed across ranks).
+
+Outputs under ``--output``: ``results.csv`` (per-class IoU/Acc + summary), ``confusion.csv``
+(rows = ground truth), ``summary.json``, ``per_class_iou.png``, ``predictions/*.png`` and, with
+``--save-label-ids``, ``label_ids/<city>/<name>.png`` (readable by cityscapesscripts'
+``evalPixelLevelSemanticLabeling``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from fada_examples import evaluation as E  # noqa: E402
+from fada_examples import plots  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pth) of train_gta2city.py")
+    p.add_argument("--data-root", default=None, help="test data root (default: from the checkpoint's config)")
+    p.add_argument("--dataset", default=None, help="cityscapes | crosscity | synthia | gta5 (default: config)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: config datasets.test_split)")
+    p.add_argument("--city", default=None, help="Cross-City city (Rome, Rio, Tokyo, Taipei)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="resize the image to W H before inference (default: config input.size_test)")
+    p.add_argument("--native-size", action="store_true", help="do not resize the images")
+    p.add_argument("--flip", action="store_true", help="average with horizontally flipped inputs")
+    p.add_argument("--multi-scale", action="store_true", help="average over input scales 0.7, 1.0, 1.3")
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="custom input scales")
+    p.add_argument("--save-images", type=int, default=0, metavar="N", help="save N colour-coded predictions")
+    p.add_argument("--save-label-ids", action="store_true",
+                   help="write every prediction as a Cityscapes label-ID PNG under <output>/label_ids")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="run the networks under autocast (softmax and scores stay float32)")
+    p.add_argument("--synthetic-dir", default=None, help="where the synthetic data lives / is generated")
+    return p.parse_args(argv)
+
+
+def load_models(path, device):
+    from fada_examples.models import load_checkpoint_models
+
+    return load_checkpoint_models(path, device)
+
+
+def _label_lut(dataset):
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return getattr(base, "lut", None)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, distributed = E.setup_device(args.device)
+    rank = dist.get_rank() if distributed else 0
+    feature_extractor, classifier, cfg = load_models(args.checkpoint, device)
+    num_classes = int(cfg["model"]["num_classes"])
+    names = E.class_names_for(num_classes)
+    dataset = E.make_test_dataset(cfg, data_root=args.data_root, name=args.dataset, split=args.split,
+                                  city=args.city, size=args.size, native_size=args.native_size,
+                                  max_images=args.max_images, synthetic_dir=args.synthetic_dir)
+    loader = E.build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                 distributed=distributed, pin_memory=device.type == "cuda")
+    scales = tuple(args.scales) if args.scales else (E.MULTI_SCALES if args.multi_scale else (1.0,))
+
+    label_id_dir = lut = None
+    if args.save_label_ids:
+        id_lut = _label_lut(dataset)
+        if id_lut is None:
+            raise SystemExit("--save-label-ids: the data set has no label-ID look-up table")
+        lut = E.invert_lut(id_lut, num_classes)
+        label_id_dir = os.path.join(args.output, "label_ids")
+
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        print(f"checkpoint: {args.checkpoint}\nimages: {len(dataset)}   classes: {num_classes}   "
+              f"flip: {args.flip}   scales: {', '.join(f'{s:g}' for s in scales)}   device: {device}   "
+              f"amp: {args.amp}")
+    start = time.time()
+    result = E.evaluate(feature_extractor, classifier, loader, num_classes, device=device, flip=args.flip,
+                        scales=scales, output_dir=args.output, num_images_to_save=args.save_images,
+                        class_names=names, distributed=distributed,
+                        ignore_index=int(cfg.get("input", {}).get("ignore_label", 255)),
+                        label_id_dir=label_id_dir, trainid_to_labelid=lut, amp=args.amp)
+    seconds = time.time() - start
+    if rank == 0:
+        print(E.format_table(result, names))
+        if num_classes == 16:  # SYNTHIA->Cityscapes also reports mIoU* over 13 of the 16 classes
+            from fada_examples.data.labels import CLASS_NAMES_13
+
+            result.extra["mIoU13"] = E.subset_miou(result, names, CLASS_NAMES_13)
+            print(f"mIoU* (13 classes) {100.0 * result.extra['mIoU13']:.2f} %")
+        print(f"time: {seconds:.1f} s ({seconds / max(result.num_images, 1):.3f} s/image)")
+        E.write_results_csv(result, names, os.path.join(args.output, "results.csv"))
+        np.savetxt(os.path.join(args.output, "confusion.csv"), result.confusion, fmt="%d", delimiter=",",
+                   header=",".join(names))
+        summary = {"checkpoint": os.path.abspath(args.checkpoint), "images": result.num_images,
+                   "flip": args.flip, "scales": list(scales), "mIoU": result.miou, "mAcc": result.macc,
+                   "allAcc": result.allacc,
+                   "iou": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, result.iou)},
+                   "seconds": seconds, **({"mIoU13": result.extra["mIoU13"]} if "mIoU13" in result.extra else {})}
+        with open(os.path.join(args.output, "summary.json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+        plots.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
+                                 miou=result.miou, colors=E.default_palette(num_classes),
+                                 title=f"Per-class IoU — {os.path.basename(args.checkpoint)}")
+        print(f"wrote {args.output}/results.csv, confusion.csv, summary.json, per_class_iou.png"
+              + (f", predictions/ ({min(args.save_images, result.num_images)} images)" if args.save_images else "")
+              + (", label_ids/" if label_id_dir else ""))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

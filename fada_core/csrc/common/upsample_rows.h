@@ -1,0 +1,179 @@
+// CPU building blocks shared by the fused FADA loss and upsampled
+// cross-entropy kernels (csrc/cpu): the align_corners=True index tables, the
+// grouping of output rows by their lower source row, a cache of two
+// horizontally-upsampled source rows, and the deterministic adjoint of the
+// upsampling (per-group partials reduced in a fixed order).
+//
+// The full-resolution image is processed one output row at a time and, inside
+// a row, in column tiles of kTile pixels, so the working set stays in cache and
+// the per-channel loops over pixels vectorise. Nothing of full-resolution size
+// is ever allocated.
+#pragma once
+
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "fada_math.h"
+
+namespace fada {
+namespace cpu {
+
+constexpr int64_t kTile = 256;  // output pixels per column tile
+
+// FADA_CORE_DEBUG_POISON=1: scratch and outputs start as NaN, so a value the
+// kernel forgot to write shows up in the tests.
+inline bool debug_poison() {
+  const char* v = std::getenv("FADA_CORE_DEBUG_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+template <typename acc_t>
+std::vector<acc_t> scratch(size_t n) {
+  return std::vector<acc_t>(n, debug_poison() ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0));
+}
+
+// Source positions of every output index along one axis.
+template <typename acc_t>
+struct Axis {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> lambda;
+  int64_t in_size = 0, out_size = 0;
+
+  Axis(int64_t in, int64_t out) : i0(out), i1(out), lambda(out), in_size(in), out_size(out) {
+    const acc_t scale = align_corners_scale<acc_t>(in, out);
+    for (int64_t o = 0; o < out; ++o) {
+      const LinearIndex<acc_t> s = source_index<acc_t>(scale, o, in);
+      i0[o] = s.i0;
+      i1[o] = s.i1;
+      lambda[o] = s.lambda;
+    }
+  }
+
+  // Output indices grouped by their lower source index (monotone in the
+  // output index): group r is [begin[r], begin[r + 1]), possibly empty.
+  std::vector<int64_t> group_begin() const {
+    std::vector<int64_t> begin(in_size + 1, out_size);
+    for (int64_t o = out_size - 1; o >= 0; --o) begin[i0[o]] = o;
+    for (int64_t r = in_size - 1; r >= 0; --r) begin[r] = std::min(begin[r], begin[r + 1]);
+    return begin;
+  }
+};
+
+// o[x] = lerp(a[x], b[x], l) for x < n (vectorised).
+template <typename acc_t>
+inline void lerp_n(const acc_t* __restrict a, const acc_t* __restrict b, acc_t l, int64_t n, acc_t* __restrict o) {
+  for (int64_t x = 0; x < n; ++x) o[x] = lerp(a[x], b[x], l);
+}
+
+// Two source rows (rows r0 and r1 of a (C, h, w) block), upsampled
+// horizontally to the full output width and kept in acc_t, so consecutive
+// output rows that share source rows reuse them.
+template <typename scalar_t, typename acc_t>
+class RowPair {
+ public:
+  RowPair(const scalar_t* planes, int64_t channels, int64_t h, int64_t w, const Axis<acc_t>& xs)
+      : planes_(planes),
+        channels_(channels),
+        h_(h),
+        w_(w),
+        out_w_(xs.out_size),
+        xs_(xs),
+        row_{scratch<acc_t>(channels * xs.out_size), scratch<acc_t>(channels * xs.out_size)},
+        low_(scratch<acc_t>(w)) {}
+
+  // Point at another batch item's (C, h, w) block; cached rows are dropped.
+  void reset(const scalar_t* planes) {
+    planes_ = planes;
+    idx_[0] = idx_[1] = -1;
+  }
+
+  void ensure(int64_t r0, int64_t r1) {
+    if (idx_[0] != r0) {
+      if (idx_[1] == r0) {
+        std::swap(row_[0], row_[1]);
+        std::swap(idx_[0], idx_[1]);
+      } else {
+        fill(0, r0);
+      }
+    }
+    if (idx_[1] != r1) fill(1, r1);
+  }
+
+  // out[c * ld + (x - x0)] = lerp(row r0, row r1, ly) for x in [x0, x0 + n).
+  void vertical(acc_t ly, int64_t x0, int64_t n, acc_t* __restrict out, int64_t ld) const {
+    const acc_t* a = row_[0].data() + x0;
+    const acc_t* b = row_[1].data() + x0;
+    for (int64_t c = 0; c < channels_; ++c) lerp_n(a + c * out_w_, b + c * out_w_, ly, n, out + c * ld);
+  }
+
+ private:
+  void fill(int which, int64_t r) {
+    acc_t* dst = row_[which].data();
+    const int64_t* i0 = xs_.i0.data();
+    const int64_t* i1 = xs_.i1.data();
+    const acc_t* lx = xs_.lambda.data();
+    acc_t* low = low_.data();
+    for (int64_t c = 0; c < channels_; ++c) {
+      const scalar_t* src = planes_ + (c * h_ + r) * w_;
+      for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]);
+      acc_t* d = dst + c * out_w_;
+      for (int64_t x = 0; x < out_w_; ++x) d[x] = lerp(low[i0[x]], low[i1[x]], lx[x]);
+    }
+    idx_[which] = r;
+  }
+
+  const scalar_t* planes_;
+  int64_t channels_, h_, w_, out_w_;
+  const Axis<acc_t>& xs_;
+  std::vector<acc_t> row_[2];
+  std::vector<acc_t> low_;
+  int64_t idx_[2] = {-1, -1};
+};
+
+// Adjoint of the horizontal upsampling for C channels of one row:
+// dst[c][j] = sum_x (weight of source column j in output x) * src[c][x],
+// summed in increasing x (fixed order). dst is overwritten.
+template <typename acc_t>
+void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& xs, acc_t* dst) {
+  const int64_t out_w = xs.out_size, w = xs.in_size;
+  const int64_t* i0 = xs.i0.data();
+  const int64_t* i1 = xs.i1.data();
+  const acc_t* lx = xs.lambda.data();
+  for (int64_t c = 0; c < channels; ++c) {
+    acc_t* d = dst + c * w;
+    const acc_t* s = src + c * out_w;
+    std::fill(d, d + w, acc_t(0));
+    for (int64_t x = 0; x < out_w; ++x) {
+      d[i0[x]] += (acc_t(1) - lx[x]) * s[x];
+      d[i1[x]] += lx[x] * s[x];
+    }
+  }
+}
+
+// Partials of the upsampling adjoint, one slot per (batch item, row group r):
+// part[((b * h + r) * 2 + k) * C * w + c * w + j], k = 0 for source row r
+// (weight 1 - ly), k = 1 for source row min(r + 1, h - 1) (weight ly).
+// grad[b][c][i][j] = top(b, i) + bottom(b, i - 1) [+ bottom(b, h - 1) when
+// i == h - 1], always in that order: the result does not depend on how the
+// groups were spread over threads.
+template <typename acc_t>
+inline acc_t gathered_partial(const acc_t* part, int64_t b, int64_t c, int64_t i, int64_t j, int64_t channels,
+                              int64_t h, int64_t w) {
+  const int64_t slot = channels * w;
+  const int64_t off = c * w + j;
+  acc_t v = part[((b * h + i) * 2 + 0) * slot + off];
+  if (i > 0) v += part[((b * h + i - 1) * 2 + 1) * slot + off];
+  if (i == h - 1) v += part[((b * h + i) * 2 + 1) * slot + off];
+  return v;
+}
+
+}  // namespace cpu
+}  // namespace fada
+
+#endif

@@ -1,0 +1,422 @@
+// Fused FADA loss on the CPU: forward and the gradient w.r.t. the
+// low-resolution discriminator logits, sampling both inputs bilinearly
+// (align_corners=True) on the fly. Per output pixel (b, y, x):
+//   z = upsampled disc logits (2K), s = upsampled seg logits (K),
+//   a_c = min(softmax(s / T)_c, cap)             (detached soft label)
+//   loss = -sum_c a_c log_softmax(z)_{off + c}   (off = 0 source, K target)
+//   dloss/dz = (sum_c a_c) softmax(z) - y        (y = a in the domain's half)
+// times weight[b, y, x] if given, then mean / sum / none.
+//
+// Work is split over (batch item, group of output rows sharing the lower
+// source row); rows are processed in column tiles so that every per-channel
+// loop over pixels vectorises. The backward accumulates each group's
+// contribution into its own partial slot and reduces the slots in a fixed
+// order: results are bitwise independent of the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/fada_math.h"
+#include "../common/upsample_rows.h"
+
+namespace fada {
+namespace cpu {
+namespace {
+
+void check_fada_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature,
+                       int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction) {
+  TORCH_CHECK(disc.dim() == 4, "fada_loss: disc_logits must be (B, 2K, h, w), got ", disc.sizes());
+  TORCH_CHECK(seg.dim() == 4, "fada_loss: seg_logits must be (B, K, h, w), got ", seg.sizes());
+  TORCH_CHECK(disc.device() == seg.device(), "fada_loss: disc_logits and seg_logits must be on the same device, got ",
+              disc.device(), " and ", seg.device());
+  TORCH_CHECK(disc.scalar_type() == seg.scalar_type(), "fada_loss: disc_logits and seg_logits must have the same dtype, got ",
+              disc.scalar_type(), " and ", seg.scalar_type());
+  TORCH_CHECK(at::isFloatingType(disc.scalar_type()), "fada_loss: expected floating point logits, got ",
+              disc.scalar_type());
+  TORCH_CHECK(disc.size(0) == seg.size(0), "fada_loss: batch sizes differ: ", disc.size(0), " vs ", seg.size(0));
+  TORCH_CHECK(seg.size(1) > 0, "fada_loss: seg_logits needs at least one class");
+  TORCH_CHECK(disc.size(1) == 2 * seg.size(1), "fada_loss: disc_logits needs 2K = ", 2 * seg.size(1),
+              " channels, got ", disc.size(1));
+  TORCH_CHECK(disc.size(2) > 0 && disc.size(3) > 0 && seg.size(2) > 0 && seg.size(3) > 0,
+              "fada_loss: empty spatial size");
+  TORCH_CHECK(out_h > 0 && out_w > 0, "fada_loss: output size must be positive, got ", out_h, "x", out_w);
+  TORCH_CHECK(domain == 0 || domain == 1, "fada_loss: domain must be 0 (source) or 1 (target), got ", domain);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fada_loss: reduction must be 0, 1 or 2, got ", reduction);
+  TORCH_CHECK(temperature > 0, "fada_loss: temperature must be positive, got ", temperature);
+  if (weight.has_value()) {
+    const at::Tensor& wt = *weight;
+    TORCH_CHECK(wt.device() == disc.device(), "fada_loss: weight must be on ", disc.device(), ", got ", wt.device());
+    TORCH_CHECK(at::isFloatingType(wt.scalar_type()), "fada_loss: weight must be floating point");
+    TORCH_CHECK(wt.dim() == 3 && wt.size(0) == disc.size(0) && wt.size(1) == out_h && wt.size(2) == out_w,
+                "fada_loss: weight must be (B, H, W) = (", disc.size(0), ", ", out_h, ", ", out_w, "), got ",
+                wt.sizes());
+  }
+}
+
+// Per-channel passes over a tile's pixels. Each is a free function on
+// __restrict pointers so that GCC vectorises the loop over x.
+template <typename acc_t>
+inline void max_into(acc_t* __restrict m, const acc_t* __restrict z, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) m[x] = max_nan(m[x], z[x]);
+}
+
+// sum += exp((z - m) * scale), z untouched.
+template <typename acc_t>
+inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) sum[x] += vexp(z[x] - m[x]);
+}
+
+// z <- exp((z - m) * scale); sum += z.
+template <typename acc_t>
+inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
+                          int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t e = vexp((z[x] - m[x]) * scale);
+    z[x] = e;
+    sum[x] += e;
+  }
+}
+
+// e <- soft_label(e); asum += e.
+template <typename acc_t>
+inline void soft_label_into(acc_t* __restrict e, acc_t* __restrict asum, const acc_t* __restrict inv, acc_t cap,
+                            int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t a = soft_label(e[x], inv[x], cap);
+    e[x] = a;
+    asum[x] += a;
+  }
+}
+
+template <typename acc_t>
+inline void loss_into(acc_t* __restrict loss, const acc_t* __restrict a, const acc_t* __restrict z,
+                      const acc_t* __restrict lse, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) loss[x] += fada_loss_term(a[x], z[x], lse[x]);
+}
+
+// g = gw * ((sum a) * e / sum_e - y); top += (1 - ly) g; bottom += ly g.
+template <typename acc_t>
+inline void grad_into(acc_t* __restrict top, acc_t* __restrict bot, const acc_t* __restrict gw,
+                      const acc_t* __restrict asum, const acc_t* __restrict e, const acc_t* __restrict inv,
+                      const acc_t* __restrict y, acc_t wy0, acc_t wy1, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t g = gw[x] * fada_grad_term(asum[x], e[x] * inv[x], y[x]);
+    top[x] += wy0 * g;
+    bot[x] += wy1 * g;
+  }
+}
+
+template <typename acc_t>
+inline void grad_into_other(acc_t* __restrict top, acc_t* __restrict bot, const acc_t* __restrict gw,
+                            const acc_t* __restrict asum, const acc_t* __restrict e, const acc_t* __restrict inv,
+                            acc_t wy0, acc_t wy1, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t g = gw[x] * fada_grad_term(asum[x], e[x] * inv[x], acc_t(0));
+    top[x] += wy0 * g;
+    bot[x] += wy1 * g;
+  }
+}
+
+template <typename scalar_t>
+struct FadaProblem {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  const scalar_t* disc;
+  const scalar_t* seg;
+  const acc_t* weight;  // (B, H, W) or nullptr
+  int64_t B, K, h, w, hs, ws, H, W, off;
+  acc_t inv_t, cap;
+  Axis<acc_t> dy, dx, sy, sx;
+  std::vector<int64_t> groups;
+
+  FadaProblem(const at::Tensor& d, const at::Tensor& s, const at::Tensor& wt, int64_t domain, double temperature,
+              double cap_, int64_t out_h, int64_t out_w)
+      : disc(d.data_ptr<scalar_t>()),
+        seg(s.data_ptr<scalar_t>()),
+        weight(wt.defined() ? wt.data_ptr<acc_t>() : nullptr),
+        B(d.size(0)),
+        K(s.size(1)),
+        h(d.size(2)),
+        w(d.size(3)),
+        hs(s.size(2)),
+        ws(s.size(3)),
+        H(out_h),
+        W(out_w),
+        off(domain == 0 ? 0 : s.size(1)),
+        inv_t(static_cast<acc_t>(1) / static_cast<acc_t>(temperature)),
+        cap(static_cast<acc_t>(cap_)),
+        dy(d.size(2), out_h),
+        dx(d.size(3), out_w),
+        sy(s.size(2), out_h),
+        sx(s.size(3), out_w),
+        groups(dy.group_begin()) {}
+};
+
+// Per-thread scratch: two cached source-row pairs and the tile buffers.
+template <typename scalar_t>
+struct FadaScratch {
+  using acc_t = at::opmath_type<scalar_t>;
+  RowPair<scalar_t, acc_t> drows, srows;
+  std::vector<acc_t> z, s, m, sum, aux, asum, val;
+
+  explicit FadaScratch(const FadaProblem<scalar_t>& p)
+      : drows(p.disc, 2 * p.K, p.h, p.w, p.dx),
+        srows(p.seg, p.K, p.hs, p.ws, p.sx),
+        z(scratch<acc_t>(2 * p.K * kTile)),
+        s(scratch<acc_t>(p.K * kTile)),
+        m(scratch<acc_t>(kTile)),
+        sum(scratch<acc_t>(kTile)),
+        aux(scratch<acc_t>(kTile)),
+        asum(scratch<acc_t>(kTile)),
+        val(scratch<acc_t>(kTile)) {}
+
+  // Load tile [x0, x0 + n) of output row y of item b: z, and the soft labels
+  // a (in s) with their sum in asum.
+  void load_tile(const FadaProblem<scalar_t>& p, int64_t y, int64_t x0, int64_t n) {
+    drows.vertical(p.dy.lambda[y], x0, n, z.data(), kTile);
+    srows.vertical(p.sy.lambda[y], x0, n, s.data(), kTile);
+    const int64_t K = p.K;
+    const acc_t inv_t = p.inv_t, cap = p.cap;
+    acc_t* __restrict sp = s.data();
+    acc_t* __restrict mx = m.data();
+    acc_t* __restrict sm = sum.data();
+    acc_t* __restrict inv = aux.data();
+    acc_t* __restrict as = asum.data();
+    // soft label: a_c = min(exp((s_c - max) / T) / sum, cap)
+    std::copy(sp, sp + n, mx);
+    for (int64_t c = 1; c < K; ++c) max_into(mx, sp + c * kTile, n);
+    std::fill(sm, sm + n, acc_t(0));
+    for (int64_t c = 0; c < K; ++c) exp_store_sum(sp + c * kTile, sm, mx, inv_t, n);
+    for (int64_t x = 0; x < n; ++x) inv[x] = static_cast<acc_t>(1) / sm[x];
+    std::fill(as, as + n, acc_t(0));
+    for (int64_t c = 0; c < K; ++c) soft_label_into(sp + c * kTile, as, inv, cap, n);
+    // max of the 2K disc logits
+    const acc_t* zp = z.data();
+    std::copy(zp, zp + n, mx);
+    for (int64_t c = 1; c < 2 * K; ++c) max_into(mx, zp + c * kTile, n);
+  }
+};
+
+template <typename scalar_t>
+void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, double* row_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tasks = p.B * p.h;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    FadaScratch<scalar_t> t(p);
+    const int64_t K = p.K;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.h, r = task % p.h;
+      if (p.groups[r] == p.groups[r + 1]) continue;
+      t.drows.reset(p.disc + b * 2 * K * p.h * p.w);
+      t.srows.reset(p.seg + b * K * p.hs * p.ws);
+      for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) {
+        t.drows.ensure(p.dy.i0[y], p.dy.i1[y]);
+        t.srows.ensure(p.sy.i0[y], p.sy.i1[y]);
+        double row_total = 0;
+        for (int64_t x0 = 0; x0 < p.W; x0 += kTile) {
+          const int64_t n = std::min(kTile, p.W - x0);
+          t.load_tile(p, y, x0, n);
+          const acc_t* __restrict zp = t.z.data();
+          const acc_t* __restrict ap = t.s.data();
+          const acc_t* __restrict mx = t.m.data();
+          acc_t* __restrict sm = t.sum.data();
+          acc_t* __restrict lse = t.aux.data();
+          acc_t* __restrict loss = t.val.data();
+          std::fill(sm, sm + n, acc_t(0));
+          for (int64_t c = 0; c < 2 * K; ++c) exp_sum_into(sm, zp + c * kTile, mx, n);
+          for (int64_t x = 0; x < n; ++x) {
+            lse[x] = mx[x] + vlog(sm[x]);
+            loss[x] = 0;
+          }
+          for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, lse, n);
+          const int64_t pix = (b * p.H + y) * p.W + x0;
+          if (p.weight != nullptr) {
+            const acc_t* __restrict wt = p.weight + pix;
+            for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
+          }
+          if (out_map != nullptr) {
+            scalar_t* __restrict o = out_map + pix;
+            for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
+          } else {
+            for (int64_t x = 0; x < n; ++x) row_total += static_cast<double>(loss[x]);
+          }
+        }
+        if (row_sums != nullptr) row_sums[b * p.H + y] = row_total;
+      }
+    }
+  });
+}
+
+// grad_map: (B, H, W) upstream gradient for reduction none, else nullptr and
+// grad_scale is the (already divided, for mean) scalar upstream gradient.
+template <typename scalar_t>
+void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
+                          at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tasks = p.B * p.h;
+  const int64_t C = 2 * p.K, K = p.K, W = p.W;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    FadaScratch<scalar_t> t(p);
+    std::vector<acc_t> top = scratch<acc_t>(C * W), bot = scratch<acc_t>(C * W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.h, r = task % p.h;
+      acc_t* slot_top = part + (task * 2 + 0) * C * p.w;
+      acc_t* slot_bot = part + (task * 2 + 1) * C * p.w;
+      if (p.groups[r] == p.groups[r + 1]) {
+        std::fill(slot_top, slot_top + 2 * C * p.w, acc_t(0));
+        continue;
+      }
+      std::fill(top.begin(), top.end(), acc_t(0));
+      std::fill(bot.begin(), bot.end(), acc_t(0));
+      t.drows.reset(p.disc + b * C * p.h * p.w);
+      t.srows.reset(p.seg + b * K * p.hs * p.ws);
+      for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) {
+        t.drows.ensure(p.dy.i0[y], p.dy.i1[y]);
+        t.srows.ensure(p.sy.i0[y], p.sy.i1[y]);
+        const acc_t wy1 = p.dy.lambda[y];
+        const acc_t wy0 = static_cast<acc_t>(1) - wy1;
+        for (int64_t x0 = 0; x0 < W; x0 += kTile) {
+          const int64_t n = std::min(kTile, W - x0);
+          t.load_tile(p, y, x0, n);
+          acc_t* __restrict zp = t.z.data();
+          const acc_t* __restrict ap = t.s.data();
+          const acc_t* __restrict mx = t.m.data();
+          const acc_t* __restrict as = t.asum.data();
+          acc_t* __restrict sm = t.sum.data();
+          acc_t* __restrict inv = t.aux.data();
+          acc_t* __restrict gw = t.val.data();
+          std::fill(sm, sm + n, acc_t(0));
+          for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
+          const int64_t pix = (b * p.H + y) * W + x0;
+          for (int64_t x = 0; x < n; ++x) {
+            inv[x] = static_cast<acc_t>(1) / sm[x];
+            gw[x] = grad_scale;
+          }
+          if (grad_map != nullptr) {
+            const acc_t* __restrict g = grad_map + pix;
+            for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
+          }
+          if (p.weight != nullptr) {
+            const acc_t* __restrict wt = p.weight + pix;
+            for (int64_t x = 0; x < n; ++x) gw[x] *= wt[x];
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            acc_t* tc = top.data() + c * W + x0;
+            acc_t* bc = bot.data() + c * W + x0;
+            if (c >= p.off && c < p.off + K) {
+              grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
+            } else {
+              grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
+            }
+          }
+        }
+      }
+      horizontal_adjoint(top.data(), C, p.dx, slot_top);
+      horizontal_adjoint(bot.data(), C, p.dx, slot_bot);
+    }
+  });
+}
+
+at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
+  if (!weight.has_value()) return at::Tensor();
+  return weight->to(acc).contiguous();
+}
+
+at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
+                         double temperature, double cap, int64_t out_h, int64_t out_w,
+                         const c10::optional<at::Tensor>& weight, int64_t reduction) {
+  check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
+  TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss (CPU kernel): expected CPU tensors");
+  const at::Tensor disc = disc_logits.contiguous();
+  const at::Tensor seg = seg_logits.contiguous();
+  const int64_t B = disc.size(0);
+  at::Tensor out = reduction == 0 ? at::empty({B, out_h, out_w}, disc.options()) : at::empty({}, disc.options());
+  if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (B == 0) {
+    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wt = acc_weight(weight, c10::CppTypeToScalarType<acc_t>::value);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w);
+    if (reduction == 0) {
+      fada_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr);
+    } else {
+      std::vector<double> rows(B * out_h, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+      fada_forward_kernel<scalar_t>(p, nullptr, rows.data());
+      double total = 0;
+      for (double v : rows) total += v;  // fixed order
+      if (reduction == 1) total /= static_cast<double>(B * out_h * out_w);
+      out.fill_(static_cast<acc_t>(total));
+    }
+  });
+  return out;
+}
+
+at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc_logits, const at::Tensor& seg_logits,
+                                  int64_t domain, double temperature, double cap, int64_t out_h, int64_t out_w,
+                                  const c10::optional<at::Tensor>& weight, int64_t reduction) {
+  check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
+  TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss_backward (CPU kernel): expected CPU tensors");
+  TORCH_CHECK(grad.device() == disc_logits.device(), "fada_loss_backward: grad must be on ", disc_logits.device());
+  const int64_t B = disc_logits.size(0);
+  if (reduction == 0) {
+    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == out_h && grad.size(2) == out_w,
+                "fada_loss_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "fada_loss_backward: grad must be a scalar, got ", grad.sizes());
+  }
+  at::Tensor result = at::empty_like(disc_logits);
+  if (B == 0) return result;
+  const at::Tensor disc = disc_logits.contiguous();
+  const at::Tensor seg = seg_logits.contiguous();
+  at::Tensor grad_disc = disc_logits.is_contiguous() ? result : at::empty_like(disc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor wt = acc_weight(weight, acc_type);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w);
+    at::Tensor g = grad.to(acc_type).contiguous();
+    acc_t grad_scale = 1;
+    const acc_t* grad_map = nullptr;
+    if (reduction == 0) {
+      grad_map = g.data_ptr<acc_t>();
+    } else {
+      grad_scale = g.data_ptr<acc_t>()[0];
+      if (reduction == 1) grad_scale /= static_cast<acc_t>(B * out_h * out_w);
+    }
+    const int64_t C = 2 * p.K;
+    at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, disc.options().dtype(acc_type));
+    if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+    acc_t* part_ptr = part.data_ptr<acc_t>();
+    fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
+    scalar_t* out = grad_disc.data_ptr<scalar_t>();
+    const int64_t h = p.h, w = p.w;
+    at::parallel_for(0, B * C * h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t i = row % h, c = (row / h) % C, b = row / (h * C);
+        for (int64_t j = 0; j < w; ++j)
+          out[row * w + j] = static_cast<scalar_t>(gathered_partial(part_ptr, b, c, i, j, C, h, w));
+      }
+    });
+  });
+  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
+  return result;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fada
+
+TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
+  m.impl("fada_loss", &fada::cpu::fada_loss_cpu);
+  m.impl("fada_loss_backward", &fada::cpu::fada_loss_backward_cpu);
+}

@@ -1,0 +1,247 @@
+"""Training engine of the examples: models, configs, the three stages, exact resume, DDP (gloo)."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fada_examples import models as M
+from fada_examples.config import ConfigError, load_config
+from fada_examples.engine import checkpoint as C
+from fada_examples.engine.logger import read_csv_log
+from fada_examples.engine.sampling import IterationBatchSampler
+from fada_examples.engine.trainer import poly_lr, prepare_data, train_stage
+
+EXAMPLES = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples"))
+CONFIGS = os.path.join(EXAMPLES, "configs")
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    from fada_examples.data import make_synthetic_data
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    make_synthetic_data(root, num_source=6, num_target_train=4, num_target_val=2, size=(96, 64), seed=0)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def tiny_cfg(stage, synthetic_dir, out, *overrides):
+    """A synthetic small-backbone config of ``stage``: 96x64 images, 2 iterations, batch 2/4."""
+    base = [
+        f"output_dir={out}", f"datasets.synthetic_dir={synthetic_dir}",
+        "datasets.synthetic.num_source=6", "datasets.synthetic.num_target_train=4",
+        "datasets.synthetic.num_target_val=2", "datasets.synthetic.size=[96,64]",
+        "input.source_size_train=[96,64]", "input.target_size_train=[96,64]", "input.size_test=[96,64]",
+        "solver.max_iter=10", "solver.stop_iter=2", "solver.checkpoint_period=1",
+        f"solver.batch_size={4 if stage == 'adv' else 2}", "backend=eager", "model.ndf=16",
+    ]
+    cfg = load_config(os.path.join(CONFIGS, f"synthetic_small_{stage}.yaml"), base + list(overrides), stage=stage)
+    return prepare_data(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def test_config_unknown_keys_and_coercion(tmp_path):
+    with pytest.raises(ConfigError, match="solver.bse_lr"):
+        load_config(None, ["solver.bse_lr=0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  backbone: small\n  freeze_bnn: true\n")
+    with pytest.raises(ConfigError, match="model.freeze_bnn"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_config(None, ["model.backbone=resnet50"])
+    cfg = load_config(os.path.join(CONFIGS, "deeplabv2_r101_adv.yaml"), ["solver.base_lr=5e-4", "adv.seed=3"],
+                      stage="src")  # the adv.* override is for another stage
+    assert cfg["solver"]["base_lr"] == 5e-4 and cfg["seed"] == 0
+    assert cfg["solver"]["base_lr_d"] == 1e-4 and cfg["solver"]["max_iter"] == 62500
+    assert cfg["input"]["hue"] == 0.2 and cfg["model"]["freeze_bn"] is True
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(os.path.join(CONFIGS, name))
+    assert cfg["solver"]["stop_iter"] <= cfg["solver"]["max_iter"]
+
+
+def test_poly_schedule_matches_official():
+    assert poly_lr(2.5e-4, 0, 62500, 0.9) == 2.5e-4
+    assert poly_lr(2.5e-4, 40000, 62500, 0.9) == pytest.approx(2.5e-4 * (1 - 40000 / 62500) ** 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def test_models_output_stride_channels_and_frozen_bn(tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    x = torch.randn(1, 3, 64, 96)
+    for backbone in ("small", "vgg16", "resnet101"):
+        features, classifier = M.build_segmentor(backbone, 19, None, freeze_bn=True)
+        with torch.no_grad():
+            f = features(x)
+            z = classifier(f)
+            up = classifier(f, size=(64, 96))
+        assert f.shape == (1, M.feature_channels(backbone), 8, 12)
+        assert z.shape == (1, 19, 8, 12) and up.shape == (1, 19, 64, 96)
+        assert len(classifier.branches) == 4
+        assert [c.dilation[0] for c in classifier.branches] == [6, 12, 18, 24]
+    frozen = [m for m in features.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and not any(isinstance(m, torch.nn.BatchNorm2d) for m in features.modules())
+    assert 0.005 < float(classifier.branches[0].weight.detach().std()) < 0.015
+    missing = tmp_path / "nope" / "resnet101.pth"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        M.build_segmentor("resnet101", 19, str(missing))
+    # local weights load (only matching keys), and the training checkpoint reloader.
+    small, _ = M.build_segmentor("small", 19, None, freeze_bn=False)
+    path = tmp_path / "small.pth"
+    torch.save(small.state_dict(), path)
+    again, _ = M.build_segmentor("small", 19, str(path), freeze_bn=False)
+    for a, b in zip(small.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_sampler_shards_and_resumes():
+    full = list(IterationBatchSampler(10, 4, seed=3, stop_iter=6))
+    r0 = list(IterationBatchSampler(10, 2, seed=3, stop_iter=6, rank=0, world_size=2))
+    r1 = list(IterationBatchSampler(10, 2, seed=3, stop_iter=6, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == full
+    assert list(IterationBatchSampler(10, 4, seed=3, start_iter=4, stop_iter=6)) == full[4:]
+    first_epoch = [i for batch in full for i, _ in batch][:10]
+    assert sorted(first_epoch) == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------
+# the three stages, two iterations each
+# ---------------------------------------------------------------------------------------------
+def _params(module_state):
+    return {k: v.clone() for k, v in module_state.items() if v.dtype.is_floating_point}
+
+
+def test_two_iterations_of_every_stage(synthetic_dir, tmp_path):
+    src_cfg = tiny_cfg("src", synthetic_dir, str(tmp_path / "src"))
+    src = train_stage("src", src_cfg, progress=False, tensorboard=False)
+    assert src.iteration == 2 and os.path.isfile(src.checkpoint)
+    rows = read_csv_log(str(tmp_path / "src" / "log.csv"))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+    assert all(np.isfinite(float(r["loss_seg"])) for r in rows)
+    assert "peak_mem_mib" in rows[0] and float(rows[0]["lr"]) == pytest.approx(0.01)
+    ck1 = C.load_checkpoint(src.checkpoint)
+    for key in ("feature_extractor", "classifier", "optimizer_fea", "optimizer_cls", "rng", "config", "iteration"):
+        assert key in ck1
+    ck0 = C.load_checkpoint(str(tmp_path / "src" / "model_iter000001.pth"))
+    assert not torch.equal(ck0["classifier"]["branches.0.weight"], ck1["classifier"]["branches.0.weight"])
+
+    adv_cfg = tiny_cfg("adv", synthetic_dir, str(tmp_path / "adv"), f"init_from={src.checkpoint}")
+    adv = train_stage("adv", adv_cfg, progress=False, tensorboard=False)
+    rows = read_csv_log(str(tmp_path / "adv" / "log.csv"))
+    assert len(rows) == 2 and {"loss_seg", "loss_adv", "loss_D", "lr_D"} <= set(rows[0])
+    # generator weight 0.001 x soft CE over 2K classes; D loss 0.5 + 0.5 soft CE
+    assert 0 < float(rows[0]["loss_adv"]) < 0.001 * 10 and 0.5 < float(rows[0]["loss_D"]) < 10
+    ck_adv = C.load_checkpoint(adv.checkpoint)
+    assert {"discriminator", "optimizer_D"} <= set(ck_adv)
+    assert ck_adv["optimizer_D"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert ck_adv["optimizer_fea"]["param_groups"][0]["momentum"] == 0.9
+    assert ck_adv["optimizer_fea"]["param_groups"][0]["weight_decay"] == 5e-4
+    ck_adv1 = C.load_checkpoint(str(tmp_path / "adv" / "model_iter000001.pth"))
+    # stage 2 starts from stage 1: after one step the features are close to, not equal to, stage 1's
+    key = "body.0.0.weight"
+    assert not torch.equal(ck_adv1["feature_extractor"][key], ck1["feature_extractor"][key])
+    assert torch.allclose(ck_adv1["feature_extractor"][key], ck1["feature_extractor"][key], atol=0.05)
+
+    sd_cfg = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"), f"teacher={adv.checkpoint}")
+    sd = train_stage("sd", sd_cfg, progress=False, tensorboard=False)
+    assert sd.iteration == 2
+    pseudo = sorted(os.listdir(tmp_path / "sd" / "pseudo_labels"))
+    pngs = [p for p in pseudo if p.endswith(".png")]
+    assert len(pngs) == 4 and ".done" in pseudo
+    label = np.array(Image.open(tmp_path / "sd" / "pseudo_labels" / pngs[0]))
+    assert label.shape == (64, 96) and label.max() < 19
+    # the student is a fresh model (BN not frozen), not the teacher
+    ck_sd = C.load_checkpoint(sd.checkpoint)
+    assert any("running_mean" in k for k in ck_sd["feature_extractor"])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume
+# ---------------------------------------------------------------------------------------------
+def test_interrupted_and_resumed_run_reproduces_losses(synthetic_dir, tmp_path):
+    common = ["deterministic=true", "solver.max_iter=6", "input.flip_prob_train=0.5"]
+    full = train_stage("adv", tiny_cfg("adv", synthetic_dir, str(tmp_path / "full"), *common, "solver.stop_iter=4"),
+                       progress=False, tensorboard=False)
+    out = str(tmp_path / "cut")
+    train_stage("adv", tiny_cfg("adv", synthetic_dir, out, *common, "solver.stop_iter=2"), progress=False,
+                tensorboard=False)
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
+    resumed = train_stage("adv", tiny_cfg("adv", synthetic_dir, out, *common, "solver.stop_iter=4"),
+                          resume="auto", progress=False, tensorboard=False)
+    assert resumed.iteration == 4 and len(resumed.history) == 2
+    a = read_csv_log(str(tmp_path / "full" / "log.csv"))
+    b = read_csv_log(os.path.join(out, "log.csv"))
+    assert [r["iteration"] for r in b] == ["1", "2", "3", "4"]
+    for col in ("loss_seg", "loss_adv", "loss_D", "lr", "lr_D"):
+        assert [r[col] for r in a] == [r[col] for r in b], col
+    ca, cb = C.load_checkpoint(full.checkpoint), C.load_checkpoint(resumed.checkpoint)
+    for part in ("feature_extractor", "classifier", "discriminator"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP, 2 processes, gloo on the CPU
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_process_gloo_matches_single_process(synthetic_dir, tmp_path):
+    args = [
+        "--stage", "adv", "--config", os.path.join(CONFIGS, "synthetic_small_adv.yaml"), "--no-progress",
+        f"datasets.synthetic_dir={synthetic_dir}", "datasets.synthetic.num_source=6",
+        "datasets.synthetic.num_target_train=4", "datasets.synthetic.num_target_val=2",
+        "datasets.synthetic.size=[96,64]", "input.source_size_train=[96,64]", "input.target_size_train=[96,64]",
+        "input.size_test=[96,64]", "solver.max_iter=10", "solver.stop_iter=2", "solver.batch_size=4",
+        "model.ndf=16", "model.freeze_bn=true", "backend=eager", "input.brightness=0", "input.contrast=0",
+        "input.saturation=0", "input.hue=0",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=EXAMPLES + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = os.path.join(EXAMPLES, "train_gta2city.py")
+    ddp_out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           script, "--output-dir", ddp_out] + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "target mIoU" in proc.stdout  # evaluation + CCD ran, reduced over the two ranks
+    ddp_rows = read_csv_log(os.path.join(ddp_out, "log.csv"))
+    assert len(ddp_rows) == 2
+    ck = C.load_checkpoint(os.path.join(ddp_out, "last.pth"))
+    assert ck["sampler"]["world_size"] == 2 and ck["iteration"] == 2
+    assert not any(k.startswith("module.") for k in ck["feature_extractor"])
+
+    single_out = str(tmp_path / "single")
+    from fada_examples.config import load_config as _lc
+
+    cfg = prepare_data(_lc(os.path.join(CONFIGS, "synthetic_small_adv.yaml"), args[5:] + [f"output_dir={single_out}"],
+                           stage="adv"))
+    train_stage("adv", cfg, progress=False, tensorboard=False)
+    single_rows = read_csv_log(os.path.join(single_out, "log.csv"))
+    # Iteration 1: the same 2 source + 2 target images are split over the ranks; the soft-label
+    # losses are plain means over equal pixel counts, so the rank average equals the global one.
+    for col in ("loss_adv", "loss_D"):
+        assert float(ddp_rows[0][col]) == pytest.approx(float(single_rows[0][col]), rel=1e-4), col

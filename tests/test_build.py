@@ -1,0 +1,207 @@
+"""The build/loading system: status report, lazy loading, disabling, fallbacks, the info command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fada_core import _build
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.pop("FADA_CORE_DISABLE_KERNELS", None)
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+STATUS_KEYS = {
+    "python", "torch", "torch_cuda", "cuda_available", "cuda_devices", "cuda_home", "nvcc", "cxx",
+    "ninja", "torch_cuda_arch_list", "disabled", "aot_extension", "loaded", "origin", "library",
+    "failure", "cuda_kernels", "cuda_kernels_reason", "would_build_cuda", "build_dir", "ops",
+}
+
+
+def test_status_keys_and_values():
+    status = _build.status()
+    assert STATUS_KEYS <= set(status)
+    assert status["torch"] == torch.__version__
+    assert status["cuda_available"] == torch.cuda.is_available()
+    assert isinstance(status["build_dir"], str) and status["build_dir"]
+    if not torch.cuda.is_available():
+        assert not status["cuda_kernels"] or status["loaded"]
+        assert "8.0;9.0" in (status["torch_cuda_arch_list"] or "") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+
+
+def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
+    status = _build.status()
+    assert status["loaded"] and status["origin"] in ("jit", "aot") and status["failure"] is None
+    assert os.path.isfile(status["library"])
+    assert "cpu" in status["ops"]["fada_core::class_center_stats"]
+    assert _build.kernels_available("cpu", "class_center_stats")
+    assert _build.kernels_available(torch.device("cpu"), "fada_core::class_center_stats")
+    assert _build.kernels_available(torch.zeros(1), "class_center_stats")
+    if not torch.cuda.is_available() and not status["cuda_kernels"]:
+        assert not _build.kernels_available("cuda", "class_center_stats")
+        assert status["cuda_kernels_reason"]
+
+
+def test_sources_and_flags():
+    cpu = _build.sources(with_cuda=False)
+    cuda = _build.sources(with_cuda=True)
+    assert cpu[0].endswith("fada_core.cpp")
+    assert any(s.endswith("class_stats_kernel.cpp") for s in cpu)
+    assert not any(s.endswith(".cu") for s in cpu)
+    assert any(s.endswith("class_stats_kernel.cu") for s in cuda) and set(cpu) <= set(cuda)
+    assert _build.build_name(False) != _build.build_name(True)
+    assert "--use_fast_math" not in _build.cuda_cflags()
+    assert "-v" in _build.cuda_cflags(ptxas_verbose=True)
+
+
+def test_cuda_decision_without_gpu(monkeypatch):
+    if torch.cuda.is_available() or torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch with no GPU visible")
+    monkeypatch.delenv("FADA_CORE_FORCE_CUDA", raising=False)
+    include, reason = _build.cuda_decision()
+    assert not include and "FADA_CORE_FORCE_CUDA" in reason
+    monkeypatch.setenv("FADA_CORE_FORCE_CUDA", "1")
+    include, reason = _build.cuda_decision()
+    assert include == (_build.cuda_home() is not None)
+
+
+def test_import_does_not_load_kernels():
+    proc = _run_python(
+        """
+        import torch, fada_core
+        from fada_core import _build
+        assert not _build.is_loaded()
+        assert not any(n.startswith("fada_core::") for n in torch._C._dispatch_get_all_op_names())
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
+
+
+def test_disable_kernels_env_falls_back_to_eager():
+    proc = _run_python(
+        """
+        import warnings
+        import torch
+        import fada_core
+        import fada_core.functional as FF
+        from fada_core import _build, _reference
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # disabling on purpose is not worth a warning
+            assert _build.kernels_available("cpu") is False
+            assert _build.kernels_available("cpu", "class_center_stats") is False
+        assert "FADA_CORE_DISABLE_KERNELS" in _build.failure_reason()
+        try:
+            _build.load()
+        except RuntimeError as exc:
+            assert "FADA_CORE_DISABLE_KERNELS" in str(exc)
+        else:
+            raise AssertionError("load() must raise when kernels are disabled")
+        f = torch.randn(2, 3, 4, 5)
+        y = torch.randint(0, 3, (2, 4, 5))
+        s = FF.class_center_stats(f, y, 3, backend="auto")
+        r = _reference.class_center_stats(f, y, 3, 255)
+        assert torch.equal(s.counts, r[0]) and torch.allclose(s.means, r[1])
+        ccd = fada_core.ClassCenterDistance(3, backend="auto")
+        ccd.update(f, y)
+        assert ccd.compute().present.all()
+        try:
+            FF.class_center_stats(f, y, 3, backend="kernel")
+        except RuntimeError as exc:
+            assert "FADA_CORE_DISABLE_KERNELS" in str(exc)
+        else:
+            raise AssertionError("backend='kernel' must raise when kernels are disabled")
+        assert not any(n.startswith("fada_core::") for n in torch._C._dispatch_get_all_op_names())
+        print("ok")
+        """,
+        FADA_CORE_DISABLE_KERNELS="1",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    if _build._aot_spec() is not None:
+        pytest.skip("an ahead-of-time fada_core._C is installed; no JIT build would run")
+    proc = _run_python(
+        """
+        import warnings
+        import torch
+        import fada_core.functional as FF
+        from fada_core import _build
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _build.kernels_available("cpu", "class_center_stats") is False
+            assert _build.kernels_available("cpu") is False
+            f, y = torch.randn(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.long)
+            s = FF.class_center_stats(f, y, 2, backend="auto")
+        ours = [w for w in caught if "fada_core" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        assert "eager" in str(ours[0].message)
+        assert s.counts.tolist() == [9.0, 0.0]
+        reason = _build.failure_reason()
+        assert reason and "failed" in reason
+        try:
+            FF.class_center_stats(f, y, 2, backend="kernel")
+        except RuntimeError as exc:
+            assert "failed" in str(exc)
+        else:
+            raise AssertionError("backend='kernel' must raise with the reason")
+        assert _build.status()["failure"] == reason
+        print("ok")
+        """,
+        CXX="/nonexistent/compiler",
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout
+
+
+def test_info_command_prints_versions():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fada_core.info"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.__version__ in proc.stdout
+    assert "kernels:" in proc.stdout
+
+
+def test_info_build_fails_with_reason_when_disabled():
+    env = dict(os.environ, FADA_CORE_DISABLE_KERNELS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fada_core.info", "--build"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "FADA_CORE_DISABLE_KERNELS" in proc.stderr
+
+
+def test_info_json_no_load():
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fada_core.info", "--no-load", "--json"], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["torch"] == torch.__version__ and status["loaded"] is False
