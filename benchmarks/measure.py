@@ -205,7 +205,7 @@ def measure_case(
     fns: Dict[str, Callable] = {}
     for v in variants:
         rec = {"op": op, "case": case.as_dict(), "case_name": case.name, "variant": v.name, "label": v.label,
-               "baseline": v.baseline, "status": "ok"}
+               "baseline": v.baseline, "status": "ok", "loadavg_at_start": loadavg()}
         records[v.name] = rec
         try:
             fns[v.name] = v.build(case, device)
@@ -343,6 +343,16 @@ def loadavg() -> List[float]:
         return []
 
 
+def busy_processes(n: int = 5) -> List[str]:
+    """The processes using the most CPU right now (``ps``), to document the load conditions."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pcpu,etimes,comm", "--sort=-pcpu"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [" ".join(line.split()) for line in out.strip().splitlines()[1 : n + 1]]
+
+
 def environment(device: str, threads: int) -> Dict:
     env = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -360,6 +370,7 @@ def environment(device: str, threads: int) -> Dict:
         "nvcc": _nvcc(),
         "platform": platform.platform(),
         "loadavg_start": loadavg(),
+        "busy_processes_start": busy_processes(),
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence
 
-from benchmarks.measure import FULL_MODE
-
 OP_TITLES = {
     "loss": "FADA soft-label loss (discriminator logits 2K channels, soft labels from K seg logits)",
     "ce": "Upsampled segmentation cross-entropy (T = 1.8, ignore 255)",
@@ -110,14 +108,16 @@ def _env_lines(result: Dict) -> List[str]:
     env = result["environment"]
     k = env.get("kernels", {})
     dev = env.get("gpu") if env["device"] == "cuda" else env.get("cpu")
-    kern = "available" if k.get("available_on_device") else f"NOT available ({k.get('failure') or k.get('cuda_kernels_reason') or 'see JSON'})"
+    why = str(k.get("failure") or k.get("cuda_kernels_reason") or "see JSON").strip().splitlines()
+    kern = "available" if k.get("available_on_device") else f"NOT available ({(why or ['?'])[0][:200]})"
     out = [
         f"- date (UTC): {env['date_utc']}; command: `{result['command']}`",
         f"- device: {env['device']} -- {dev}; torch threads: {env['threads']}; logical CPUs: {env['logical_cpus']}",
         f"- torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); python {env['python']}; "
         f"C++ compiler: {env['cxx']}; nvcc: {env['nvcc']}",
         f"- fada_core {env.get('fada_core', '?')} kernels on {env['device']}: {kern}",
-        f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}",
+        f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}; "
+        f"per op at its start: {env.get('loadavg_per_op')}; wall time {env.get('wall_s')} s",
         f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}; "
         "times are medians in ms with the IQR in brackets",
     ]
@@ -300,12 +300,10 @@ def plot(result: Dict, path: str) -> Optional[str]:
         ax.set_ylabel("speedup over official (fwd+bwd)")
         ax.set_title(f"{op} on {result['environment']['device']}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if series:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
-
-def full_mode(op: str) -> str:
-    return FULL_MODE[op]

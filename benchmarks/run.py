@@ -15,6 +15,7 @@ against resolution to benchmarks/results/ unless other paths are given. See RESU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def tiny_cases(op: str) -> List[V.Case]:
         return [V.Case(op, 2, 3, 4, 5, 9, 11, "tiny")]
     if op == "stats":
         return [V.Case(op, 2, 3, 4, 5, 4, 5, "tiny", channels=8)]
-    return [V.Case(op, 1, 3, 4, 4, 32, 32, "tiny", src_h=40, src_w=48, backbone="small")]
+    return [V.Case(op, 1, 3, 2, 2, 16, 16, "tiny", src_h=24, src_w=16, backbone="small")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the essential shapes only, few repeats")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 repeat, no torch.compile: a smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on the CPU)")
+    p.add_argument("--e2e-batch", type=int, default=None, help="train_step images per domain (default 1)")
+    p.add_argument("--e2e-backbone", choices=("resnet101", "vgg16", "small"), default=None,
+                   help="train_step backbone (default resnet101 on cuda, small on cpu)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--compile-all", action="store_true",
+                   help="torch.compile every shape (default: pipeline shapes only, B=1 on the CPU; each "
+                        "compilation takes tens of seconds)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH", help="write JSON")
     p.add_argument("--markdown", nargs="?", const="", default=None, metavar="PATH", help="write markdown")
@@ -99,6 +106,9 @@ def plan(args) -> Dict[str, List[V.Case]]:
             for t in explicit:
                 if ("-" in t) == (op != "stats"):
                     cases.append(V.parse_shape(op, t))
+        if op == "train_step" and (args.e2e_batch or args.e2e_backbone):
+            cases = [dataclasses.replace(c, batch=args.e2e_batch or c.batch, backbone=args.e2e_backbone or c.backbone)
+                     for c in cases]
         out[op] = V.dedupe(cases)
     return out
 
@@ -109,6 +119,14 @@ def op_variants(op: str, args) -> List[V.Variant]:
     if args.no_compile:
         vs = [v for v in vs if not v.compiled]
     return vs
+
+
+def case_variants(case: V.Case, vs: List[V.Variant], args) -> List[V.Variant]:
+    """Drop torch.compile where compiling would cost more than the figure is worth (see --compile-all)."""
+    if args.compile_all or case.group in ("custom", "tiny"):
+        return vs
+    keep = case.group == "pipeline" and (case.batch == 1 or args.device == "cuda")
+    return [v for v in vs if keep or not v.compiled]
 
 
 def main(argv=None) -> Dict:
@@ -138,7 +156,7 @@ def main(argv=None) -> Dict:
         load_per_op[op] = measure.loadavg()
         for c in cs:
             print(f"[{op}] {c.name}", flush=True)
-            records += measure.measure_case(c, vs, args.device, args.repeats, args.warmup,
+            records += measure.measure_case(c, case_variants(c, vs, args), args.device, args.repeats, args.warmup,
                                             log=lambda s: print(s, flush=True))
         if args.device == "cpu" and not args.no_memory:
             jobs = [{"case": r["case"], "variant": r["variant"]} for r in records
@@ -155,6 +173,7 @@ def main(argv=None) -> Dict:
                         else:
                             r["memory_error"] = m.get("error")
     env["loadavg_end"] = measure.loadavg()
+    env["busy_processes_end"] = measure.busy_processes()
     env["loadavg_per_op"] = load_per_op
     env["wall_s"] = round(time.time() - started, 1)
     report.add_speedups(records)

@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--save-images", type=int, default=0, metavar="N", help="save N colour-coded predictions")
     p.add_argument("--save-label-ids", action="store_true",
                    help="write every prediction as a Cityscapes label-ID PNG under <output>/label_ids")
+    p.add_argument("--official-check", action="store_true",
+                   help="with --save-label-ids on Cityscapes: also score the saved PNGs with "
+                        "cityscapesscripts' evalPixelLevelSemanticLabeling and print both mIoUs")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=2)
@@ -67,9 +70,19 @@ def load_models(path, device):
     return load_checkpoint_models(path, device)
 
 
+def _base(dataset):
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
 def _label_lut(dataset):
-    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    return getattr(base, "lut", None)
+    return getattr(_base(dataset), "lut", None)
+
+
+def _gt_files(dataset):
+    """The ground-truth label files of the evaluated images, in order."""
+    base = _base(dataset)
+    indices = dataset.indices if isinstance(dataset, torch.utils.data.Subset) else range(len(dataset))
+    return [base.samples[base.indices[i]].label for i in indices]
 
 
 def main(argv=None):
@@ -94,6 +107,10 @@ def main(argv=None):
         lut = E.invert_lut(id_lut, num_classes)
         label_id_dir = os.path.join(args.output, "label_ids")
 
+    if args.official_check and not args.save_label_ids:
+        raise SystemExit("--official-check needs --save-label-ids")
+    if args.official_check and _base(dataset).__class__.__name__ != "CityscapesDataset":
+        raise SystemExit("--official-check works on Cityscapes-layout data only")
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
         print(f"checkpoint: {args.checkpoint}\nimages: {len(dataset)}   classes: {num_classes}   "
@@ -114,6 +131,11 @@ def main(argv=None):
             result.extra["mIoU13"] = E.subset_miou(result, names, CLASS_NAMES_13)
             print(f"mIoU* (13 classes) {100.0 * result.extra['mIoU13']:.2f} %")
         print(f"time: {seconds:.1f} s ({seconds / max(result.num_images, 1):.3f} s/image)")
+        if args.official_check:
+            # evaluate() all-reduces after every rank has written its PNGs, so all are on disk here
+            result.extra["official"] = official = E.cityscapes_official_scores(label_id_dir, _gt_files(dataset))
+            print(f"cityscapesscripts mIoU {100.0 * official['mIoU']:.2f} %   (this evaluation: "
+                  f"{100.0 * result.miou:.2f} %, difference {100.0 * abs(official['mIoU'] - result.miou):.2e} %)")
         E.write_results_csv(result, names, os.path.join(args.output, "results.csv"))
         np.savetxt(os.path.join(args.output, "confusion.csv"), result.confusion, fmt="%d", delimiter=",",
                    header=",".join(names))
@@ -121,7 +143,11 @@ def main(argv=None):
                    "flip": args.flip, "scales": list(scales), "mIoU": result.miou, "mAcc": result.macc,
                    "allAcc": result.allacc,
                    "iou": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, result.iou)},
-                   "seconds": seconds, **({"mIoU13": result.extra["mIoU13"]} if "mIoU13" in result.extra else {})}
+                   "seconds": seconds}
+        if "mIoU13" in result.extra:
+            summary["mIoU13"] = result.extra["mIoU13"]
+        if "official" in result.extra:
+            summary["cityscapesscripts_mIoU"] = result.extra["official"]["mIoU"]
         with open(os.path.join(args.output, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         plots.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
@@ -131,7 +157,6 @@ def main(argv=None):
               + (f", predictions/ ({min(args.save_images, result.num_images)} images)" if args.save_images else "")
               + (", label_ids/" if label_id_dir else ""))
     if distributed:
-        dist.barrier()
         dist.destroy_process_group()
     return result
 

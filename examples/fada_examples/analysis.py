@@ -47,7 +47,8 @@ def class_center_analysis(feature_extractor, loader, num_classes: int, *, device
 
     Args:
         feature_extractor: ``feature_extractor(x) -> (B, C, h, w)``.
-        loader: yields ``(image (B,3,H,W), label (B,H',W') int[, names])``.
+        loader: yields ``(image (B,3,H,W), label (B,H',W') int[, names])``. Under DDP give each
+            rank a disjoint shard (e.g. ``evaluation.build_eval_loader(..., distributed=True)``).
         num_classes: K.
         device: where the model runs and the statistics accumulate.
     Returns:

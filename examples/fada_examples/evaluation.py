@@ -49,6 +49,7 @@ __all__ = [
     "format_table",
     "write_results_csv",
     "subset_miou",
+    "cityscapes_official_scores",
     "build_eval_loader",
     "build_test_dataset",
     "resolve_test_root",
@@ -315,10 +316,8 @@ def build_test_dataset(cfg: dict, data_root: Optional[str] = None, *, split: Opt
     kwargs = dict(_get(cfg, "datasets.test_kwargs", {}) or {})
     num_classes = _get(cfg, "model.num_classes")
     dataset_name = name or _get(cfg, "datasets.test", "cityscapes")
-    if num_classes is not None and dataset_name in ("cityscapes", "crosscity", "synthia"):
-        kwargs.setdefault("num_classes", int(num_classes))
-    if dataset_name == "crosscity":
-        kwargs.pop("num_classes", None)
+    if num_classes is not None and dataset_name in ("cityscapes", "synthia", "gta5"):
+        kwargs.setdefault("num_classes", int(num_classes))  # Cross-City is always 13 classes
     return build_dataset(dataset_name, root, split or _get(cfg, "datasets.test_split", "val"),
                          transform, **kwargs)
 
@@ -469,6 +468,32 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
     if pred_dir is not None:
         result.extra["predictions_dir"] = pred_dir
     return result
+
+
+def cityscapes_official_scores(label_id_dir: str, gt_files: Sequence[str]) -> dict:
+    """Score label-ID prediction PNGs with cityscapesscripts' own pixel-level evaluation.
+
+    Each ground-truth ``*_gtFine_labelIds.png`` in ``gt_files`` is matched to its prediction
+    under ``label_id_dir`` by the official rule (``<city>_<seq>_<frame>*.png``), and the official
+    ``evaluateImgLists`` computes the class IoUs (instance-level scores and the JSON export are
+    switched off; nothing is downloaded). Returns ``{"classes": {name: IoU or NaN}, "mIoU": float}``.
+    """
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    args = official.args
+    keys = ("evalInstLevelScore", "JSONOutput", "quiet", "predictionPath", "predictionWalk")
+    saved = {k: getattr(args, k) for k in keys}
+    try:
+        args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+        args.predictionPath, args.predictionWalk = os.path.abspath(label_id_dir), None
+        predictions = [official.getPrediction(args, f) for f in gt_files]
+        scores = official.evaluateImgLists(predictions, list(gt_files), args)
+    except SystemExit as exc:  # cityscapesscripts' printError exits
+        raise RuntimeError(f"cityscapesscripts evaluation failed (see its message above): {exc}") from None
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
+    return {"classes": dict(scores["classScores"]), "mIoU": float(scores["averageScoreClasses"])}
 
 
 # --------------------------------------------------------------------------------------------

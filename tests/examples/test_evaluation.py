@@ -117,6 +117,8 @@ def test_scores_hand_example_and_absent_classes():
     assert evaluation.subset_miou(res, ["a", "b", "c", "d"], ["a", "c", "d"]) == pytest.approx(3 / 8)
     with pytest.raises(ValueError, match="zz"):
         evaluation.subset_miou(res, ["a", "b", "c", "d"], ["zz"])
+    d = res.as_dict(["a", "b", "c", "d"])
+    assert d["mIoU"] == res.miou and d["IoU/a"] == pytest.approx(0.75) and np.isnan(d["IoU/c"])
     table = evaluation.format_table(res, ["a", "b", "c", "d"])
     assert "IoU (%)" in table and " 75.00" in table and "n/a" in table and "mIoU 38.33 %" in table
 
@@ -353,6 +355,10 @@ def test_evaluate_label_id_outputs_agree_with_cityscapesscripts(tmp_path, cs_eva
     assert res.miou == pytest.approx(theirs["averageScoreClasses"], abs=1e-6)
     if source == "cityscapes_dataset":
         np.testing.assert_array_equal(evaluation.invert_lut(dataset.lut, 19), train_to_id)
+    cs_eval.args.predictionPath = "/sentinel"
+    helper = evaluation.cityscapes_official_scores(str(out), gt_files)
+    assert helper["mIoU"] == pytest.approx(theirs["averageScoreClasses"], abs=1e-12)
+    assert cs_eval.args.predictionPath == "/sentinel"  # the module's settings are restored
 
 
 def test_palette_is_cityscapes():
@@ -518,10 +524,12 @@ def test_evaluate_entry_end_to_end(small_checkpoints, capsys):
     entry = _load_entry("evaluate")
     res = entry.main(["--checkpoint", ckpts[0], "--output", str(out), "--flip", "--multi-scale",
                       "--save-images", "2", "--save-label-ids", "--num-workers", "0", "--device", "cpu",
-                      "--amp", "bf16"])
+                      "--amp", "bf16", "--official-check"])
     printed = capsys.readouterr().out
     assert "IoU (%)" in printed and "mIoU" in printed and "road" in printed and "s/image" in printed
     assert res.num_images == 3 and res.confusion.sum() > 0
+    assert "cityscapesscripts mIoU" in printed
+    assert res.extra["official"]["mIoU"] == pytest.approx(res.miou, abs=1e-6)
     rows = list(csv.reader(open(out / "results.csv")))
     assert rows[1][1] == "road" and len(rows) == 1 + 19 + 3
     assert float(rows[20][2]) == pytest.approx(res.miou, abs=1e-6)
@@ -575,3 +583,31 @@ def test_evaluate_entry_16_classes_reports_miou13(small_checkpoints, capsys):
     names = evaluation.class_names_for(16)
     thirteen = [n for n in names if n not in ("wall", "fence", "pole")]
     assert summary["mIoU13"] == pytest.approx(evaluation.subset_miou(res, names, thirteen))
+
+
+def test_entries_on_a_trained_checkpoint(tmp_path, capsys):
+    """The entries read checkpoints written by the training engine (2 source-only iterations on
+    the synthetic data), with the data root recorded in the checkpoint's config."""
+    trainer = pytest.importorskip("fada_examples.engine.trainer")
+    config = pytest.importorskip("fada_examples.config")
+    cfg_path = os.path.join(EXAMPLES, "configs", "synthetic_small_src.yaml")
+    if not os.path.isfile(cfg_path):
+        pytest.skip("synthetic_small_src.yaml not present")
+    overrides = [f"output_dir={tmp_path / 'src'}", f"datasets.synthetic_dir={tmp_path / 'syn'}",
+                 "datasets.synthetic.num_source=2", "datasets.synthetic.num_target_train=1",
+                 "datasets.synthetic.num_target_val=2", "datasets.synthetic.size=[64,48]",
+                 "input.source_size_train=[64,48]", "input.target_size_train=[64,48]",
+                 "input.size_test=[64,48]", "solver.max_iter=4", "solver.stop_iter=2",
+                 "solver.checkpoint_period=2", "solver.batch_size=2", "solver.num_workers=0", "backend=eager"]
+    cfg = trainer.prepare_data(config.load_config(cfg_path, overrides, stage="src"))
+    ckpt = trainer.train_stage("src", cfg, progress=False, tensorboard=False).checkpoint
+    res = _load_entry("evaluate").main(["--checkpoint", ckpt, "--output", str(tmp_path / "eval"),
+                                        "--num-workers", "0", "--device", "cpu", "--flip"])
+    labelled = sum(int((label != 255).sum()) for _, label, _ in evaluation.build_test_dataset(cfg))
+    assert res.num_images == 2 and res.confusion.sum() == labelled > 0
+    ccd = _load_entry("ccd_analysis").main(["--checkpoint", ckpt, "--output", str(tmp_path / "ccd"),
+                                            "--num-workers", "0", "--device", "cpu", "--backend", "eager"])
+    (label, result), = ccd.items()
+    assert np.isfinite(result.mean) and int(result.present.sum()) >= 3
+    assert (tmp_path / "ccd" / "ccd_per_class.png").is_file()
+    assert "mean CCD" in capsys.readouterr().out

@@ -92,6 +92,9 @@ def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     ds = cfg["datasets"]
     if ds["source_root"] and ds["target_root"]:
         return cfg
+    if ds["source_root"] or ds["target_root"]:
+        missing = "datasets.target_root" if ds["source_root"] else "datasets.source_root"
+        raise ValueError(f"{missing} is empty: give both data roots (or neither, for the synthetic data)")
     from ..data import make_synthetic_data
 
     syn_dir = ds["synthetic_dir"] or os.path.join(os.path.dirname(os.path.abspath(cfg["output_dir"])),
@@ -245,6 +248,17 @@ def _amp(cfg: Dict[str, Any], device: torch.device):
 
 def _scaler(cfg: Dict[str, Any], device: torch.device):
     return torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+
+
+class _Float32Output(nn.Module):
+    """Calls a module and returns its output as float32 (used for D's logits under autocast)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs).float()
 
 
 def _state_of(module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -456,8 +470,11 @@ def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None
     if stage == "adv":
         seg_loss = fada_core.UpsampledCrossEntropy(temperature=adv_cfg["temperature"], ignore_index=ignore,
                                                    backend=backend)
+        # Under autocast the discriminator's logits come out in bf16/fp16; the soft-label loss is
+        # taken on them in fp32 (the kernels accumulate in fp32 anyway; this keeps the eager path exact).
+        disc_for_loss = discriminator if cfg["amp"] == "none" else _Float32Output(discriminator)
         adversary = fada_core.FineGrainedAdversary(
-            discriminator, k, temperature=adv_cfg["temperature"], cap=adv_cfg["cap"],
+            disc_for_loss, k, temperature=adv_cfg["temperature"], cap=adv_cfg["cap"],
             adversarial_weight=adv_cfg["adversarial_weight"],
             discriminator_weights=tuple(adv_cfg["discriminator_weights"]), backend=backend)
     else:
@@ -582,7 +599,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None
                 tb.log({**values, "lr": lr}, iteration)
                 bar.update({**{n: f"{v:.4f}" for n, v in values.items()}, "lr": f"{lr:.2e}", "mem": f"{mem:.0f}MiB"})
                 if iteration % cfg["log_period"] == 0 or iteration == stop:
-                    eta = (stop - iteration) * step_time
+                    recent = history[-20:]
+                    eta = (stop - iteration) * sum(r["time_s"] for r in recent) / len(recent)
                     bar.write(f"[{stage}] iter {iteration}/{stop}  " +
                               "  ".join(f"{n} {v:.4f}" for n, v in values.items()) +
                               f"  lr {lr:.3e}  {step_time:.2f} s/it  eta {eta / 60:.1f} min  peak mem {mem:.0f} MiB")

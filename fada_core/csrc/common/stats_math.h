@@ -23,9 +23,11 @@ FADA_HD int64_t label_slot(int64_t label, int64_t num_classes, int64_t ignore_in
   return (label >= 0 && label < num_classes) ? label : -1;
 }
 
-// One sample into the shifted accumulators.
-FADA_HD void accumulate(double x, double shift, double& s1, double& s2) {
-  const double d = x - shift;
+// One sample into the shifted accumulators. T is double, or a vector of
+// doubles (GCC/Clang vector extension) for several channels at once.
+template <typename T>
+FADA_HD void accumulate(T x, T shift, T& s1, T& s2) {
+  const T d = x - shift;
   s1 += d;
   s2 += d * d;
 }

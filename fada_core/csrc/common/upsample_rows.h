@@ -137,21 +137,59 @@ class RowPair {
 };
 
 // Adjoint of the horizontal upsampling for C channels of one row:
-// dst[c][j] = sum_x (weight of source column j in output x) * src[c][x],
-// summed in increasing x (fixed order). dst is overwritten.
+// dst[c][j] = sum_x (weight of source column j in output x) * src[c][x].
+// dst is overwritten. Output columns are visited segment by segment (the
+// columns whose lower source column is j), the sums kept in registers and four
+// channels interleaved, so there is no store-to-load dependency between
+// iterations; the summation order is fixed.
 template <typename acc_t>
 void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& xs, acc_t* dst) {
   const int64_t out_w = xs.out_size, w = xs.in_size;
-  const int64_t* i0 = xs.i0.data();
-  const int64_t* i1 = xs.i1.data();
   const acc_t* lx = xs.lambda.data();
-  for (int64_t c = 0; c < channels; ++c) {
-    acc_t* d = dst + c * w;
-    const acc_t* s = src + c * out_w;
-    std::fill(d, d + w, acc_t(0));
-    for (int64_t x = 0; x < out_w; ++x) {
-      d[i0[x]] += (acc_t(1) - lx[x]) * s[x];
-      d[i1[x]] += lx[x] * s[x];
+  const std::vector<int64_t> seg = xs.group_begin();
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4) {
+    const acc_t* s0 = src + c * out_w;
+    const acc_t* s1 = s0 + out_w;
+    const acc_t* s2 = s1 + out_w;
+    const acc_t* s3 = s2 + out_w;
+    acc_t carry[4] = {0, 0, 0, 0};
+    for (int64_t j = 0; j < w; ++j) {
+      acc_t u[4] = {carry[0], carry[1], carry[2], carry[3]};
+      acc_t v[4] = {0, 0, 0, 0};
+      for (int64_t x = seg[j]; x < seg[j + 1]; ++x) {
+        const acc_t l1 = lx[x], l0 = acc_t(1) - l1;
+        u[0] += l0 * s0[x];
+        v[0] += l1 * s0[x];
+        u[1] += l0 * s1[x];
+        v[1] += l1 * s1[x];
+        u[2] += l0 * s2[x];
+        v[2] += l1 * s2[x];
+        u[3] += l0 * s3[x];
+        v[3] += l1 * s3[x];
+      }
+      if (j == w - 1) {  // i1 == i0 on the last source column
+        for (int k = 0; k < 4; ++k) u[k] += v[k];
+      }
+      for (int k = 0; k < 4; ++k) {
+        dst[(c + k) * w + j] = u[k];
+        carry[k] = v[k];
+      }
+    }
+  }
+  for (; c < channels; ++c) {
+    const acc_t* s0 = src + c * out_w;
+    acc_t carry = 0;
+    for (int64_t j = 0; j < w; ++j) {
+      acc_t u = carry, v = 0;
+      for (int64_t x = seg[j]; x < seg[j + 1]; ++x) {
+        const acc_t l1 = lx[x], l0 = acc_t(1) - l1;
+        u += l0 * s0[x];
+        v += l1 * s0[x];
+      }
+      if (j == w - 1) u += v;
+      dst[c * w + j] = u;
+      carry = v;
     }
   }
 }

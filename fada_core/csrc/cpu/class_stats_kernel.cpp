@@ -12,8 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
+#include <type_traits>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -74,108 +79,73 @@ void accumulate_block(const scalar_t* x, int64_t batch, int64_t channels, int64_
   }
 }
 
-// Pixels of each image grouped by class (counting sort, increasing pixel index
-// within a class): list[b] holds the plane offsets, start[b * (K + 1) + k] where
-// class k's run begins.
-struct ClassLists {
-  std::vector<int32_t> pixel;
-  std::vector<int64_t> start;
-};
+#if defined(__AVX2__) && defined(__FMA__)
+#define FADA_CLASS_STATS_AVX2 1
+// float32, 16 channels at a time: 8 pixels of 8 channels are loaded as rows
+// and transposed in registers, so each pixel then adds 16 channels with four
+// 4-wide float64 vectors. Even and odd pixels go to two accumulator banks so
+// runs of one class do not serialise on the same memory. Output layout as
+// accumulate_block: [(K + 1)][16] per bank, `bank_stride` apart.
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
 
-ClassLists group_by_class(const LabelScan& scan, int64_t batch, int64_t hw, int64_t num_classes) {
-  ClassLists lists;
-  lists.pixel.resize(batch * hw);
-  lists.start.assign(batch * (num_classes + 1), 0);
-  std::vector<int64_t> fill(num_classes + 1);
-  int64_t out = 0;
+// Adds 4 channels (as floats) of one pixel into slot `base` of s1/s2.
+inline void add4(__m128 v, const double* shift, double* s1, double* s2) {
+  __m256d a = _mm256_loadu_pd(s1), q = _mm256_loadu_pd(s2);
+  stats::accumulate(_mm256_cvtps_pd(v), _mm256_loadu_pd(shift), a, q);
+  _mm256_storeu_pd(s1, a);
+  _mm256_storeu_pd(s2, q);
+}
+
+void accumulate_block16_avx2(const float* x, int64_t batch, int64_t channels, int64_t hw, int64_t c0,
+                             const int32_t* slot, const double* shift, double* s1, double* s2,
+                             int64_t bank_stride) {
   for (int64_t b = 0; b < batch; ++b) {
-    const int32_t* lab = scan.slot.data() + b * hw;
-    std::fill(fill.begin(), fill.end(), 0);
-    for (int64_t p = 0; p < hw; ++p) ++fill[lab[p]];
-    int64_t* start = lists.start.data() + b * (num_classes + 1);
-    for (int64_t k = 0; k < num_classes; ++k) {
-      start[k] = out;
-      out += fill[k];
-      fill[k] = start[k];
+    const float* plane = x + (b * channels + c0) * hw;
+    const int32_t* lab = slot + b * hw;
+    int64_t p = 0;
+    for (; p + 8 <= hw; p += 8) {
+      __m256 lo[8], hi[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        lo[j] = _mm256_loadu_ps(plane + j * hw + p);
+        hi[j] = _mm256_loadu_ps(plane + (j + 8) * hw + p);
+      }
+      transpose8x8(lo);
+      transpose8x8(hi);
+      for (int64_t t = 0; t < 8; ++t) {
+        const int64_t base = static_cast<int64_t>(lab[p + t]) * kBlock + (t & 1) * bank_stride;
+        const double* sh = shift + static_cast<int64_t>(lab[p + t]) * kBlock;
+        add4(_mm256_castps256_ps128(lo[t]), sh, s1 + base, s2 + base);
+        add4(_mm256_extractf128_ps(lo[t], 1), sh + 4, s1 + base + 4, s2 + base + 4);
+        add4(_mm256_castps256_ps128(hi[t]), sh + 8, s1 + base + 8, s2 + base + 8);
+        add4(_mm256_extractf128_ps(hi[t], 1), sh + 12, s1 + base + 12, s2 + base + 12);
+      }
     }
-    start[num_classes] = out;  // end of the valid pixels (ignored ones are not listed)
-    for (int64_t p = 0; p < hw; ++p) {
-      const int32_t k = lab[p];
-      if (k < num_classes) lists.pixel[fill[k]++] = static_cast<int32_t>(p);
+    for (; p < hw; ++p) {
+      const int64_t base = static_cast<int64_t>(lab[p]) * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j)
+        stats::accumulate(static_cast<double>(plane[j * hw + p]), shift[base + j], s1[base + j], s2[base + j]);
     }
   }
-  return lists;
 }
+#endif
 
-// Σ(x − shift) and Σ(x − shift)² over the listed pixels of one plane, in a
-// fixed order (four interleaved partial sums, then combined).
-template <typename scalar_t>
-inline void sum_listed(const scalar_t* plane, const int32_t* idx, int64_t n, double shift, double& s1,
-                       double& s2) {
-  double a0 = 0, a1 = 0, a2 = 0, a3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    stats::accumulate(static_cast<double>(plane[idx[i]]), shift, a0, q0);
-    stats::accumulate(static_cast<double>(plane[idx[i + 1]]), shift, a1, q1);
-    stats::accumulate(static_cast<double>(plane[idx[i + 2]]), shift, a2, q2);
-    stats::accumulate(static_cast<double>(plane[idx[i + 3]]), shift, a3, q3);
-  }
-  for (; i < n; ++i) stats::accumulate(static_cast<double>(plane[idx[i]]), shift, a0, q0);
-  s1 += (a0 + a1) + (a2 + a3);
-  s2 += (q0 + q1) + (q2 + q3);
-}
-
-template <typename scalar_t>
-void class_stats_sorted(const at::Tensor& features, const LabelScan& scan, int64_t num_classes,
-                        at::Tensor& counts, at::Tensor& means, at::Tensor& m2) {
-  const int64_t batch = features.size(0);
-  const int64_t channels = features.size(1);
-  const int64_t hw = features.size(2) * features.size(3);
-  const scalar_t* x = features.data_ptr<scalar_t>();
-  const ClassLists lists = group_by_class(scan, batch, hw, num_classes);
-  std::vector<double> sum1(num_classes * channels, 0.0), sum2(num_classes * channels, 0.0);
-  auto shift_of = [&](int64_t k, int64_t c) -> double {
-    const int64_t i = scan.first[k];
-    if (i < 0) return 0.0;
-    const int64_t b = i / hw, p = i % hw;
-    return static_cast<double>(x[(b * channels + c) * hw + p]);
-  };
-  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> shift(num_classes), s1(num_classes), s2(num_classes);
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t k = 0; k < num_classes; ++k) {
-        shift[k] = shift_of(k, c);
-        s1[k] = 0.0;
-        s2[k] = 0.0;
-      }
-      for (int64_t b = 0; b < batch; ++b) {
-        const scalar_t* plane = x + (b * channels + c) * hw;
-        const int64_t* start = lists.start.data() + b * (num_classes + 1);
-        for (int64_t k = 0; k < num_classes; ++k) {
-          sum_listed(plane, lists.pixel.data() + start[k], start[k + 1] - start[k], shift[k], s1[k], s2[k]);
-        }
-      }
-      for (int64_t k = 0; k < num_classes; ++k) {
-        sum1[k * channels + c] = s1[k];
-        sum2[k * channels + c] = s2[k];
-      }
-    }
-  });
-  double* counts_p = counts.data_ptr<double>();
-  double* means_p = means.data_ptr<double>();
-  double* m2_p = m2.data_ptr<double>();
-  for (int64_t k = 0; k < num_classes; ++k) {
-    const double n = static_cast<double>(scan.count[k]);
-    counts_p[k] = n;
-    double acc = 0.0;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double a = sum1[k * channels + c], q = sum2[k * channels + c];
-      means_p[k * channels + c] = stats::finish_mean(n > 0 ? shift_of(k, c) : 0.0, a, n);
-      acc += stats::finish_m2(a, q, n);
-    }
-    m2_p[k] = acc;
-  }
-}
 
 template <typename scalar_t>
 void class_stats_impl(const at::Tensor& features, const LabelScan& scan, int64_t num_classes,
@@ -197,7 +167,8 @@ void class_stats_impl(const at::Tensor& features, const LabelScan& scan, int64_t
 
   const int64_t blocks = (channels + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> shift(slots * kBlock), s1(slots * kBlock), s2(slots * kBlock);
+    // two banks of accumulators (the second only used by the AVX2 path)
+    std::vector<double> shift(slots * kBlock), s1(2 * slots * kBlock), s2(2 * slots * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kBlock;
       const int64_t cb = std::min(kBlock, channels - c0);
@@ -209,6 +180,17 @@ void class_stats_impl(const at::Tensor& features, const LabelScan& scan, int64_t
         for (int64_t k = 0; k < slots; ++k)
           for (int64_t j = 0; j < width; ++j)
             shift[k * width + j] = k < num_classes ? shift_of(k, c0 + t + j) : 0.0;
+#ifdef FADA_CLASS_STATS_AVX2
+        if (std::is_same<scalar_t, float>::value && width == kBlock) {
+          const int64_t bank = slots * kBlock;
+          accumulate_block16_avx2(reinterpret_cast<const float*>(x), batch, channels, hw, c0 + t,
+                                  scan.slot.data(), shift.data(), s1.data(), s2.data(), bank);
+          for (int64_t i = 0; i < bank; ++i) {  // fold bank 1 into bank 0, fixed order
+            s1[i] += s1[bank + i];
+            s2[i] += s2[bank + i];
+          }
+        } else
+#endif
         if (width == kBlock) {
           accumulate_block<scalar_t, kBlock>(x, batch, channels, hw, c0 + t, scan.slot.data(),
                                              shift.data(), s1.data(), s2.data());
@@ -279,12 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cpu(const at::
   // Channel planes must be contiguous (NCHW); channels_last and strided inputs are copied.
   const at::Tensor x = features.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_center_stats_cpu",
-                                  [&] {
-                                    if (std::getenv("FADA_SORTED"))
-                                      class_stats_sorted<scalar_t>(x, scan, num_classes, counts, means, m2);
-                                    else
-                                      class_stats_impl<scalar_t>(x, scan, num_classes, counts, means, m2);
-                                  });
+                                  [&] { class_stats_impl<scalar_t>(x, scan, num_classes, counts, means, m2); });
   return {counts, means, m2};
 }
 

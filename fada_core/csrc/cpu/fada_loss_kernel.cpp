@@ -177,6 +177,27 @@ struct FadaScratch {
         asum(scratch<acc_t>(kTile)),
         val(scratch<acc_t>(kTile)) {}
 
+  // Calls body(y, x0, n) for every column tile of output rows [y0, y1), all
+  // of which share their lower disc source row. When the seg logits have the
+  // disc's height, their source rows are shared too and tiles are the outer
+  // loop: a tile's slices of the cached rows and of the gradient
+  // accumulators then stay in cache across the group's rows.
+  template <typename F>
+  void for_each_tile(const FadaProblem<scalar_t>& p, int64_t y0, int64_t y1, const F& body) {
+    if (p.hs == p.h) {
+      drows.ensure(p.dy.i0[y0], p.dy.i1[y0]);
+      srows.ensure(p.sy.i0[y0], p.sy.i1[y0]);
+      for (int64_t x0 = 0; x0 < p.W; x0 += kTile)
+        for (int64_t y = y0; y < y1; ++y) body(y, x0, std::min(kTile, p.W - x0));
+    } else {
+      for (int64_t y = y0; y < y1; ++y) {
+        drows.ensure(p.dy.i0[y], p.dy.i1[y]);
+        srows.ensure(p.sy.i0[y], p.sy.i1[y]);
+        for (int64_t x0 = 0; x0 < p.W; x0 += kTile) body(y, x0, std::min(kTile, p.W - x0));
+      }
+    }
+  }
+
   // Load tile [x0, x0 + n) of output row y of item b: z, and the soft labels
   // a (in s) with their sum in asum.
   void load_tile(const FadaProblem<scalar_t>& p, int64_t y, int64_t x0, int64_t n) {
@@ -216,40 +237,37 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, doub
       if (p.groups[r] == p.groups[r + 1]) continue;
       t.drows.reset(p.disc + b * 2 * K * p.h * p.w);
       t.srows.reset(p.seg + b * K * p.hs * p.ws);
-      for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) {
-        t.drows.ensure(p.dy.i0[y], p.dy.i1[y]);
-        t.srows.ensure(p.sy.i0[y], p.sy.i1[y]);
-        double row_total = 0;
-        for (int64_t x0 = 0; x0 < p.W; x0 += kTile) {
-          const int64_t n = std::min(kTile, p.W - x0);
-          t.load_tile(p, y, x0, n);
-          const acc_t* __restrict zp = t.z.data();
-          const acc_t* __restrict ap = t.s.data();
-          const acc_t* __restrict mx = t.m.data();
-          acc_t* __restrict sm = t.sum.data();
-          acc_t* __restrict lse = t.aux.data();
-          acc_t* __restrict loss = t.val.data();
-          std::fill(sm, sm + n, acc_t(0));
-          for (int64_t c = 0; c < 2 * K; ++c) exp_sum_into(sm, zp + c * kTile, mx, n);
-          for (int64_t x = 0; x < n; ++x) {
-            lse[x] = mx[x] + vlog(sm[x]);
-            loss[x] = 0;
-          }
-          for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, lse, n);
-          const int64_t pix = (b * p.H + y) * p.W + x0;
-          if (p.weight != nullptr) {
-            const acc_t* __restrict wt = p.weight + pix;
-            for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
-          }
-          if (out_map != nullptr) {
-            scalar_t* __restrict o = out_map + pix;
-            for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
-          } else {
-            for (int64_t x = 0; x < n; ++x) row_total += static_cast<double>(loss[x]);
-          }
+      if (row_sums != nullptr)
+        for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) row_sums[b * p.H + y] = 0;
+      t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
+        t.load_tile(p, y, x0, n);
+        const acc_t* __restrict zp = t.z.data();
+        const acc_t* __restrict ap = t.s.data();
+        const acc_t* __restrict mx = t.m.data();
+        acc_t* __restrict sm = t.sum.data();
+        acc_t* __restrict lse = t.aux.data();
+        acc_t* __restrict loss = t.val.data();
+        std::fill(sm, sm + n, acc_t(0));
+        for (int64_t c = 0; c < 2 * K; ++c) exp_sum_into(sm, zp + c * kTile, mx, n);
+        for (int64_t x = 0; x < n; ++x) {
+          lse[x] = mx[x] + vlog(sm[x]);
+          loss[x] = 0;
         }
-        if (row_sums != nullptr) row_sums[b * p.H + y] = row_total;
-      }
+        for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, lse, n);
+        const int64_t pix = (b * p.H + y) * p.W + x0;
+        if (p.weight != nullptr) {
+          const acc_t* __restrict wt = p.weight + pix;
+          for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
+        }
+        if (out_map != nullptr) {
+          scalar_t* __restrict o = out_map + pix;
+          for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
+        } else {
+          double tile_total = 0;
+          for (int64_t x = 0; x < n; ++x) tile_total += static_cast<double>(loss[x]);
+          row_sums[b * p.H + y] += tile_total;  // tiles of a row arrive in increasing x0
+        }
+      });
     }
   });
 }
@@ -277,47 +295,42 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
       std::fill(bot.begin(), bot.end(), acc_t(0));
       t.drows.reset(p.disc + b * C * p.h * p.w);
       t.srows.reset(p.seg + b * K * p.hs * p.ws);
-      for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) {
-        t.drows.ensure(p.dy.i0[y], p.dy.i1[y]);
-        t.srows.ensure(p.sy.i0[y], p.sy.i1[y]);
+      t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
         const acc_t wy1 = p.dy.lambda[y];
         const acc_t wy0 = static_cast<acc_t>(1) - wy1;
-        for (int64_t x0 = 0; x0 < W; x0 += kTile) {
-          const int64_t n = std::min(kTile, W - x0);
-          t.load_tile(p, y, x0, n);
-          acc_t* __restrict zp = t.z.data();
-          const acc_t* __restrict ap = t.s.data();
-          const acc_t* __restrict mx = t.m.data();
-          const acc_t* __restrict as = t.asum.data();
-          acc_t* __restrict sm = t.sum.data();
-          acc_t* __restrict inv = t.aux.data();
-          acc_t* __restrict gw = t.val.data();
-          std::fill(sm, sm + n, acc_t(0));
-          for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
-          const int64_t pix = (b * p.H + y) * W + x0;
-          for (int64_t x = 0; x < n; ++x) {
-            inv[x] = static_cast<acc_t>(1) / sm[x];
-            gw[x] = grad_scale;
-          }
-          if (grad_map != nullptr) {
-            const acc_t* __restrict g = grad_map + pix;
-            for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
-          }
-          if (p.weight != nullptr) {
-            const acc_t* __restrict wt = p.weight + pix;
-            for (int64_t x = 0; x < n; ++x) gw[x] *= wt[x];
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t* tc = top.data() + c * W + x0;
-            acc_t* bc = bot.data() + c * W + x0;
-            if (c >= p.off && c < p.off + K) {
-              grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
-            } else {
-              grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
-            }
+        t.load_tile(p, y, x0, n);
+        acc_t* __restrict zp = t.z.data();
+        const acc_t* __restrict ap = t.s.data();
+        const acc_t* __restrict mx = t.m.data();
+        const acc_t* __restrict as = t.asum.data();
+        acc_t* __restrict sm = t.sum.data();
+        acc_t* __restrict inv = t.aux.data();
+        acc_t* __restrict gw = t.val.data();
+        std::fill(sm, sm + n, acc_t(0));
+        for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
+        const int64_t pix = (b * p.H + y) * W + x0;
+        for (int64_t x = 0; x < n; ++x) {
+          inv[x] = static_cast<acc_t>(1) / sm[x];
+          gw[x] = grad_scale;
+        }
+        if (grad_map != nullptr) {
+          const acc_t* __restrict g = grad_map + pix;
+          for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
+        }
+        if (p.weight != nullptr) {
+          const acc_t* __restrict wt = p.weight + pix;
+          for (int64_t x = 0; x < n; ++x) gw[x] *= wt[x];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* tc = top.data() + c * W + x0;
+          acc_t* bc = bot.data() + c * W + x0;
+          if (c >= p.off && c < p.off + K) {
+            grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
+          } else {
+            grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
           }
         }
-      }
+      });
       horizontal_adjoint(top.data(), C, p.dx, slot_top);
       horizontal_adjoint(bot.data(), C, p.dx, slot_bot);
     }

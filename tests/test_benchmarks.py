@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark harness (benchmarks/run.py) at tiny sizes.
+
+They check that every stage runs and produces well-formed, correct-looking records (errors
+against float64 small, bits repeatable, memory measured); they never assert timings.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import measure, report  # noqa: E402
+from benchmarks import run as bench  # noqa: E402
+from benchmarks import variants as V  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _rec(result, op, variant):
+    return next(r for r in result["records"] if r["op"] == op and r["variant"] == variant)
+
+
+def test_tiny_run_writes_consistent_outputs(tmp_path):
+    out = {k: str(tmp_path / f"r.{k}") for k in ("json", "md", "png")}
+    result = bench.main(
+        ["--tiny", "--ops", "loss,ce,stats", "--no-memory", "--repeats", "2", "--threads", "1",
+         "--json", out["json"], "--markdown", out["md"], "--plot", out["png"]]
+    )
+    with open(out["json"]) as f:
+        saved = json.load(f)
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] == 1
+    assert "kernels" in env and "available_on_device" in env["kernels"]
+    names = {(r["op"], r["variant"]) for r in saved["records"]}
+    assert {("loss", "official"), ("loss", "careful"), ("loss", "fada_eager"), ("ce", "official"),
+            ("ce", "fada_eager"), ("stats", "index_add"), ("stats", "onehot_mm"), ("stats", "read_floor"),
+            ("stats", "fada_eager")} <= names
+    assert not any(v == "compile" for _, v in names)  # --tiny skips torch.compile
+    for op, variant in [("loss", "official"), ("loss", "careful"), ("loss", "fada_eager"),
+                        ("ce", "official"), ("ce", "fada_eager")]:
+        r = _rec(result, op, variant)
+        assert r["status"] == "ok", r["status"]
+        for mode in ("fwd", "fwdbwd"):
+            t = r["time"][mode]
+            assert t["n"] == 2 and 0 < t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
+        assert r["errors"]["value_abs"] < 1e-5 and r["errors"]["grad_rel"] < 1e-4
+        assert r["bitwise_repeatable"] is True
+        assert r["speedup"]["fwdbwd"]["vs_official"] > 0
+    assert _rec(result, "loss", "official")["speedup"]["fwd"]["vs_official"] == pytest.approx(1.0)
+    for variant in ("index_add", "onehot_mm", "fada_eager"):
+        e = _rec(result, "stats", variant)["errors"]
+        assert e["counts_abs"] == 0 and e["means_abs"] < 1e-5 and e["m2_rel"] < 1e-4
+    assert _rec(result, "stats", "read_floor")["speedup"]["fwd"]["x_read_floor"] == pytest.approx(1.0)
+    kernel = _rec(result, "loss", "fada_kernel")
+    assert kernel["status"] == "ok" or kernel["status"].startswith("unavailable (")
+    md = open(out["md"]).read()
+    assert "| **B=2 K=3 4x5->9x11** |" in md and "## Targets of issue 3" in md
+    assert md.count("| | fada_core eager |") == 3
+    assert open(out["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_worker_sees_full_resolution_temporaries(tmp_path):
+    # official path at 19 x 2 channels, 256x512: several 38 x 256 x 512 float32 tensors (20 MB each)
+    case = V.Case("loss", 1, 19, 8, 16, 256, 512)
+    jobs = [{"case": case.as_dict(), "variant": v} for v in ("official", "careful")]
+    recs = {r["variant"]: r for r in measure.cpu_memory(jobs, 1, str(tmp_path))}
+    assert recs["official"]["extra_peak_mb"] > 60, recs
+    assert 20 < recs["careful"]["extra_peak_mb"] < recs["official"]["extra_peak_mb"], recs
+
+
+def test_errors_catch_a_wrong_variant():
+    case = V.Case("loss", 1, 3, 3, 4, 7, 9)
+    x = V.make_inputs(case, "cpu", seed=0)
+    ref = V.reference(case, x)
+    wrong = V.official_loss(x["disc"], x["seg"], (7, 9), domain="target")  # wrong half
+    wrong.backward()
+    e = V.errors(case, wrong, x["disc"].grad, ref)
+    assert e["value_abs"] > 1e-3 and e["grad_rel"] > 1e-2
+
+
+def test_train_step_tiny_runs():
+    result = bench.main(["--tiny", "--ops", "train_step", "--no-memory", "--threads", "1", "--json", os.devnull,
+                         "--markdown", os.devnull])
+    off = _rec(result, "train_step", "official")
+    eager = _rec(result, "train_step", "fada_eager")
+    assert off["status"] == "ok" and eager["status"] == "ok", (off["status"], eager["status"])
+    assert off["time"]["step"]["median_ms"] > 0 and eager["speedup"]["step"]["vs_official"] > 0
+
+
+def test_cli_dry_run_lists_the_issue_shapes():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("B=4 K=19 64x128->512x1024", "B=1 K=19 65x129->512x1024", "B=1 K=19 90x160->720x1280",
+                 "B=2 C=2048 65x129 (N=16770)", "N=102400", "K=38", "fada_kernel", "compile"):
+        assert text in proc.stdout
+
+
+def test_parse_shape_and_summary():
+    c = V.parse_shape("loss", "4x19x64x128-512x1024")
+    assert (c.batch, c.classes, c.h, c.w, c.H, c.W) == (4, 19, 64, 128, 512, 1024)
+    assert V.parse_shape("stats", "2x2048x65x129").channels == 2048
+    with pytest.raises(ValueError):
+        V.parse_shape("loss", "4x19x64x128")
+    s = measure.summarize([0.004, 0.001, 0.002, 0.003, 0.1])
+    assert s["median_ms"] == pytest.approx(3.0) and s["n"] == 5 and s["min_ms"] == pytest.approx(1.0)
+    assert s["iqr_ms"] == pytest.approx(2.0)
+    assert math.isclose(report.ratio(10.0, 2.0), 5.0) and report.ratio(1.0, None) is None
