@@ -164,7 +164,9 @@ def cpu_memory(jobs: List[Dict], threads: int, workdir: str, timeout: float = 18
         json.dump({"threads": threads, "jobs": jobs}, f)
     if os.path.exists(out_path):
         os.remove(out_path)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    # The worker may reuse torch.compile's on-disk caches: it measures memory, not compile time.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               FADA_BENCH_COMPILE_CACHE="1")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
     proc = subprocess.run(
         [sys.executable, script, "--_memory-worker", spec_path, out_path],
@@ -383,12 +385,15 @@ def environment(device: str, threads: int) -> Dict:
         from fada_core import _build
 
         env["fada_core"] = getattr(fada_core, "__version__", "?")
-        available = _build.kernels_available(device)
+        per_op = {op: _build.kernels_available(device, op)
+                  for op in ("fada_loss", "upsampled_cross_entropy", "class_center_stats")}
         st = _build.status()
         env["kernels"] = {
-            "available_on_device": available,
+            "available_on_device": all(per_op.values()),
+            "per_op": per_op,
             "loaded": st.get("loaded"),
             "origin": st.get("origin"),
+            "library": st.get("library"),
             "failure": st.get("failure"),
             "disabled": st.get("disabled"),
             "ops": st.get("ops"),

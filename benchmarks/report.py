@@ -108,14 +108,20 @@ def _env_lines(result: Dict) -> List[str]:
     env = result["environment"]
     k = env.get("kernels", {})
     dev = env.get("gpu") if env["device"] == "cuda" else env.get("cpu")
-    why = str(k.get("failure") or k.get("cuda_kernels_reason") or "see JSON").strip().splitlines()
-    kern = "available" if k.get("available_on_device") else f"NOT available ({(why or ['?'])[0][:200]})"
+    if k.get("per_op"):
+        kern = ", ".join(f"{op} {'yes' if ok else 'NO'}" for op, ok in k["per_op"].items())
+        if k.get("disabled"):
+            kern += " (FADA_CORE_DISABLE_KERNELS=1)"
+        elif k.get("failure"):
+            kern += f" (build/load failure: {str(k['failure']).strip().splitlines()[0][:200]})"
+    else:
+        kern = f"NOT available ({str(k.get('failure', '?')).strip().splitlines()[0][:200]})"
     out = [
         f"- date (UTC): {env['date_utc']}; command: `{result['command']}`",
         f"- device: {env['device']} -- {dev}; torch threads: {env['threads']}; logical CPUs: {env['logical_cpus']}",
         f"- torch {env['torch']} (CUDA {env['torch_cuda']}, cuDNN {env['cudnn']}); python {env['python']}; "
         f"C++ compiler: {env['cxx']}; nvcc: {env['nvcc']}",
-        f"- fada_core {env.get('fada_core', '?')} kernels on {env['device']}: {kern}",
+        f"- fada_core {env.get('fada_core', '?')} compiled kernels on {env['device']}: {kern}",
         f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}; "
         f"per op at its start: {env.get('loadavg_per_op')}; wall time {env.get('wall_s')} s",
         f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}; "
@@ -279,24 +285,37 @@ def plot(result: Dict, path: str) -> Optional[str]:
     if not ops:
         return None
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.2), squeeze=False)
+    colors: Dict[str, str] = {}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     for ax, op in zip(axes[0], ops):
-        series: Dict[str, List] = {}
+        # Lines: the resolution sweep (low resolution = output / 8); crosses: the pipeline shapes.
+        lines: Dict[str, List] = {}
+        points: Dict[str, List] = {}
         for rows in by_case(records, op).values():
             c = rows[0]["case"]
             if c["classes"] != 19 or c["batch"] != 1:
                 continue
+            target = lines if c["group"] in ("sweep_hw", "small") else points
             for r in rows:
                 s = r.get("speedup", {}).get("fwdbwd", {}).get("vs_official")
                 if s is None or r.get("baseline"):
                     continue
-                series.setdefault(r["label"], []).append((c["H"] * c["W"], s))
-        for label, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                target.setdefault(r["variant"], []).append((c["H"] * c["W"], s, r["label"]))
+        series = sorted(set(lines) | set(points))
+        for name in series:
+            color = colors.setdefault(name, palette[len(colors) % len(palette)])
+            label = (lines.get(name) or points.get(name))[0][2]
+            pts = sorted(lines.get(name, []))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
+                label = None
+            pts = sorted(points.get(name, []))
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="x", s=60, color=color, label=label)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("output pixels H x W (B=1, K=19)")
+        ax.set_xlabel("output pixels H x W (B=1, K=19; o: sweep, x: pipeline shapes)")
         ax.set_ylabel("speedup over official (fwd+bwd)")
         ax.set_title(f"{op} on {result['environment']['device']}")
         ax.grid(True, which="both", alpha=0.3)

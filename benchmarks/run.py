@@ -147,8 +147,9 @@ def main(argv=None) -> Dict:
 
     started = time.time()
     env = measure.environment(args.device, args.threads or torch.get_num_threads())
+    kernels = env["kernels"].get("per_op", env["kernels"].get("failure"))
     print(f"device {args.device} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, threads {env['threads']}, "
-          f"kernels: {env['kernels'].get('available_on_device')}, load {env['loadavg_start']}", flush=True)
+          f"kernels: {kernels}, load {env['loadavg_start']}", flush=True)
     records: List[Dict] = []
     load_per_op = {}
     for op, cs in cases.items():

@@ -406,7 +406,18 @@ _COMPILED: Dict[str, Callable] = {}
 def compiled(fn: Callable) -> Callable:
     """``torch.compile(fn, dynamic=False)``, one wrapper per function, recompiling per shape."""
     if fn.__name__ not in _COMPILED:
+        import os
+
         import torch._dynamo as dynamo
+
+        if os.environ.get("FADA_BENCH_COMPILE_CACHE", "") != "1":
+            # Report a cold compilation, as a user's first run has it, not a hit in the on-disk caches.
+            import torch._functorch.config as functorch_config
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fx_graph_cache = False
+            if hasattr(functorch_config, "enable_autograd_cache"):
+                functorch_config.enable_autograd_cache = False
 
         for attr in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo.config, attr):

@@ -337,8 +337,19 @@ def load(
         _availability.clear()
         try:
             spec = None if jit else _aot_spec()
+            aot_error = None
             if spec is not None and spec.origin:
-                importlib.import_module("fada_core._C")
+                try:
+                    importlib.import_module("fada_core._C")
+                except (ImportError, OSError) as exc:  # e.g. built against another torch: try JIT
+                    aot_error = exc
+                    warnings.warn(
+                        f"fada_core: the installed fada_core._C ({spec.origin}) does not load ({exc}); "
+                        "building the kernels just in time instead",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+            if spec is not None and spec.origin and aot_error is None:
                 _origin, _library_path = "aot", spec.origin
                 _cuda_reason = None if _has_kernel("CUDA") else "the installed fada_core._C was built without CUDA"
             else:

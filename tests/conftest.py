@@ -5,6 +5,11 @@ built/loaded on first use; if that fails the test is skipped, unless
 ``FADA_CORE_REQUIRE_KERNELS=1`` (CI), where it fails with the build error.
 
 ``@pytest.mark.cuda``: skipped when no CUDA device is visible.
+
+Hypothesis profiles, chosen with ``HYPOTHESIS_PROFILE`` (default ``dev``):
+``ci`` runs at least 200 examples per property, derandomized (reproducible);
+``dev`` uses hypothesis' defaults. Neither has a deadline (first calls build
+or compile).
 """
 
 from __future__ import annotations
@@ -13,6 +18,19 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "dev", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 def _require_kernels() -> bool:

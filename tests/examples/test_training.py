@@ -245,3 +245,19 @@ def test_ddp_two_process_gloo_matches_single_process(synthetic_dir, tmp_path):
     # losses are plain means over equal pixel counts, so the rank average equals the global one.
     for col in ("loss_adv", "loss_D"):
         assert float(ddp_rows[0][col]) == pytest.approx(float(single_rows[0][col]), rel=1e-4), col
+
+
+def test_bf16_autocast_adv_iteration_and_data_root_errors(synthetic_dir, tmp_path):
+    cfg = tiny_cfg("adv", synthetic_dir, str(tmp_path / "bf16"), "amp=bf16", "solver.stop_iter=1")
+    result = train_stage("adv", cfg, progress=False, tensorboard=False)
+    row = result.history[0]
+    assert all(np.isfinite(row[c]) for c in ("loss_seg", "loss_adv", "loss_D"))
+    # D's logits are cast to fp32 before the soft-label loss: no bf16-quantised loss value
+    assert torch.tensor(row["loss_D"]).bfloat16().double().item() != row["loss_D"]
+    with pytest.raises(ValueError, match="datasets.target_root"):
+        prepare_data(load_config(None, ["datasets.source_root=/somewhere"]))
+    with pytest.raises(FileNotFoundError, match="nonexistent_gta"):
+        bad = load_config(os.path.join(CONFIGS, "synthetic_small_src.yaml"),
+                          [f"datasets.source_root={tmp_path}/nonexistent_gta", f"datasets.target_root={tmp_path}",
+                           f"output_dir={tmp_path}/bad"])
+        train_stage("src", bad, progress=False, tensorboard=False)

@@ -197,6 +197,33 @@ inline double vexp(double x) {
   return std::exp(x);
 }
 
+// exp(x) for x <= 0 (or NaN), cheaper than vexp: the kernels only take exps
+// of (value - max). Results below FLT_MIN (x < -87.34) are flushed to 0; NaN
+// stays NaN; positive x is outside the domain.
+inline float vexp_nonpos(float x) {
+  const float lo = -87.3365447f;  // log(FLT_MIN)
+  const float xc = x < lo ? lo : x;
+  const float magic = 12583039.0f;  // 1.5 * 2^23 + 127: rounds, and adds the exponent bias
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const float scale = float_of(bits_of(t) << 23);  // 2^n: t's low bits hold n + 127
+  const float y = p * scale;
+  return x < lo ? 0.0f : y;
+}
+
+inline double vexp_nonpos(double x) {
+  return std::exp(x);
+}
+
 // log(x) for float without libm calls (vectorisable). Cephes logf: x = m 2^e
 // with m in [sqrt(1/2), sqrt(2)), polynomial in m - 1; ~1 ulp for positive
 // normal x. Domain is what the kernels need, the log of a sum of exps that is

@@ -12,7 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
 
@@ -79,14 +79,23 @@ void accumulate_block(const scalar_t* x, int64_t batch, int64_t channels, int64_
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Compiled for AVX2+FMA whatever the build flags (also in AOT builds without
+// -march=native), used only when the CPU has them.
 #define FADA_CLASS_STATS_AVX2 1
+#define FADA_AVX2 __attribute__((target("avx2,fma")))
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
 // float32, 16 channels at a time: 8 pixels of 8 channels are loaded as rows
 // and transposed in registers, so each pixel then adds 16 channels with four
 // 4-wide float64 vectors. Even and odd pixels go to two accumulator banks so
 // runs of one class do not serialise on the same memory. Output layout as
 // accumulate_block: [(K + 1)][16] per bank, `bank_stride` apart.
-inline void transpose8x8(__m256 r[8]) {
+FADA_AVX2 inline void transpose8x8(__m256 r[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
   const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -106,14 +115,14 @@ inline void transpose8x8(__m256 r[8]) {
 }
 
 // Adds 4 channels (as floats) of one pixel into slot `base` of s1/s2.
-inline void add4(__m128 v, const double* shift, double* s1, double* s2) {
+FADA_AVX2 inline void add4(__m128 v, const double* shift, double* s1, double* s2) {
   __m256d a = _mm256_loadu_pd(s1), q = _mm256_loadu_pd(s2);
   stats::accumulate(_mm256_cvtps_pd(v), _mm256_loadu_pd(shift), a, q);
   _mm256_storeu_pd(s1, a);
   _mm256_storeu_pd(s2, q);
 }
 
-void accumulate_block16_avx2(const float* x, int64_t batch, int64_t channels, int64_t hw, int64_t c0,
+FADA_AVX2 void accumulate_block16_avx2(const float* x, int64_t batch, int64_t channels, int64_t hw, int64_t c0,
                              const int32_t* slot, const double* shift, double* s1, double* s2,
                              int64_t bank_stride) {
   for (int64_t b = 0; b < batch; ++b) {
@@ -181,7 +190,7 @@ void class_stats_impl(const at::Tensor& features, const LabelScan& scan, int64_t
           for (int64_t j = 0; j < width; ++j)
             shift[k * width + j] = k < num_classes ? shift_of(k, c0 + t + j) : 0.0;
 #ifdef FADA_CLASS_STATS_AVX2
-        if (std::is_same<scalar_t, float>::value && width == kBlock) {
+        if (std::is_same<scalar_t, float>::value && width == kBlock && cpu_has_avx2()) {
           const int64_t bank = slots * kBlock;
           accumulate_block16_avx2(reinterpret_cast<const float*>(x), batch, channels, hw, c0 + t,
                                   scan.slot.data(), shift.data(), s1.data(), s2.data(), bank);

@@ -70,7 +70,7 @@ inline void max_into(acc_t* __restrict m, const acc_t* __restrict z, int64_t n) 
 // sum += exp((z - m) * scale), z untouched.
 template <typename acc_t>
 inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) sum[x] += vexp(z[x] - m[x]);
+  for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
 }
 
 // z <- exp((z - m) * scale); sum += z.
@@ -78,7 +78,7 @@ template <typename acc_t>
 inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
                           int64_t n) {
   for (int64_t x = 0; x < n; ++x) {
-    const acc_t e = vexp((z[x] - m[x]) * scale);
+    const acc_t e = vexp_nonpos((z[x] - m[x]) * scale);
     z[x] = e;
     sum[x] += e;
   }

@@ -1,0 +1,256 @@
+"""The compiled upsampled_cross_entropy kernels against the eager reference
+(``CrossEntropyLoss(upsample(logits) / T, labels, ignore_index)``).
+
+Every kernel call runs with ``FADA_CORE_DEBUG_POISON=1``: outputs and scratch
+buffers start as NaN in the C++ code, so a value the kernel forgot to write
+fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fada_core import _reference
+
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        out = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+        assert torch.equal(out, x)
+        return out
+    return x.contiguous()
+
+
+def _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index=255, scale=3.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
+    labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
+    return logits.to(device), labels.to(device)
+
+
+def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None):
+    x = logits.detach().clone().requires_grad_(True)
+    out = _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction])
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    return out.detach(), x.grad, grad_out
+
+
+def _kernel(ops, logits, labels, temperature, ignore_index, reduction, grad_out):
+    x = logits.detach().clone().requires_grad_(True)
+    out = ops.upsampled_cross_entropy(x, labels, temperature, ignore_index, reduction)
+    out.backward(grad_out)
+    return out.detach(), x.grad
+
+
+def _assert_close(got, want, dtype):
+    rtol = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    finite = want[torch.isfinite(want)]
+    scale = finite.double().abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    k=st.integers(1, 6),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 13), st.integers(1, 13))),
+    temperature=st.sampled_from([1.0, 1.8, 0.5]),
+    ignore_index=st.sampled_from([255, -100, 0]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    reduction=st.sampled_from([0, 1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ignore_index, ignore_frac, reduction,
+                           dtype, layout, seed):
+    out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
+    logits, labels = _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
+    want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction)
+    got, got_grad = _kernel(kernel_ops, _layout(logits, layout), _layout(labels, layout), temperature, ignore_index,
+                            reduction, grad_out)
+    _assert_close(got, want, dtype)
+    _assert_close(got_grad, want_grad, dtype)
+    if (labels != ignore_index).any() and k > 1:
+        assert want_grad.abs().max() > 0  # the comparison is not between zeros
+
+
+def test_realistic_shapes_and_official_formula(kernel_ops):
+    logits, labels = _inputs(2, 19, 9, 17, 65, 129, torch.float32, 0, 0.2)
+    x = logits.clone().requires_grad_(True)
+    up = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=True)
+    want = torch.nn.CrossEntropyLoss(ignore_index=255)(up / 1.8, labels)
+    want.backward()
+    got, got_grad = _kernel(kernel_ops, logits, labels, 1.8, 255, 1, torch.tensor(1.0))
+    _assert_close(got, want.detach(), torch.float32)
+    _assert_close(got_grad, x.grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cpu(kernel_ops, dtype):
+    logits, labels = _inputs(2, 5, 6, 7, 23, 17, dtype, 1, 0.2, scale=2.0)
+    for reduction in (0, 1, 2):
+        want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
+        got, got_grad = _kernel(kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
+        assert got.dtype == dtype and got_grad.dtype == dtype
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+
+
+def test_same_bits_twice_and_across_thread_counts(kernel_ops):
+    logits, labels = _inputs(2, 19, 9, 17, 70, 130, torch.float32, 3, 0.1)
+    g = torch.tensor(1.0)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, 1, threads, max(threads, 3)):
+            torch.set_num_threads(n)
+            out = kernel_ops.upsampled_cross_entropy(logits, labels, 1.8, 255, 1)
+            grad = kernel_ops.upsampled_cross_entropy_backward(g, logits, labels, 1.8, 255, 1)
+            results.append((out, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(kernel_ops, requires_grad, reduction):
+    logits, labels = _inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
+    logits.requires_grad_(requires_grad)
+    torch.library.opcheck(kernel_ops.upsampled_cross_entropy.default, (logits, labels, 1.8, 255, reduction))
+    grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)
+    torch.library.opcheck(
+        kernel_ops.upsampled_cross_entropy_backward.default, (grad, logits.detach(), labels, 1.8, 255, reduction)
+    )
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_gradcheck(kernel_ops, reduction):
+    logits, labels = _inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
+    logits.requires_grad_(True)
+    fn = lambda x: kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph(kernel_ops):
+    logits, labels = _inputs(2, 4, 5, 6, 11, 13, torch.float32, 6, 0.2)
+
+    def f(x, y):
+        return kernel_ops.upsampled_cross_entropy(x * 2, y, 1.8, 255, 1) + 0.1 * kernel_ops.upsampled_cross_entropy(
+            x, y, 1.0, 255, 2
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    want = f(x1, labels)
+    got = compiled(x2, labels)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_all_ignored_and_empty_batch(kernel_ops):
+    logits, labels = _inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 1.0)
+    assert math.isnan(kernel_ops.upsampled_cross_entropy(logits, labels, 1.0, 255, 1).item())
+    assert kernel_ops.upsampled_cross_entropy(logits, labels, 1.0, 255, 2).item() == 0.0
+    grad = kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, 1.0, 255, 1)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    empty_logits, empty_labels = _inputs(0, 3, 4, 5, 7, 8, torch.float32, 0, 0.0)
+    assert kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 0).shape == (0, 7, 8)
+    assert math.isnan(kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 1).item())
+    assert kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 2).item() == 0.0
+    grad = kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), empty_logits, empty_labels, 1.0, 255, 1)
+    assert grad.shape == empty_logits.shape
+
+
+def test_nan_propagates(kernel_ops):
+    logits, labels = _inputs(1, 3, 4, 5, 10, 13, torch.float32, 8, 0.0)
+    bad = logits.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    assert torch.isnan(kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 1))
+    per_pixel = kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 0)
+    assert torch.isnan(per_pixel[0, 6, 9]) and torch.isfinite(per_pixel[0, 0, 0])
+    assert torch.isfinite(kernel_ops.upsampled_cross_entropy(logits * 1e4, labels, 1.0, 255, 1))
+
+
+def test_bad_inputs_raise(kernel_ops):
+    logits, labels = _inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 0.2)
+    op = kernel_ops.upsampled_cross_entropy
+    out_of_range = labels.clone()
+    out_of_range[0, 0, 0] = 3
+    negative = labels.clone()
+    negative[1, 2, 3] = -1
+    cases = [
+        lambda: op(logits, out_of_range, 1.0, 255, 1),
+        lambda: op(logits, negative, 1.0, 255, 0),
+        lambda: kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, out_of_range, 1.0, 255, 1),
+        lambda: op(logits, labels.int(), 1.0, 255, 1),  # labels must be int64
+        lambda: op(logits, labels.float(), 1.0, 255, 1),
+        lambda: op(logits[0], labels, 1.0, 255, 1),  # 3-D logits
+        lambda: op(logits, labels[0], 1.0, 255, 1),  # 2-D labels
+        lambda: op(logits[:1], labels, 1.0, 255, 1),  # batch mismatch
+        lambda: op(logits, labels, 0.0, 255, 1),  # temperature
+        lambda: op(logits, labels, 1.0, 255, 5),  # reduction
+        lambda: op(logits.long(), labels, 1.0, 255, 1),
+        lambda: kernel_ops.upsampled_cross_entropy_backward(torch.ones(2, 7, 7), logits, labels, 1.0, 255, 0),
+    ]
+    for case in cases:
+        with pytest.raises(RuntimeError):
+            case()
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction):
+    shapes = [(2, 3, 4, 5, 9, 13), (1, 19, 9, 17, 65, 129), (3, 4, 1, 1, 5, 7), (2, 5, 7, 6, 7, 6), (2, 19, 64, 128, 512, 1024)]
+    for i, (b, k, h, w, out_h, out_w) in enumerate(shapes):
+        logits, labels = _inputs(b, k, h, w, out_h, out_w, dtype, i, 0.2, scale=2.0, device="cuda")
+        want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
+        got, got_grad = _kernel(cuda_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+        got_cl = _kernel(cuda_kernel_ops, _layout(logits, "channels_last"), labels, 1.8, 255, reduction, grad_out)[1]
+        _assert_close(got_cl, want_grad, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_same_bits_and_all_ignored(cuda_kernel_ops):
+    logits, labels = _inputs(4, 19, 64, 128, 512, 1024, torch.float32, 9, 0.1, device="cuda")
+    g = torch.tensor(1.0, device="cuda")
+    op, bwd = cuda_kernel_ops.upsampled_cross_entropy, cuda_kernel_ops.upsampled_cross_entropy_backward
+    assert torch.equal(op(logits, labels, 1.8, 255, 1), op(logits, labels, 1.8, 255, 1))
+    assert torch.equal(bwd(g, logits, labels, 1.8, 255, 1), bwd(g, logits, labels, 1.8, 255, 1))
+    ignored = torch.full_like(labels, 255)
+    assert torch.isnan(op(logits, ignored, 1.8, 255, 1)).item()
+    assert torch.equal(bwd(g, logits, ignored, 1.8, 255, 1), torch.zeros_like(logits))

@@ -1,0 +1,292 @@
+"""The compiled fada_loss / fada_loss_backward kernels against the eager reference.
+
+Every kernel call runs with ``FADA_CORE_DEBUG_POISON=1``: outputs and scratch
+buffers start as NaN in the C++ code, so a value the kernel forgot to write
+fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from fada_core import _reference
+
+REDUCTIONS = ["none", "mean", "sum"]
+DOMAINS = ["source", "target"]
+T, CAP = 1.8, 0.9
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        out = torch.repeat_interleave(x, 2, dim=3)[..., ::2]
+        assert torch.equal(out, x)
+        return out
+    return x.contiguous()
+
+
+def _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted, scale=3.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    disc = (torch.randn(batch, 2 * k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
+    seg = (torch.randn(batch, k, hs, ws, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = torch.rand(batch, out_h, out_w, generator=g, dtype=torch.float64).to(dtype) if weighted else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(disc), to(seg), to(weight)
+
+
+def _eager(disc, seg, domain, size, weight, reduction, grad_out=None):
+    d = disc.detach().clone().requires_grad_(True)
+    out = _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction])
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    return out.detach(), d.grad, grad_out
+
+
+def _kernel(ops, disc, seg, domain, size, weight, reduction, grad_out):
+    d = disc.detach().clone().requires_grad_(True)
+    out = ops.fada_loss(d, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+    out.backward(grad_out)
+    return out.detach(), d.grad
+
+
+def _assert_close(got, want, dtype):
+    rtol = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=False)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    k=st.integers(1, 5),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 6), st.integers(1, 6))),
+    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 13), st.integers(1, 13))),
+    domain=st.sampled_from([0, 1]),
+    reduction=st.sampled_from([0, 1, 2]),
+    weighted=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted, dtype,
+                           layout, seed):
+    hs, ws = seg_size if seg_size is not None else (h, w)
+    out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
+    disc, seg, weight = _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+    want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
+    got, got_grad = _kernel(kernel_ops, _layout(disc, layout), _layout(seg, layout), domain, (out_h, out_w),
+                            weight, reduction, grad_out)
+    _assert_close(got, want, dtype)
+    _assert_close(got_grad, want_grad, dtype)
+    assert want_grad.abs().max() > 0  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("domain", [0, 1])
+@pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128)), ((7, 11), (40, 24))])
+def test_realistic_shapes(kernel_ops, domain, sizes):
+    (h, w), (out_h, out_w) = sizes
+    disc, seg, _ = _inputs(2, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
+    for reduction in (0, 1):
+        want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), None, reduction)
+        got, got_grad = _kernel(kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out)
+        _assert_close(got, want, torch.float32)
+        _assert_close(got_grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cpu(kernel_ops, dtype):
+    disc, seg, weight = _inputs(2, 5, 6, 7, 6, 7, 23, 17, dtype, 1, True, scale=2.0)
+    for reduction in (0, 1, 2):
+        want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction)
+        got, got_grad = _kernel(kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out)
+        assert got.dtype == dtype and got_grad.dtype == dtype
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+
+
+def test_same_bits_twice_and_across_thread_counts(kernel_ops):
+    disc, seg, weight = _inputs(2, 19, 9, 17, 9, 17, 70, 130, torch.float32, 3, True)
+    g = torch.tensor(1.0)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, 1, threads, max(threads, 3)):
+            torch.set_num_threads(n)
+            out = kernel_ops.fada_loss(disc, seg, 0, T, CAP, 70, 130, weight, 1)
+            grad = kernel_ops.fada_loss_backward(g, disc, seg, 0, T, CAP, 70, 130, weight, 1)
+            results.append((out, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(kernel_ops, requires_grad, reduction):
+    disc, seg, weight = _inputs(2, 3, 4, 5, 3, 4, 7, 9, torch.float32, 4, True)
+    disc.requires_grad_(requires_grad)
+    torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 1, T, CAP, 7, 9, weight, reduction))
+    torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction))
+    grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)
+    torch.library.opcheck(
+        kernel_ops.fada_loss_backward.default, (grad, disc.detach(), seg, 1, T, CAP, 7, 9, weight, reduction)
+    )
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_gradcheck(kernel_ops, reduction):
+    disc, seg, weight = _inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
+    disc.requires_grad_(True)
+    fn = lambda d: kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph(kernel_ops):
+    disc, seg, weight = _inputs(2, 4, 5, 6, 5, 6, 11, 13, torch.float32, 6, True)
+
+    def f(d, s, wt):
+        return 0.5 * kernel_ops.fada_loss(d, s, 0, T, CAP, 11, 13, wt, 1) + kernel_ops.fada_loss(
+            d * 2, s, 1, T, CAP, 11, 13, None, 2
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    d1 = disc.clone().requires_grad_(True)
+    d2 = disc.clone().requires_grad_(True)
+    want = f(d1, seg, weight)
+    got = compiled(d2, seg, weight)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d2.grad, d1.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_compile_inductor(kernel_ops):
+    disc, seg, _ = _inputs(1, 3, 4, 5, 4, 5, 9, 10, torch.float32, 7, False)
+
+    def f(d, s):
+        return kernel_ops.fada_loss(d.float() * 1.5, s, 1, T, CAP, 9, 10, None, 1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(disc, seg), f(disc, seg), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_batch(kernel_ops):
+    disc, seg, weight = _inputs(0, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
+    none = kernel_ops.fada_loss(disc, seg, 0, T, CAP, 7, 8, weight, 0)
+    assert none.shape == (0, 7, 8)
+    assert math.isnan(kernel_ops.fada_loss(disc, seg, 0, T, CAP, 7, 8, weight, 1).item())
+    assert kernel_ops.fada_loss(disc, seg, 0, T, CAP, 7, 8, weight, 2).item() == 0.0
+    grad = kernel_ops.fada_loss_backward(torch.tensor(1.0), disc, seg, 0, T, CAP, 7, 8, weight, 1)
+    assert grad.shape == disc.shape
+
+
+def test_nan_propagates(kernel_ops):
+    disc, seg, _ = _inputs(1, 3, 4, 5, 4, 5, 10, 13, torch.float32, 8, False)
+    disc_nan = disc.clone()
+    disc_nan[0, 1, 2, 3] = float("nan")
+    assert torch.isnan(kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 1))
+    assert torch.isnan(kernel_ops.fada_loss(disc_nan, seg, 1, T, CAP, 10, 13, None, 2))
+    per_pixel = kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 0)
+    # the output pixel sitting exactly on source pixel (2, 3): scale 3 in both axes
+    assert torch.isnan(per_pixel[0, 6, 9])
+    assert torch.isfinite(per_pixel[0, 0, 0])
+    grad = kernel_ops.fada_loss_backward(torch.tensor(1.0), disc_nan, seg, 0, T, CAP, 10, 13, None, 1)
+    assert torch.isnan(grad).any()
+    seg_nan = seg.clone()
+    seg_nan[0, 0, 1, 1] = float("nan")
+    assert torch.isnan(kernel_ops.fada_loss(disc, seg_nan, 1, T, CAP, 10, 13, None, 1))
+    big = disc * 1e4  # large logits: finite, no overflow in the exp
+    assert torch.isfinite(kernel_ops.fada_loss(big, seg, 0, T, CAP, 10, 13, None, 1))
+
+
+def test_bad_inputs_raise(kernel_ops):
+    disc, seg, weight = _inputs(2, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
+    op = kernel_ops.fada_loss
+    cases = [
+        lambda: op(disc[:, :5], seg, 0, T, CAP, 7, 8, None, 1),  # not 2K channels
+        lambda: op(disc.double(), seg, 0, T, CAP, 7, 8, None, 1),  # dtype mismatch
+        lambda: op(disc[0], seg, 0, T, CAP, 7, 8, None, 1),  # 3-D
+        lambda: op(disc[:1], seg, 0, T, CAP, 7, 8, None, 1),  # batch mismatch
+        lambda: op(disc, seg, 2, T, CAP, 7, 8, None, 1),  # domain
+        lambda: op(disc, seg, 0, T, CAP, 7, 8, None, 3),  # reduction
+        lambda: op(disc, seg, 0, 0.0, CAP, 7, 8, None, 1),  # temperature
+        lambda: op(disc, seg, 0, T, CAP, 0, 8, None, 1),  # output size
+        lambda: op(disc, seg, 0, T, CAP, 7, 8, weight[:, :3], 1),  # weight shape
+        lambda: op(disc.long(), seg.long(), 0, T, CAP, 7, 8, None, 1),  # integer logits
+        lambda: kernel_ops.fada_loss_backward(torch.ones(3), disc, seg, 0, T, CAP, 7, 8, None, 1),
+        lambda: kernel_ops.fada_loss_backward(torch.ones(2, 7, 7), disc, seg, 0, T, CAP, 7, 8, None, 0),
+    ]
+    for case in cases:
+        with pytest.raises(RuntimeError):
+            case()
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("domain", [0, 1])
+def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction, domain):
+    shapes = [(2, 3, 4, 5, 4, 5, 9, 13), (1, 19, 9, 17, 9, 17, 65, 129), (3, 4, 1, 1, 2, 3, 5, 7), (2, 5, 7, 6, 3, 3, 7, 6)]
+    for i, (b, k, h, w, hs, ws, out_h, out_w) in enumerate(shapes):
+        disc, seg, weight = _inputs(b, k, h, w, hs, ws, out_h, out_w, dtype, i, i % 2 == 0, scale=2.0, device="cuda")
+        want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
+        got, got_grad = _kernel(cuda_kernel_ops, disc, seg, domain, (out_h, out_w), weight, reduction, grad_out)
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+        _assert_close(
+            _kernel(cuda_kernel_ops, _layout(disc, "channels_last"), seg, domain, (out_h, out_w), weight, reduction,
+                    grad_out)[1],
+            want_grad,
+            dtype,
+        )
+
+
+@pytest.mark.cuda
+def test_cuda_same_bits_and_matches_cpu(cuda_kernel_ops):
+    disc, seg, weight = _inputs(4, 19, 64, 128, 64, 128, 512, 1024, torch.float32, 9, True)
+    g = torch.tensor(1.0)
+    args = (0, T, CAP, 512, 1024)
+    dc, sc, wc, gc = disc.cuda(), seg.cuda(), weight.cuda(), g.cuda()
+    out1 = cuda_kernel_ops.fada_loss(dc, sc, *args, wc, 1)
+    out2 = cuda_kernel_ops.fada_loss(dc, sc, *args, wc, 1)
+    grad1 = cuda_kernel_ops.fada_loss_backward(gc, dc, sc, *args, wc, 1)
+    grad2 = cuda_kernel_ops.fada_loss_backward(gc, dc, sc, *args, wc, 1)
+    assert torch.equal(out1, out2) and torch.equal(grad1, grad2)
+    cpu_out = cuda_kernel_ops.fada_loss(disc, seg, *args, weight, 1)
+    cpu_grad = cuda_kernel_ops.fada_loss_backward(g, disc, seg, *args, weight, 1)
+    _assert_close(out1.cpu(), cpu_out, torch.float32)
+    _assert_close(grad1.cpu(), cpu_grad, torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_and_opcheck(cuda_kernel_ops):
+    disc, seg, weight = _inputs(2, 3, 4, 5, 4, 5, 11, 13, torch.float32, 10, True, device="cuda")
+    torch.library.opcheck(cuda_kernel_ops.fada_loss.default, (disc.requires_grad_(True), seg, 1, T, CAP, 11, 13, weight, 1))
+
+    def f(d, s):
+        return cuda_kernel_ops.fada_loss(d, s, 0, T, CAP, 11, 13, None, 1)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(disc, seg), f(disc, seg))
