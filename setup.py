@@ -54,8 +54,10 @@ def _extension_kwargs():
         os.environ["CUDA_HOME"] = home
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = build.DEFAULT_CUDA_ARCH_LIST
-        include_dirs += build._cuda_extra_include_paths(home)
-        extra_compile_args["nvcc"] = build.cuda_cflags()
+        # headers the toolkit lacks (cuBLAS, ...), searched after its own
+        fallback = [f for d in build._cuda_extra_include_paths(home) for f in ("-isystem", d)]
+        extra_compile_args["cxx"] += fallback
+        extra_compile_args["nvcc"] = build.cuda_cflags() + fallback
         extension = cpp_extension.CUDAExtension
     else:
         extension = cpp_extension.CppExtension

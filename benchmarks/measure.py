@@ -198,8 +198,14 @@ def measure_case(
     repeats: int,
     warmup: int,
     log: Callable[[str], None] = print,
+    budget_s: float = 0.0,
+    min_repeats: int = 3,
 ) -> List[Dict]:
-    """Time, check and (on CUDA) memory-profile every variant of ``case``; one record each."""
+    """Time, check and (on CUDA) memory-profile every variant of ``case``; one record each.
+
+    ``budget_s`` > 0 stops the timing rounds once they have taken that long, after at least
+    ``min_repeats`` rounds (the sample count ``n`` is in each summary).
+    """
     op = case.op
     modes = MODES[op]
     full = FULL_MODE[op]
@@ -268,7 +274,10 @@ def measure_case(
     # Interleaved timing rounds.
     samples: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in modes} for n in fns}
     counter = 0
-    for _ in range(repeats):
+    t_start = time.perf_counter()
+    for rnd in range(repeats):
+        if budget_s > 0 and rnd >= min_repeats and time.perf_counter() - t_start > budget_s:
+            break
         for mode in modes:
             for name in list(fns):
                 x = pool[counter % len(pool)]
@@ -355,6 +364,25 @@ def busy_processes(n: int = 5) -> List[str]:
     return [" ".join(line.split()) for line in out.strip().splitlines()[1 : n + 1]]
 
 
+def kernel_sources_digest() -> Optional[str]:
+    """SHA-1 over fada_core/csrc (names and contents): which kernel sources were measured."""
+    import hashlib
+
+    try:
+        import fada_core
+    except Exception:
+        return None
+    root = os.path.join(os.path.dirname(fada_core.__file__), "csrc")
+    h = hashlib.sha1()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def environment(device: str, threads: int) -> Dict:
     env = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -398,6 +426,7 @@ def environment(device: str, threads: int) -> Dict:
             "disabled": st.get("disabled"),
             "ops": st.get("ops"),
             "cuda_kernels_reason": st.get("cuda_kernels_reason"),
+            "sources_sha1": kernel_sources_digest(),
         }
     except Exception as exc:
         env["kernels"] = {"available_on_device": False, "failure": f"{type(exc).__name__}: {exc}"}

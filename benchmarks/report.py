@@ -84,6 +84,8 @@ def add_speedups(records: Sequence[Dict]) -> None:
 def markdown(result: Dict) -> str:
     env, records = result["environment"], result["records"]
     lines = [f"# fada_core benchmark results ({env['device']})", ""]
+    if env.get("complete") is False:
+        lines += ["**Partial results: the run was still going or was interrupted.**", ""]
     lines += _env_lines(result)
     for op in result["ops"]:
         cases = by_case(records, op)
@@ -114,6 +116,7 @@ def _env_lines(result: Dict) -> List[str]:
             kern += " (FADA_CORE_DISABLE_KERNELS=1)"
         elif k.get("failure"):
             kern += f" (build/load failure: {str(k['failure']).strip().splitlines()[0][:200]})"
+        kern += f"; csrc sha1 {k.get('sources_sha1')}"
     else:
         kern = f"NOT available ({str(k.get('failure', '?')).strip().splitlines()[0][:200]})"
     out = [
@@ -124,8 +127,10 @@ def _env_lines(result: Dict) -> List[str]:
         f"- fada_core {env.get('fada_core', '?')} compiled kernels on {env['device']}: {kern}",
         f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}; "
         f"per op at its start: {env.get('loadavg_per_op')}; wall time {env.get('wall_s')} s",
-        f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}; "
-        "times are medians in ms with the IQR in brackets",
+        f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}"
+        + (f", at most ~{result['settings']['case_budget_s']:.0f} s of timing per case (3 rounds at least)"
+           if result["settings"].get("case_budget_s") else "")
+        + "; times are medians in ms with the IQR in brackets",
     ]
     if env["device"] == "cpu":
         out.append("- extra peak memory: peak RSS during one call minus RSS before it, measured in a worker "

@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per variant and mode (default 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2, quick 1)")
     p.add_argument("--quick", action="store_true", help="the essential shapes only, few repeats")
+    p.add_argument("--case-budget", type=float, default=None, metavar="S",
+                   help="stop a case's timing rounds after S seconds once 3 are done (default: none; quick 20)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 repeat, no torch.compile: a smoke run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on the CPU)")
     p.add_argument("--e2e-batch", type=int, default=None, help="train_step images per domain (default 1)")
@@ -81,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = 2
     if args.repeats is None:
         args.repeats = 1 if args.tiny else 3 if args.quick else 10
+    if args.case_budget is None:
+        args.case_budget = 20.0 if args.quick else 0.0
     if args.warmup is None:
         args.warmup = 1 if (args.quick or args.tiny) else 2
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -150,46 +154,62 @@ def main(argv=None) -> Dict:
     kernels = env["kernels"].get("per_op", env["kernels"].get("failure"))
     print(f"device {args.device} ({env.get('gpu') or env['cpu']}), torch {env['torch']}, threads {env['threads']}, "
           f"kernels: {kernels}, load {env['loadavg_start']}", flush=True)
-    records: List[Dict] = []
-    load_per_op = {}
-    for op, cs in cases.items():
-        vs = op_variants(op, args)
-        load_per_op[op] = measure.loadavg()
-        for c in cs:
-            print(f"[{op}] {c.name}", flush=True)
-            records += measure.measure_case(c, case_variants(c, vs, args), args.device, args.repeats, args.warmup,
-                                            log=lambda s: print(s, flush=True))
-        if args.device == "cpu" and not args.no_memory:
-            jobs = [{"case": r["case"], "variant": r["variant"]} for r in records
-                    if r["op"] == op and "time" in r]
-            if jobs:
-                print(f"[{op}] peak memory (worker process, {len(jobs)} measurements)", flush=True)
-                found = {(json.dumps(m["case"], sort_keys=True), m["variant"]): m
-                         for m in measure.cpu_memory(jobs, args.threads or 1, os.path.join(RESULTS_DIR, ".work"))}
-                for r in records:
-                    m = found.get((json.dumps(r["case"], sort_keys=True), r["variant"]))
-                    if m is not None:
-                        if "extra_peak_mb" in m:
-                            r["extra_peak_mb"] = m["extra_peak_mb"]
-                        else:
-                            r["memory_error"] = m.get("error")
-    env["loadavg_end"] = measure.loadavg()
-    env["busy_processes_end"] = measure.busy_processes()
-    env["loadavg_per_op"] = load_per_op
-    env["wall_s"] = round(time.time() - started, 1)
-    report.add_speedups(records)
     result = {
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": env,
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "quick": args.quick, "tiny": args.tiny,
-                     "threads": args.threads, "temperature": V.TEMPERATURE, "cap": V.CAP,
-                     "domain": V.DOMAIN},
-        "ops": list(cases),
-        "records": records,
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "case_budget_s": args.case_budget,
+                     "quick": args.quick, "tiny": args.tiny, "threads": args.threads,
+                     "temperature": V.TEMPERATURE, "cap": V.CAP, "domain": V.DOMAIN},
+        "ops": [],
+        "records": [],
     }
-    md = report.markdown(result)
+    records: List[Dict] = result["records"]
+    env["loadavg_per_op"] = {}
+    for op, cs in cases.items():
+        vs = op_variants(op, args)
+        env["loadavg_per_op"][op] = measure.loadavg()
+        result["ops"].append(op)
+        for c in cs:
+            print(f"[{op}] {c.name}", flush=True)
+            records += measure.measure_case(c, case_variants(c, vs, args), args.device, args.repeats, args.warmup,
+                                            log=lambda s: print(s, flush=True), budget_s=args.case_budget)
+        if args.device == "cpu" and not args.no_memory:
+            add_cpu_memory(op, records, args)
+        # Written after every op, so that an interrupted run keeps what it measured.
+        written = write_outputs(result, args, started, final=False)
+    written = write_outputs(result, args, started, final=True)
     print()
-    print(md)
+    print(report.markdown(result))
+    for kind, path in written.items():
+        print(f"wrote {kind}: {os.path.relpath(path)}")
+    result["written"] = written
+    return result
+
+
+def add_cpu_memory(op: str, records: List[Dict], args) -> None:
+    jobs = [{"case": r["case"], "variant": r["variant"]} for r in records if r["op"] == op and "time" in r]
+    if not jobs:
+        return
+    print(f"[{op}] peak memory (worker process, {len(jobs)} measurements)", flush=True)
+    found = {(json.dumps(m["case"], sort_keys=True), m["variant"]): m
+             for m in measure.cpu_memory(jobs, args.threads or 1, os.path.join(RESULTS_DIR, ".work"))}
+    for r in records:
+        m = found.get((json.dumps(r["case"], sort_keys=True), r["variant"]))
+        if m is not None:
+            if "extra_peak_mb" in m:
+                r["extra_peak_mb"] = m["extra_peak_mb"]
+            else:
+                r["memory_error"] = m.get("error")
+
+
+def write_outputs(result: Dict, args, started: float, final: bool) -> Dict[str, str]:
+    """JSON, markdown and plot at the requested (or default) paths; returns what was written."""
+    env = result["environment"]
+    env["loadavg_end"] = measure.loadavg()
+    env["busy_processes_end"] = measure.busy_processes()
+    env["wall_s"] = round(time.time() - started, 1)
+    env["complete"] = final
+    report.add_speedups(result["records"])
     outputs = {"json": args.json, "markdown": args.markdown, "plot": args.plot}
     if all(v is None for v in outputs.values()):
         outputs = {k: "" for k in outputs}  # nothing asked for: write all three at the defaults
@@ -197,25 +217,23 @@ def main(argv=None) -> Dict:
     defaults = {"json": f"results_{stem}.json", "markdown": f"results_{stem}.md", "plot": f"speedup_{stem}.png"}
     written = {}
     for kind, path in outputs.items():
-        if path is None:
+        if path is None or (kind == "plot" and not final):
             continue
         path = path or os.path.join(RESULTS_DIR, defaults[kind])
+        if path == os.devnull:
+            continue
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if kind == "json":
             with open(path, "w") as f:
                 json.dump(result, f, indent=1, default=str)
         elif kind == "markdown":
             with open(path, "w") as f:
-                f.write(md)
+                f.write(report.markdown(result))
         elif report.plot(result, path) is None:
             print("plot skipped (matplotlib missing or no loss/ce data)")
             continue
         written[kind] = path
-    for kind, path in written.items():
-        print(f"wrote {kind}: {os.path.relpath(path)}")
-    result["written"] = written
-    return result
-
+    return written
 
 if __name__ == "__main__":
     main()

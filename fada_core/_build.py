@@ -237,16 +237,18 @@ def _jit_build(with_cuda: bool, verbose: bool, ptxas_verbose: bool = False) -> s
     cpp_extension = _cpp_extension()
 
     home = cuda_home() if with_cuda else None
-    include_paths = [_CSRC] + (_cuda_extra_include_paths(home) if home else [])
+    # Searched after the toolkit's own include dir (-isystem, appended), so they
+    # only supply the headers it lacks.
+    fallback = [f for d in (_cuda_extra_include_paths(home) if home else []) for f in ("-isystem", d)]
     directory = build_directory(with_cuda)
     os.makedirs(directory, exist_ok=True)
     with _cuda_build_env(home):
         path = cpp_extension.load(
             name=build_name(with_cuda),
             sources=sources(with_cuda),
-            extra_include_paths=include_paths,
-            extra_cflags=cflags(native=True),
-            extra_cuda_cflags=cuda_cflags(ptxas_verbose) if with_cuda else None,
+            extra_include_paths=[_CSRC],
+            extra_cflags=cflags(native=True) + fallback,
+            extra_cuda_cflags=cuda_cflags(ptxas_verbose) + fallback if with_cuda else None,
             extra_ldflags=["-fopenmp"],
             build_directory=directory,
             with_cuda=with_cuda,
@@ -264,11 +266,12 @@ def _setuptools_build(with_cuda: bool, verbose: bool) -> str:
     directory = os.path.join(build_directory(with_cuda), "setuptools")
     os.makedirs(directory, exist_ok=True)
     home = cuda_home() if with_cuda else None
-    include_paths = [_CSRC] + (_cuda_extra_include_paths(home) if home else [])
+    include_paths = [_CSRC]
+    fallback = [f for d in (_cuda_extra_include_paths(home) if home else []) for f in ("-isystem", d)]
     extension = "CUDAExtension" if with_cuda else "CppExtension"
-    compile_args: Dict[str, List[str]] = {"cxx": cflags(native=True)}
+    compile_args: Dict[str, List[str]] = {"cxx": cflags(native=True) + fallback}
     if with_cuda:
-        compile_args["nvcc"] = cuda_cflags()
+        compile_args["nvcc"] = cuda_cflags() + fallback
     script = (
         "import sys\n"
         "from setuptools import setup\n"

@@ -28,6 +28,8 @@ def poison(monkeypatch):
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
+        if x.dim() == 3:  # labels: column-major planes
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
         return x.contiguous(memory_format=torch.channels_last)
     if layout == "strided":
         out = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]

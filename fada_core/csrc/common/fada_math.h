@@ -105,7 +105,7 @@ FADA_HD void online_logsumexp(acc_t& m, acc_t& s, acc_t z) {
   if (z > m) {
     s = s * exp_acc(m - z) + static_cast<acc_t>(1);
     m = z;
-  } else {
+  } else if (z != -std::numeric_limits<acc_t>::infinity()) {  // NaN z makes s NaN
     s += exp_acc(z - m);
   }
 }

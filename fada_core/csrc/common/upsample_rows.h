@@ -71,6 +71,13 @@ inline void lerp_n(const acc_t* __restrict a, const acc_t* __restrict b, acc_t l
   for (int64_t x = 0; x < n; ++x) o[x] = lerp(a[x], b[x], l);
 }
 
+// o[x] = lerp(low[i0[x]], low[i1[x]], l[x]) for x < n (vectorised with gathers).
+template <typename acc_t>
+inline void lerp_gather(const acc_t* __restrict low, const int64_t* __restrict i0, const int64_t* __restrict i1,
+                        const acc_t* __restrict l, int64_t n, acc_t* __restrict o) {
+  for (int64_t x = 0; x < n; ++x) o[x] = lerp(low[i0[x]], low[i1[x]], l[x]);
+}
+
 // Two source rows (rows r0 and r1 of a (C, h, w) block), upsampled
 // horizontally to the full output width and kept in acc_t, so consecutive
 // output rows that share source rows reuse them.
@@ -122,8 +129,7 @@ class RowPair {
     for (int64_t c = 0; c < channels_; ++c) {
       const scalar_t* src = planes_ + (c * h_ + r) * w_;
       for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]);
-      acc_t* d = dst + c * out_w_;
-      for (int64_t x = 0; x < out_w_; ++x) d[x] = lerp(low[i0[x]], low[i1[x]], lx[x]);
+      lerp_gather(low, i0, i1, lx, out_w_, dst + c * out_w_);
     }
     idx_[which] = r;
   }

@@ -1,0 +1,328 @@
+// Upsampled cross-entropy on CUDA: CrossEntropyLoss(upsample(logits) / T,
+// labels, ignore_index) and its gradient w.r.t. the low-resolution logits,
+// with the per-pixel math of fada_math.h and the deterministic backward of
+// upsample_common.cuh. "mean" divides by the number of non-ignored pixels,
+// counted on the device (integer atomics: exact, order-independent), so no
+// host synchronisation is needed.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../common/fada_math.h"
+#include "upsample_common.cuh"
+
+namespace fada {
+namespace cuda {
+namespace {
+
+template <typename acc_t>
+struct CeGeometry {
+  int64_t K, h, w, H, W, ignore_index;
+  acc_t sy, sx, inv_t;
+};
+
+// The pixel's label, or -1 when ignored. Labels outside [0, K) trip a device
+// assertion (as torch's own CUDA cross-entropy does).
+__device__ __forceinline__ int64_t read_label(const int64_t* labels, int64_t idx, int64_t K, int64_t ignore_index) {
+  const int64_t l = labels[idx];
+  if (l == ignore_index) return -1;
+  CUDA_KERNEL_ASSERT(l >= 0 && l < K && "upsampled_cross_entropy: label out of range");
+  return l;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void logit_stats(const scalar_t* plane0, const CeGeometry<acc_t>& g,
+                                            const LinearIndex<acc_t>& iy, const LinearIndex<acc_t>& ix, acc_t& m,
+                                            acc_t& s) {
+  m = -std::numeric_limits<acc_t>::infinity();
+  s = 0;
+  for (int64_t c = 0; c < g.K; ++c)
+    online_logsumexp(m, s, bilinear_sample(plane0 + c * g.h * g.w, g.w, iy, ix) * g.inv_t);
+}
+
+__global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t total, int64_t ignore_index,
+                                   unsigned long long* __restrict__ count) {
+  __shared__ unsigned long long shared[kReduceThreads];
+  unsigned long long local = 0;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    local += labels[idx] != ignore_index ? 1ull : 0ull;
+  const unsigned long long block_total = block_sum(local, shared);
+  if (threadIdx.x == 0) atomicAdd(count, block_total);  // integer: exact in any order
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels, CeGeometry<acc_t> g,
+                      int64_t B, scalar_t* __restrict__ out_map, acc_t* __restrict__ partials) {
+  __shared__ acc_t shared[kReduceThreads];
+  const int64_t total = B * g.H * g.W;
+  acc_t local = 0;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t x = idx % g.W;
+    const int64_t y = (idx / g.W) % g.H;
+    const int64_t b = idx / (g.W * g.H);
+    const int64_t label = read_label(labels, idx, g.K, g.ignore_index);
+    acc_t loss = 0;
+    if (label >= 0) {
+      const LinearIndex<acc_t> iy = source_index<acc_t>(g.sy, y, g.h), ix = source_index<acc_t>(g.sx, x, g.w);
+      const scalar_t* plane0 = logits + b * g.K * g.h * g.w;
+      acc_t m, s;
+      logit_stats(plane0, g, iy, ix, m, s);
+      const acc_t zl = bilinear_sample(plane0 + label * g.h * g.w, g.w, iy, ix) * g.inv_t;
+      loss = ce_loss_term(m + log_acc(s), zl);
+    }
+    if (out_map != nullptr) {
+      out_map[idx] = static_cast<scalar_t>(loss);
+    } else {
+      local += loss;
+    }
+  }
+  if (partials != nullptr) {
+    const acc_t block_total = block_sum(local, shared);
+    if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
+  }
+}
+
+// grad: the (B, H, W) map when grad_is_map, else a scalar; divided by *count
+// when count != nullptr (mean).
+template <typename scalar_t, typename acc_t>
+__global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels,
+                                   const acc_t* __restrict__ grad, bool grad_is_map,
+                                   const unsigned long long* __restrict__ count, CeGeometry<acc_t> g, int64_t tj,
+                                   acc_t* __restrict__ part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int nx = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t C = g.K;
+  int64_t* xlo = reinterpret_cast<int64_t*>(smem_raw);
+  int64_t* xhi = xlo + tj;
+  acc_t* top = reinterpret_cast<acc_t*>(xhi + tj);
+  acc_t* bot = top + C * nx;
+  acc_t* acc_top = bot + C * nx;
+  acc_t* acc_bot = acc_top + C * tj;
+
+  const int64_t b = blockIdx.z, r = blockIdx.y;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tj;
+  const int64_t j1 = j0 + tj < g.w ? j0 + tj : g.w;
+  const int64_t nj = j1 - j0;
+  for (int64_t e = tid; e < C * tj; e += nx) {
+    acc_top[e] = 0;
+    acc_bot[e] = 0;
+  }
+  for (int64_t jj = tid; jj < nj; jj += nx) {
+    xlo[jj] = first_reaching<acc_t>(j0 + jj, g.sx, g.w, g.W);
+    xhi[jj] = first_beyond<acc_t>(j0 + jj, g.sx, g.w, g.W);
+  }
+  const int64_t xa = first_reaching<acc_t>(j0, g.sx, g.w, g.W);
+  const int64_t xb = first_beyond<acc_t>(j1 - 1, g.sx, g.w, g.W);
+  const int64_t ya = first_at_or_beyond<acc_t>(r, g.sy, g.h, g.H);
+  const int64_t yb = first_beyond<acc_t>(r, g.sy, g.h, g.H);
+  const scalar_t* plane0 = logits + b * C * g.h * g.w;
+  acc_t gscalar = grad_is_map ? static_cast<acc_t>(0) : grad[0];
+  if (count != nullptr && *count > 0) gscalar /= static_cast<acc_t>(*count);
+  __syncthreads();
+
+  for (int64_t cx0 = xa; cx0 < xb; cx0 += nx) {
+    const int64_t x = cx0 + tid;
+    for (int64_t c = 0; c < C; ++c) {
+      top[c * nx + tid] = 0;
+      bot[c * nx + tid] = 0;
+    }
+    if (x < xb) {
+      const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
+      for (int64_t y = ya; y < yb; ++y) {
+        const int64_t pix = (b * g.H + y) * g.W + x;
+        const int64_t label = read_label(labels, pix, g.K, g.ignore_index);
+        if (label < 0) continue;
+        const LinearIndex<acc_t> iy = source_index<acc_t>(g.sy, y, g.h);
+        const acc_t gw = (grad_is_map ? grad[pix] : gscalar) * g.inv_t;  // d(z / T) / dz = 1 / T
+        acc_t m, s;
+        logit_stats(plane0, g, iy, ix, m, s);
+        const acc_t inv_s = static_cast<acc_t>(1) / s;
+        const acc_t wy1 = iy.lambda, wy0 = static_cast<acc_t>(1) - iy.lambda;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t z = bilinear_sample(plane0 + c * g.h * g.w, g.w, iy, ix) * g.inv_t;
+          const acc_t gc = gw * ce_grad_term(exp_acc(z - m) * inv_s, c == label);
+          top[c * nx + tid] += wy0 * gc;
+          bot[c * nx + tid] += wy1 * gc;
+        }
+      }
+    }
+    __syncthreads();
+    const int64_t cx1 = cx0 + nx < xb ? cx0 + nx : xb;
+    for (int64_t e = tid; e < C * nj; e += nx) {
+      const int64_t c = e / nj, jj = e % nj, j = j0 + jj;
+      const int64_t lo = xlo[jj] > cx0 ? xlo[jj] : cx0;
+      const int64_t hi = xhi[jj] < cx1 ? xhi[jj] : cx1;
+      acc_t st = 0, sb = 0;
+      for (int64_t xx = lo; xx < hi; ++xx) {
+        const LinearIndex<acc_t> ixx = source_index<acc_t>(g.sx, xx, g.w);
+        acc_t wx = 0;
+        if (ixx.i0 == j) wx += static_cast<acc_t>(1) - ixx.lambda;
+        if (ixx.i1 == j) wx += ixx.lambda;
+        st += wx * top[c * nx + (xx - cx0)];
+        sb += wx * bot[c * nx + (xx - cx0)];
+      }
+      acc_top[c * tj + jj] += st;
+      acc_bot[c * tj + jj] += sb;
+    }
+    __syncthreads();
+  }
+  const int64_t slot = C * g.w;
+  for (int64_t e = tid; e < C * nj; e += nx) {
+    const int64_t c = e / nj, jj = e % nj;
+    part[((b * g.h + r) * 2 + 0) * slot + c * g.w + j0 + jj] = acc_top[c * tj + jj];
+    part[((b * g.h + r) * 2 + 1) * slot + c * g.w + j0 + jj] = acc_bot[c * tj + jj];
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t reduction) {
+  TORCH_CHECK(logits.dim() == 4 && labels.dim() == 3,
+              "upsampled_cross_entropy: logits (B, K, h, w) and labels (B, H, W) expected, got ", logits.sizes(),
+              " and ", labels.sizes());
+  TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(),
+              "upsampled_cross_entropy (CUDA kernel): logits and labels must be on the same CUDA device, got ",
+              logits.device(), " and ", labels.device());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "upsampled_cross_entropy: expected floating point logits");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "upsampled_cross_entropy: labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(logits.size(0) == labels.size(0), "upsampled_cross_entropy: batch sizes differ");
+  TORCH_CHECK(logits.size(1) > 0 && logits.size(2) > 0 && logits.size(3) > 0 && labels.size(1) > 0 &&
+                  labels.size(2) > 0,
+              "upsampled_cross_entropy: empty class or spatial size");
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "upsampled_cross_entropy: reduction must be 0, 1 or 2");
+  TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive");
+  TORCH_CHECK(logits.size(0) <= 65535 && logits.size(2) <= 65535,
+              "upsampled_cross_entropy (CUDA kernel): batch and height must be <= 65535");
+}
+
+template <typename acc_t>
+CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore) {
+  CeGeometry<acc_t> g;
+  g.K = logits.size(1);
+  g.h = logits.size(2);
+  g.w = logits.size(3);
+  g.H = labels.size(1);
+  g.W = labels.size(2);
+  g.ignore_index = ignore;
+  g.sy = align_corners_scale<acc_t>(g.h, g.H);
+  g.sx = align_corners_scale<acc_t>(g.w, g.W);
+  g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(temperature);
+  return g;
+}
+
+at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStream_t stream) {
+  at::Tensor count = at::zeros({1}, labels.options().dtype(at::kLong));
+  const int64_t total = labels.numel();
+  count_valid_kernel<<<pixel_blocks(total), kReduceThreads, 0, stream>>>(
+      labels.data_ptr<int64_t>(), total, ignore_index, reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return count;
+}
+
+at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
+                                        int64_t ignore_index, int64_t reduction) {
+  check_inputs(logits_in, labels_in, temperature, reduction);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
+  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, logits.options()) : at::empty({}, logits.options());
+  if (B == 0) {
+    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+    return out;
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
+    const int64_t total = B * H * W;
+    const int64_t blocks = pixel_blocks(total);
+    if (reduction == 0) {
+      ce_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
+      ce_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (reduction == 1) {
+        // 0 / 0 = NaN when every pixel is ignored, like torch
+        const at::Tensor count = count_valid(labels, ignore_index, stream);
+        reduce_partials_kernel<scalar_t, acc_t, int64_t><<<1, kFinalThreads, 0, stream>>>(
+            partials.data_ptr<acc_t>(), blocks, count.data_ptr<int64_t>(), static_cast<acc_t>(1),
+            out.data_ptr<scalar_t>());
+      } else {
+        reduce_partials_kernel<scalar_t, acc_t, int64_t><<<1, kFinalThreads, 0, stream>>>(
+            partials.data_ptr<acc_t>(), blocks, nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits_in,
+                                                 const at::Tensor& labels_in, double temperature, int64_t ignore_index,
+                                                 int64_t reduction) {
+  check_inputs(logits_in, labels_in, temperature, reduction);
+  TORCH_CHECK(grad.device() == logits_in.device(), "upsampled_cross_entropy_backward: grad must be on ",
+              logits_in.device());
+  const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
+  if (reduction == 0) {
+    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
+                "upsampled_cross_entropy_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "upsampled_cross_entropy_backward: grad must be a scalar, got ", grad.sizes());
+  }
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  at::Tensor result = at::empty_like(logits_in);
+  if (B == 0) return result;
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                  "upsampled_cross_entropy_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
+    const at::Tensor g_acc = grad.to(acc_type).contiguous();
+    at::Tensor count;
+    if (reduction == 1) count = count_valid(labels, ignore_index, stream);
+    const int64_t C = g.K;
+    const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
+    at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(acc_type));
+    const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
+    ce_backward_kernel<scalar_t, acc_t><<<grid, cfg.nx, cfg.smem, stream>>>(
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
+        count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g, cfg.tj,
+        part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t n = grad_logits.numel();
+    gather_partials_kernel<scalar_t, acc_t><<<pixel_blocks(n), kReduceThreads, 0, stream>>>(
+        part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
+  return result;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fada
+
+TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
+  m.impl("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
+  m.impl("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
+}

@@ -1,0 +1,164 @@
+// Device building blocks shared by the fused FADA loss and upsampled
+// cross-entropy CUDA kernels: fixed-order (deterministic) reductions, the
+// output ranges that touch a source row/column, and the final gather of the
+// per-group partials of the upsampling adjoint.
+//
+// Backward design (no float atomics, same bits every run): one block per
+// (batch item b, group r of output rows whose lower source row is r, tile of
+// TJ source columns). Each thread owns one output column of a chunk of the
+// block's output columns, walks the group's rows and accumulates its pixel's
+// gradient in shared memory, weighted by the vertical lerp weights, into a
+// "top" (source row r) and a "bottom" (source row min(r + 1, h - 1)) row.
+// Then the horizontal adjoint sums each (channel, source column) over its
+// output columns in increasing x into per-block accumulators, and the block
+// writes partial slots part[b][r][top|bottom][c][j]. A last kernel adds
+// top(i) + bottom(i - 1) (+ bottom(h - 1) on the last row) in that order.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "../common/fada_math.h"
+
+namespace fada {
+namespace cuda {
+
+constexpr int kReduceThreads = 256;
+constexpr int kFinalThreads = 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Blocks for a one-thread-per-pixel launch. Depends only on the problem size
+// (never on the device), so the reduction order is the same everywhere.
+inline int64_t pixel_blocks(int64_t total) {
+  const int64_t blocks = ceil_div(total, kReduceThreads);
+  return blocks < 1 ? 1 : (blocks > 65536 ? 65536 : blocks);
+}
+
+// Sum of v over the block (blockDim.x == kReduceThreads) in a fixed tree order;
+// the result is valid in thread 0.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// One block of kFinalThreads: out[0] = (sum of partials) / divisor, summed in a
+// fixed order. divisor == nullptr: no division.
+template <typename scalar_t, typename acc_t, typename div_t>
+__global__ void reduce_partials_kernel(const acc_t* __restrict__ partials, int64_t n, const div_t* __restrict__ divisor,
+                                       acc_t constant_divisor, scalar_t* __restrict__ out) {
+  __shared__ acc_t shared[kFinalThreads];
+  acc_t v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
+  const acc_t total = block_sum(v, shared);
+  if (threadIdx.x == 0) {
+    acc_t d = constant_divisor;
+    if (divisor != nullptr) d = static_cast<acc_t>(*divisor);
+    out[0] = static_cast<scalar_t>(total / d);
+  }
+}
+
+// First output index o in [0, out) with i1(o) >= j (out if none).
+template <typename acc_t>
+__device__ int64_t first_reaching(int64_t j, acc_t scale, int64_t in, int64_t out) {
+  int64_t lo = 0, hi = out;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (source_index<acc_t>(scale, mid, in).i1 >= j) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// First output index o in [0, out) with i0(o) > j (out if none).
+template <typename acc_t>
+__device__ int64_t first_beyond(int64_t j, acc_t scale, int64_t in, int64_t out) {
+  int64_t lo = 0, hi = out;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (source_index<acc_t>(scale, mid, in).i0 > j) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// First output index o with i0(o) >= r.
+template <typename acc_t>
+__device__ int64_t first_at_or_beyond(int64_t r, acc_t scale, int64_t in, int64_t out) {
+  int64_t lo = 0, hi = out;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (source_index<acc_t>(scale, mid, in).i0 >= r) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// grad[b][c][i][j] from the partial slots, fixed order (see the top comment).
+template <typename scalar_t, typename acc_t>
+__global__ void gather_partials_kernel(const acc_t* __restrict__ part, int64_t B, int64_t C, int64_t h, int64_t w,
+                                       scalar_t* __restrict__ grad) {
+  const int64_t total = B * C * h * w;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = idx % w;
+    const int64_t i = (idx / w) % h;
+    const int64_t c = (idx / (w * h)) % C;
+    const int64_t b = idx / (w * h * C);
+    const int64_t slot = C * w;
+    const int64_t off = c * w + j;
+    acc_t v = part[((b * h + i) * 2 + 0) * slot + off];
+    if (i > 0) v += part[((b * h + i - 1) * 2 + 1) * slot + off];
+    if (i == h - 1) v += part[((b * h + i) * 2 + 1) * slot + off];
+    grad[idx] = static_cast<scalar_t>(v);
+  }
+}
+
+// Launch configuration of the backward: NX threads (output columns per
+// chunk), TJ source columns per block, and the dynamic shared memory:
+// top/bottom [C][NX], accumulators [2][C][TJ], ranges [2][TJ] (int64).
+struct AdjointConfig {
+  int nx = 128;
+  int64_t tj = 1;
+  size_t smem = 0;
+};
+
+template <typename acc_t>
+size_t adjoint_smem(int64_t channels, int nx, int64_t tj) {
+  return static_cast<size_t>(2 * channels * nx + 2 * channels * tj) * sizeof(acc_t) +
+         static_cast<size_t>(2 * tj) * sizeof(int64_t);
+}
+
+template <typename acc_t, typename Kernel>
+AdjointConfig adjoint_config(int64_t channels, int64_t w, int64_t out_w, Kernel kernel) {
+  AdjointConfig cfg;
+  const int device = at::cuda::current_device();
+  const size_t max_optin = at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin;
+  for (int nx = 128; nx >= 32; nx /= 2) {
+    // about nx output columns per block: tj source columns span (tj + 1) * out_w / w of them
+    int64_t tj = (static_cast<int64_t>(nx) * w) / (out_w > 0 ? out_w : 1) - 1;
+    tj = tj < 1 ? 1 : (tj > 32 ? 32 : tj);
+    cfg.nx = nx;
+    cfg.tj = tj;
+    cfg.smem = adjoint_smem<acc_t>(channels, nx, tj);
+    if (cfg.smem <= 48 * 1024) break;
+  }
+  TORCH_CHECK(cfg.smem <= max_optin, "fada_core CUDA kernel: ", channels,
+              " channels need more shared memory than the device offers (", cfg.smem, " > ", max_optin, " bytes)");
+  if (cfg.smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
+  }
+  return cfg;
+}
+
+}  // namespace cuda
+}  // namespace fada
