@@ -293,14 +293,15 @@ def plot(result: Dict, path: str) -> Optional[str]:
     colors: Dict[str, str] = {}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     for ax, op in zip(axes[0], ops):
-        # Lines: the resolution sweep (low resolution = output / 8); crosses: the pipeline shapes.
+        # Lines: shapes whose low resolution is exactly output / 8 (the sweep and torchvision-style
+        # pipeline shapes); crosses: the others (65x129, Caffe-style).
         lines: Dict[str, List] = {}
         points: Dict[str, List] = {}
         for rows in by_case(records, op).values():
             c = rows[0]["case"]
             if c["classes"] != 19 or c["batch"] != 1:
                 continue
-            target = lines if c["group"] in ("sweep_hw", "small") else points
+            target = lines if (c["H"], c["W"]) == (8 * c["h"], 8 * c["w"]) else points
             for r in rows:
                 s = r.get("speedup", {}).get("fwdbwd", {}).get("vs_official")
                 if s is None or r.get("baseline"):
@@ -320,7 +321,7 @@ def plot(result: Dict, path: str) -> Optional[str]:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("output pixels H x W (B=1, K=19; o: sweep, x: pipeline shapes)")
+        ax.set_xlabel("output pixels H x W (B=1, K=19; o: h x w = H/8 x W/8, x: 65x129)")
         ax.set_ylabel("speedup over official (fwd+bwd)")
         ax.set_title(f"{op} on {result['environment']['device']}")
         ax.grid(True, which="both", alpha=0.3)

@@ -133,5 +133,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    from fada_examples.config import ConfigError
+
+    try:
+        return main()
+    except (ConfigError, FileNotFoundError) as exc:  # user errors: the message names the key or path
+        print(f"{os.path.basename(__file__)}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

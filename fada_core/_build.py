@@ -47,6 +47,7 @@ _failure: Optional[str] = None
 _attempted = False
 _warned = False
 _cuda_reason: Optional[str] = None  # why the CUDA sources were left out of the build
+_build_dir: Optional[str] = None  # where the last JIT build went
 _availability: Dict[tuple, bool] = {}
 
 
@@ -328,7 +329,7 @@ def load(
             load fails. A failure is remembered: later calls raise the same error
             without rebuilding.
     """
-    global _loaded, _origin, _library_path, _failure, _attempted, _cuda_reason
+    global _loaded, _origin, _library_path, _failure, _attempted, _cuda_reason, _build_dir
     with _lock:
         if _loaded:
             return
@@ -359,6 +360,7 @@ def load(
                 with_cuda, _cuda_reason = cuda_decision(force=force_cuda)
                 if force_cuda and not with_cuda:
                     raise RuntimeError(f"cannot build the CUDA kernels: {_cuda_reason}")
+                _build_dir = build_directory(with_cuda)
                 if _ensure_ninja_on_path():
                     _library_path = _jit_build(with_cuda, verbose, ptxas_verbose)
                 else:
@@ -495,6 +497,6 @@ def status() -> Dict[str, Any]:
         "cuda_kernels": cuda_kernels,
         "cuda_kernels_reason": None if cuda_kernels else (_cuda_reason or "not built") if _loaded else cuda_reason,
         "would_build_cuda": include_cuda,
-        "build_dir": os.path.dirname(_library_path) if _library_path else build_directory(include_cuda),
+        "build_dir": os.path.dirname(_library_path) if _library_path else _build_dir or build_directory(include_cuda),
         "ops": ops_devices,
     }

@@ -205,3 +205,26 @@ def test_info_json_no_load():
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout)
     assert status["torch"] == torch.__version__ and status["loaded"] is False
+
+
+@pytest.mark.parametrize("build_ext", ["", "1"])
+def test_setup_py_metadata_with_and_without_extension(build_ext):
+    # Without FADA_CORE_BUILD_EXT the install is pure Python (setup.py must not need
+    # torch); with it, setup.py declares fada_core._C from the same sources as the JIT build.
+    code = (
+        "import sys, setuptools\n"
+        "captured = {}\n"
+        "setuptools.setup = lambda **kw: captured.update(kw)\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        "import runpy; runpy.run_path('setup.py', run_name='__main__')\n"
+        "exts = captured.get('ext_modules', [])\n"
+        "print('EXT', [e.name for e in exts], sorted(s.split('/')[-1] for e in exts for s in e.sources))\n"
+        "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
+    )
+    proc = _run_python(code, FADA_CORE_BUILD_EXT=build_ext)
+    assert proc.returncode == 0, proc.stderr
+    if build_ext:
+        assert "EXT ['fada_core._C']" in proc.stdout
+        assert "class_stats_kernel.cpp" in proc.stdout and "fada_core.cpp" in proc.stdout
+    else:
+        assert "EXT []" in proc.stdout and "TORCH_IMPORTED False" in proc.stdout

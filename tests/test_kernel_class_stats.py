@@ -230,4 +230,5 @@ def test_cuda_opcheck_and_compile(cuda_kernel_ops):
     features, labels = features.cuda(), labels.cuda()
     torch.library.opcheck(cuda_kernel_ops.class_center_stats.default, (features, labels, 3, IGNORE))
     fn = torch.compile(lambda f, l: torch.ops.fada_core.class_center_stats(f, l, 3, IGNORE)[1] * 2, fullgraph=True)
-    torch.testing.assert_close(fn(features, labels), cuda_kernel_ops.class_center_stats(features, labels, 3, IGNORE)[1] * 2)
+    want = cuda_kernel_ops.class_center_stats(features, labels, 3, IGNORE)[1] * 2
+    torch.testing.assert_close(fn(features, labels), want)

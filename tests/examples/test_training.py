@@ -1,7 +1,6 @@
 """Training engine of the examples: models, configs, the three stages, exact resume, DDP (gloo)."""
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
@@ -261,3 +260,58 @@ def test_bf16_autocast_adv_iteration_and_data_root_errors(synthetic_dir, tmp_pat
                           [f"datasets.source_root={tmp_path}/nonexistent_gta", f"datasets.target_root={tmp_path}",
                            f"output_dir={tmp_path}/bad"])
         train_stage("src", bad, progress=False, tensorboard=False)
+
+
+def test_kernel_backend_matches_eager_in_training(synthetic_dir, tmp_path, kernel_ops):
+    rows = {}
+    for backend in ("kernel", "eager"):
+        cfg = tiny_cfg("adv", synthetic_dir, str(tmp_path / backend), f"backend={backend}", "deterministic=true")
+        rows[backend] = train_stage("adv", cfg, progress=False, tensorboard=False).history
+    for a, b in zip(rows["kernel"], rows["eager"]):
+        for col in ("loss_seg", "loss_adv", "loss_D"):
+            assert a[col] == pytest.approx(b[col], rel=1e-5, abs=1e-8), col
+
+
+def test_first_adversarial_iteration_matches_official_formulas(synthetic_dir, tmp_path):
+    """Iteration 1 of stage 2 recomputed with the official train_adv.py formulas (full-resolution
+    upsampling, T = 1.8 on the supervised loss, soft labels capped at 0.9, 0.001 / 0.5 / 0.5)."""
+    import torch.nn.functional as F
+
+    import fada_core
+    from fada_examples.engine import trainer as T
+
+    src = train_stage("src", tiny_cfg("src", synthetic_dir, str(tmp_path / "src"), "solver.stop_iter=1"),
+                      progress=False, tensorboard=False)
+    cfg = tiny_cfg("adv", synthetic_dir, str(tmp_path / "adv"), f"init_from={src.checkpoint}", "solver.stop_iter=1")
+    row = train_stage("adv", cfg, progress=False, tensorboard=False).history[0]
+
+    init = C.load_checkpoint(src.checkpoint)
+    feat, cls = M.build_segmentor("small", 19, None, freeze_bn=False)
+    feat.load_state_dict(init["feature_extractor"])
+    cls.load_state_dict(init["classifier"])
+    torch.manual_seed(cfg["seed"] + 1)
+    disc = fada_core.FineGrainedDiscriminator(128, 19, ndf=16)
+    src_ds = T._source_dataset(cfg, "adv", None)
+    x_s, y_s = next(iter(T._loader(src_ds, 2, cfg, 0, 0, 1, T._class_lists(cfg, src_ds))))[:2]
+    x_t = next(iter(T._loader(T._target_dataset(cfg), 2, cfg, 1, 0, 1)))[0]
+    size = tuple(x_s.shape[-2:])
+
+    def soft_ce(pred, soft):
+        return torch.mean(torch.sum(-soft * F.log_softmax(pred, dim=1), dim=1))
+
+    with torch.no_grad():
+        f_s = feat(x_s)
+        pred_s = cls(f_s, size) / 1.8
+        loss_seg = F.cross_entropy(pred_s, y_s.long(), ignore_index=255)
+        a_s = F.softmax(pred_s, dim=1)
+        a_s[a_s > 0.9] = 0.9
+        f_t = feat(x_t)
+        a_t = F.softmax(cls(f_t, size) / 1.8, dim=1)
+        a_t[a_t > 0.9] = 0.9
+        zeros = torch.zeros_like(a_t)
+        loss_adv = 0.001 * soft_ce(disc(f_t, size), torch.cat((a_t, zeros), 1))
+        loss_d = 0.5 * soft_ce(disc(f_s, size), torch.cat((a_s, zeros), 1)) + \
+            0.5 * soft_ce(disc(f_t, size), torch.cat((zeros, a_t), 1))
+    assert row["loss_seg"] == pytest.approx(float(loss_seg), rel=1e-5)
+    assert row["loss_adv"] == pytest.approx(float(loss_adv), rel=1e-5)
+    assert row["loss_D"] == pytest.approx(float(loss_d), rel=1e-5)

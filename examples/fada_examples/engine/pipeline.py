@@ -5,7 +5,6 @@ import csv
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint

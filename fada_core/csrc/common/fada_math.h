@@ -75,10 +75,12 @@ FADA_HD acc_t bilinear_sample(const scalar_t* plane, int64_t w, const LinearInde
 
 // ---------------------------------------------------------------- softmax pieces
 
+// Running maximum for a logsumexp. A NaN operand may be dropped here (this
+// compiles to one max instruction); the NaN still reaches the result through
+// exp(z - max) in the sum.
 template <typename acc_t>
-FADA_HD acc_t max_nan(acc_t a, acc_t b) {
-  // a NaN in b is kept (the exp-sum carries a NaN in a anyway)
-  return (b > a || b != b) ? b : a;
+FADA_HD acc_t running_max(acc_t a, acc_t b) {
+  return b > a ? b : a;
 }
 
 template <typename acc_t>
@@ -118,10 +120,12 @@ FADA_HD acc_t soft_label(acc_t e, acc_t inv_sum, acc_t cap) {
   return p > cap ? cap : p;
 }
 
-// One class's share of the soft-label cross-entropy: -a * log_softmax(z)_c.
+// One class's share of the soft-label cross-entropy: -a * log_softmax(z)_c,
+// with log_softmax(z)_c = (z_c - max) - log(sum_c exp(z_c - max)) computed in
+// that order (as torch does), so a dominant class loses no precision.
 template <typename acc_t>
-FADA_HD acc_t fada_loss_term(acc_t a, acc_t z, acc_t lse) {
-  return a * (lse - z);
+FADA_HD acc_t fada_loss_term(acc_t a, acc_t z, acc_t max, acc_t log_sum) {
+  return a * (log_sum - (z - max));
 }
 
 // d loss / d z_c for one pixel: (sum_c a_c) * softmax(z)_c - y_c, where y is
@@ -131,10 +135,10 @@ FADA_HD acc_t fada_grad_term(acc_t a_sum, acc_t p, acc_t y) {
   return a_sum * p - y;
 }
 
-// Cross-entropy of one pixel: logsumexp(z) - z_label.
+// Cross-entropy of one pixel: -log_softmax(z)_label = log_sum - (z_label - max).
 template <typename acc_t>
-FADA_HD acc_t ce_loss_term(acc_t lse, acc_t z_label) {
-  return lse - z_label;
+FADA_HD acc_t ce_loss_term(acc_t max, acc_t log_sum, acc_t z_label) {
+  return log_sum - (z_label - max);
 }
 
 // d CE / d z_c: softmax(z)_c - [c == label].

@@ -43,11 +43,6 @@ void check_ce_inputs(const at::Tensor& logits, const at::Tensor& labels, double 
   TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive, got ", temperature);
 }
 
-template <typename acc_t>
-inline void max_into(acc_t* __restrict m, const acc_t* __restrict z, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) m[x] = max_nan(m[x], z[x]);
-}
-
 // z <- z / T (in place); z_label += z where label == c.
 template <typename acc_t>
 inline void scale_pick(acc_t* __restrict z, acc_t* __restrict zl, const int32_t* __restrict lab, int32_t c, acc_t inv_t,
@@ -123,7 +118,7 @@ struct CeScratch {
   // z (divided by T), its max m, sum of exp(z - m), the labels of the tile as
   // int32 (-1 for ignored pixels) and z at the label (0 where ignored).
   void load_tile(const CeProblem<scalar_t>& p, int64_t b, int64_t y, int64_t x0, int64_t n) {
-    rows.vertical(p.ly.lambda[y], x0, n, z.data(), kTile);
+    rows.vertical_max(p.ly.lambda[y], x0, n, z.data(), kTile, m.data());
     const int64_t* src = p.labels + (b * p.H + y) * p.W + x0;
     for (int64_t x = 0; x < n; ++x) {
       const int64_t l = src[x];
@@ -134,8 +129,8 @@ struct CeScratch {
     acc_t* zp = z.data();
     std::fill(zl.begin(), zl.begin() + n, acc_t(0));
     for (int64_t c = 0; c < p.K; ++c) scale_pick(zp + c * kTile, zl.data(), lab.data(), static_cast<int32_t>(c), p.inv_t, n);
-    std::copy(zp, zp + n, m.data());
-    for (int64_t c = 1; c < p.K; ++c) max_into(m.data(), zp + c * kTile, n);
+    // fl(v / T) is monotone in v: the max of the scaled values is the scaled max
+    for (int64_t x = 0; x < n; ++x) m[x] *= p.inv_t;
     std::fill(sum.begin(), sum.begin() + n, acc_t(0));
     for (int64_t c = 0; c < p.K; ++c) exp_sum_into(sum.data(), zp + c * kTile, m.data(), n);
   }
@@ -172,7 +167,7 @@ bool ce_forward_kernel(const CeProblem<scalar_t>& p, scalar_t* out_map, double* 
         const int32_t* __restrict lab = t.lab.data();
         acc_t* __restrict loss = t.val.data();
         for (int64_t x = 0; x < n; ++x) {
-          const acc_t v = ce_loss_term(mx[x] + vlog(sm[x]), zl[x]);
+          const acc_t v = ce_loss_term(mx[x], vlog(sm[x]), zl[x]);
           loss[x] = lab[x] >= 0 ? v : acc_t(0);
         }
         const int64_t pix = (b * p.H + y) * p.W + x0;

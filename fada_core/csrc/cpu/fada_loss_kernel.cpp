@@ -62,11 +62,6 @@ void check_fada_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t do
 
 // Per-channel passes over a tile's pixels. Each is a free function on
 // __restrict pointers so that GCC vectorises the loop over x.
-template <typename acc_t>
-inline void max_into(acc_t* __restrict m, const acc_t* __restrict z, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) m[x] = max_nan(m[x], z[x]);
-}
-
 // sum += exp((z - m) * scale), z untouched.
 template <typename acc_t>
 inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
@@ -97,8 +92,8 @@ inline void soft_label_into(acc_t* __restrict e, acc_t* __restrict asum, const a
 
 template <typename acc_t>
 inline void loss_into(acc_t* __restrict loss, const acc_t* __restrict a, const acc_t* __restrict z,
-                      const acc_t* __restrict lse, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) loss[x] += fada_loss_term(a[x], z[x], lse[x]);
+                      const acc_t* __restrict m, const acc_t* __restrict log_sum, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) loss[x] += fada_loss_term(a[x], z[x], m[x], log_sum[x]);
 }
 
 // g = gw * ((sum a) * e / sum_e - y); top += (1 - ly) g; bottom += ly g.
@@ -201,8 +196,6 @@ struct FadaScratch {
   // Load tile [x0, x0 + n) of output row y of item b: z, and the soft labels
   // a (in s) with their sum in asum.
   void load_tile(const FadaProblem<scalar_t>& p, int64_t y, int64_t x0, int64_t n) {
-    drows.vertical(p.dy.lambda[y], x0, n, z.data(), kTile);
-    srows.vertical(p.sy.lambda[y], x0, n, s.data(), kTile);
     const int64_t K = p.K;
     const acc_t inv_t = p.inv_t, cap = p.cap;
     acc_t* __restrict sp = s.data();
@@ -211,17 +204,14 @@ struct FadaScratch {
     acc_t* __restrict inv = aux.data();
     acc_t* __restrict as = asum.data();
     // soft label: a_c = min(exp((s_c - max) / T) / sum, cap)
-    std::copy(sp, sp + n, mx);
-    for (int64_t c = 1; c < K; ++c) max_into(mx, sp + c * kTile, n);
+    srows.vertical_max(p.sy.lambda[y], x0, n, sp, kTile, mx);
     std::fill(sm, sm + n, acc_t(0));
     for (int64_t c = 0; c < K; ++c) exp_store_sum(sp + c * kTile, sm, mx, inv_t, n);
     for (int64_t x = 0; x < n; ++x) inv[x] = static_cast<acc_t>(1) / sm[x];
     std::fill(as, as + n, acc_t(0));
     for (int64_t c = 0; c < K; ++c) soft_label_into(sp + c * kTile, as, inv, cap, n);
-    // max of the 2K disc logits
-    const acc_t* zp = z.data();
-    std::copy(zp, zp + n, mx);
-    for (int64_t c = 1; c < 2 * K; ++c) max_into(mx, zp + c * kTile, n);
+    // the 2K disc logits and their max
+    drows.vertical_max(p.dy.lambda[y], x0, n, z.data(), kTile, mx);
   }
 };
 
@@ -245,15 +235,15 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, doub
         const acc_t* __restrict ap = t.s.data();
         const acc_t* __restrict mx = t.m.data();
         acc_t* __restrict sm = t.sum.data();
-        acc_t* __restrict lse = t.aux.data();
+        acc_t* __restrict log_sum = t.aux.data();
         acc_t* __restrict loss = t.val.data();
         std::fill(sm, sm + n, acc_t(0));
         for (int64_t c = 0; c < 2 * K; ++c) exp_sum_into(sm, zp + c * kTile, mx, n);
         for (int64_t x = 0; x < n; ++x) {
-          lse[x] = mx[x] + vlog(sm[x]);
+          log_sum[x] = vlog(sm[x]);
           loss[x] = 0;
         }
-        for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, lse, n);
+        for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, mx, log_sum, n);
         const int64_t pix = (b * p.H + y) * p.W + x0;
         if (p.weight != nullptr) {
           const acc_t* __restrict wt = p.weight + pix;

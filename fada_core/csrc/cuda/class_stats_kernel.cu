@@ -128,6 +128,7 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
         acc1[group] += a;
         acc2[group] += q;
       }
+      __syncwarp();  // the next update of this class may come from another lane
       pending &= ~__ballot_sync(kFullMask, mine);
     }
   }
@@ -258,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
           const int64_t blocks = (units + warps - 1) / warps;
           const size_t shmem = static_cast<size_t>(per_warp * warps);
           TORCH_CHECK(blocks <= 0x7fffffff, "class_center_stats: too many channels x pixels");
-          partial_stats_kernel<scalar_t><<<static_cast<unsigned>(blocks), static_cast<unsigned>(warps * 32), shmem, stream>>>(
+          const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(warps * 32));
+          partial_stats_kernel<scalar_t><<<grid, block, shmem, stream>>>(
               x, g, slot.data_ptr<int32_t>(), first_p, num_classes, num_pixels, splits, split_len,
               part1.data_ptr<double>(), part2.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();

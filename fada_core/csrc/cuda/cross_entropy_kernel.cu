@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kReduceThreads)
       acc_t m, s;
       logit_stats(plane0, g, iy, ix, m, s);
       const acc_t zl = bilinear_sample(plane0 + label * g.h * g.w, g.w, iy, ix) * g.inv_t;
-      loss = ce_loss_term(m + log_acc(s), zl);
+      loss = ce_loss_term(m, log_acc(s), zl);
     }
     if (out_map != nullptr) {
       out_map[idx] = static_cast<scalar_t>(loss);

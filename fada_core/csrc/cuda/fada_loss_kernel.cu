@@ -78,13 +78,13 @@ __global__ void __launch_bounds__(kReduceThreads)
     acc_t ms, inv_ss, asum, m, s;
     seg_stats(splane, g, siy, six, ms, inv_ss, asum);
     disc_stats(dplane, g, iy, ix, m, s);
-    const acc_t lse = m + log_acc(s);
+    const acc_t log_sum = log_acc(s);
     acc_t loss = 0;
     for (int64_t c = 0; c < g.K; ++c) {
       const acc_t v = bilinear_sample(splane + c * g.hs * g.ws, g.ws, siy, six) * g.inv_t;
       const acc_t a = soft_label(exp_acc(v - ms), inv_ss, g.cap);
       const acc_t z = bilinear_sample(dplane + (g.off + c) * g.h * g.w, g.w, iy, ix);
-      loss += fada_loss_term(a, z, lse);
+      loss += fada_loss_term(a, z, m, log_sum);
     }
     if (weight != nullptr) loss *= weight[idx];
     if (out_map != nullptr) {
