@@ -102,8 +102,10 @@ def main(argv=None) -> int:
     from fada_examples.engine import format_summary, prepare_data, run_pipeline, train_stage
     from fada_examples.engine.pipeline import write_summary_csv
 
+    import torch
+
     first = cfgs[stages[0]]
-    device_kind = "cuda" if (first["device"] in ("auto", "cuda") and __import__("torch").cuda.is_available()) else "cpu"
+    device_kind = "cuda" if (first["device"] in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
     D.init_distributed(device_kind)
     try:
         if args.stage == "all":
