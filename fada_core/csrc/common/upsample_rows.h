@@ -12,7 +12,10 @@
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -36,6 +39,40 @@ inline bool debug_poison() {
 template <typename acc_t>
 std::vector<acc_t> scratch(size_t n) {
   return std::vector<acc_t>(n, debug_poison() ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0));
+}
+
+// Tasks handed out in small chunks of consecutive indices from a shared
+// counter, so that a thread whose core is busy with another process does not
+// hold the others back (at::parallel_for splits statically). Every task
+// writes only its own outputs, so results do not depend on which thread ran
+// which task.
+class TaskQueue {
+ public:
+  TaskQueue(int64_t n, int64_t chunk) : n_(n), chunk_(chunk) {}
+  bool next(int64_t& begin, int64_t& end) const {
+    begin = next_.fetch_add(chunk_);
+    if (begin >= n_) return false;
+    end = std::min(begin + chunk_, n_);
+    return true;
+  }
+
+ private:
+  int64_t n_, chunk_;
+  mutable std::atomic<int64_t> next_{0};
+};
+
+// Calls fn(queue) once per worker thread; fn builds its scratch and then
+// drains the queue: for (int64_t b = 0, e = 0; queue.next(b, e);) ...
+template <typename F>
+void parallel_tasks(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = n >= 8 * threads ? 4 : 1;  // consecutive groups share cached source rows
+  const int64_t workers = std::min<int64_t>(threads, (n + chunk - 1) / chunk);
+  const TaskQueue queue(n, chunk);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) fn(queue);
+  });
 }
 
 // Source positions of every output index along one axis.

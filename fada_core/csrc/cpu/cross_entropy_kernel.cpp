@@ -147,8 +147,9 @@ template <typename scalar_t>
 bool ce_forward_kernel(const CeProblem<scalar_t>& p, scalar_t* out_map, double* row_sums, int64_t* row_counts) {
   using acc_t = at::opmath_type<scalar_t>;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, p.B * p.h, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
     CeScratch<scalar_t> t(p);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.h, r = task % p.h;
       if (p.groups[r] == p.groups[r + 1]) continue;
@@ -197,9 +198,10 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.K, W = p.W;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, p.B * p.h, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
     CeScratch<scalar_t> t(p);
     std::vector<acc_t> top = scratch<acc_t>(C * W), bot = scratch<acc_t>(C * W);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.h, r = task % p.h;
       acc_t* slot_top = part + (task * 2 + 0) * C * p.w;

@@ -219,9 +219,10 @@ template <typename scalar_t>
 void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, double* row_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tasks = p.B * p.h;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(tasks, [&](const TaskQueue& queue) {
     FadaScratch<scalar_t> t(p);
     const int64_t K = p.K;
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.h, r = task % p.h;
       if (p.groups[r] == p.groups[r + 1]) continue;
@@ -270,9 +271,10 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tasks = p.B * p.h;
   const int64_t C = 2 * p.K, K = p.K, W = p.W;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(tasks, [&](const TaskQueue& queue) {
     FadaScratch<scalar_t> t(p);
     std::vector<acc_t> top = scratch<acc_t>(C * W), bot = scratch<acc_t>(C * W);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.h, r = task % p.h;
       acc_t* slot_top = part + (task * 2 + 0) * C * p.w;

@@ -143,9 +143,12 @@ AdjointConfig adjoint_config(int64_t channels, int64_t w, int64_t out_w, Kernel 
   AdjointConfig cfg;
   const int device = at::cuda::current_device();
   const size_t max_optin = at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin;
+  // widest run of output columns sharing one lower source column
+  const int64_t seg_max = w > 1 ? ceil_div(out_w - 1, w - 1) : out_w;
   for (int nx = 128; nx >= 32; nx /= 2) {
-    // about nx output columns per block: tj source columns span (tj + 1) * out_w / w of them
-    int64_t tj = (static_cast<int64_t>(nx) * w) / (out_w > 0 ? out_w : 1) - 1;
+    // a block's output columns (tj source columns plus the run left of them)
+    // fit in one chunk of nx: one pass over the group's rows
+    int64_t tj = nx / (seg_max > 0 ? seg_max : 1) - 1;
     tj = tj < 1 ? 1 : (tj > 32 ? 32 : tj);
     cfg.nx = nx;
     cfg.tj = tj;
