@@ -143,6 +143,7 @@ class FineGrainedAdversary(nn.Module):
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
 
     Example:
+        >>> from fada_core import FineGrainedDiscriminator
         >>> D = FineGrainedDiscriminator(in_channels=8, num_classes=3, ndf=16)
         >>> adv = FineGrainedAdversary(D, num_classes=3, backend="eager")
         >>> f_s, f_t = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)

@@ -155,6 +155,10 @@ AdjointConfig adjoint_config(int64_t channels, int64_t w, int64_t out_w, Kernel 
     cfg.smem = adjoint_smem<acc_t>(channels, nx, tj);
     if (cfg.smem <= 48 * 1024) break;
   }
+  if (cfg.smem > max_optin) {  // many channels: fewer source columns per block before giving up
+    cfg.tj = 1;
+    cfg.smem = adjoint_smem<acc_t>(channels, cfg.nx, cfg.tj);
+  }
   TORCH_CHECK(cfg.smem <= max_optin, "fada_core CUDA kernel: ", channels,
               " channels need more shared memory than the device offers (", cfg.smem, " > ", max_optin, " bytes)");
   if (cfg.smem > 48 * 1024) {
