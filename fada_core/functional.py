@@ -49,16 +49,25 @@ _KERNEL_DTYPES = {
 }
 
 
+@torch.compiler.assume_constant_result
+def _kernels_ready(device_type: str, op: str) -> bool:
+    # Evaluated in Python even while torch.compile traces (its result is a
+    # constant of the graph), so loading/building the kernels never breaks it.
+    from . import _build
+
+    return _build.kernels_available(device_type, op)
+
+
 def _use_kernel(backend: str, x: Tensor, op: str) -> bool:
     """Whether to run the compiled operator ``op`` for tensors like ``x``."""
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "eager":
         return False
-    from . import _build
-
-    if _build.kernels_available(x.device, op):
+    if _kernels_ready(x.device.type, op):
         return True
     if backend == "kernel":
+        from . import _build
+
         reason = _build.failure_reason() or f"no kernels are compiled for device type {x.device.type!r}"
         raise RuntimeError(f"backend='kernel' was requested but the fada_core kernels cannot be used: {reason}")
     return False
