@@ -281,6 +281,20 @@ inline acc_t gathered_partial(const acc_t* part, int64_t b, int64_t c, int64_t i
   return v;
 }
 
+// The low-resolution gradient (B, channels, h, w), contiguous: every element
+// gathered from the partials in the fixed order above, rows in parallel.
+template <typename scalar_t, typename acc_t>
+inline void write_gathered_partials(const acc_t* part, scalar_t* out, int64_t batch, int64_t channels, int64_t h,
+                                    int64_t w) {
+  at::parallel_for(0, batch * channels * h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % h, c = (row / h) % channels, b = row / (h * channels);
+      for (int64_t j = 0; j < w; ++j)
+        out[row * w + j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace fada
 

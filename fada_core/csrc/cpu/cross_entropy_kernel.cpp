@@ -323,15 +323,7 @@ at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad, const at
     acc_t* part_ptr = part.data_ptr<acc_t>();
     const bool ok = ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
     TORCH_CHECK(ok, kBadLabel);
-    scalar_t* out = grad_logits.data_ptr<scalar_t>();
-    const int64_t h = p.h, w = p.w;
-    at::parallel_for(0, B * C * h, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t i = row % h, c = (row / h) % C, b = row / (h * C);
-        for (int64_t j = 0; j < w; ++j)
-          out[row * w + j] = static_cast<scalar_t>(gathered_partial(part_ptr, b, c, i, j, C, h, w));
-      }
-    });
+    write_gathered_partials(part_ptr, grad_logits.data_ptr<scalar_t>(), B, C, p.h, p.w);
   });
   if (!grad_logits.is_same(result)) result.copy_(grad_logits);
   return result;

@@ -403,15 +403,7 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc
     if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
     acc_t* part_ptr = part.data_ptr<acc_t>();
     fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-    scalar_t* out = grad_disc.data_ptr<scalar_t>();
-    const int64_t h = p.h, w = p.w;
-    at::parallel_for(0, B * C * h, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t i = row % h, c = (row / h) % C, b = row / (h * C);
-        for (int64_t j = 0; j < w; ++j)
-          out[row * w + j] = static_cast<scalar_t>(gathered_partial(part_ptr, b, c, i, j, C, h, w));
-      }
-    });
+    write_gathered_partials(part_ptr, grad_disc.data_ptr<scalar_t>(), B, C, p.h, p.w);
   });
   if (!grad_disc.is_same(result)) result.copy_(grad_disc);
   return result;
