@@ -102,7 +102,7 @@ def markdown(result: Dict) -> str:
         if comp:
             lines += ["", "torch.compile time (first call minus steady-state forward+backward): "
                       + "; ".join(f"{r['case_name']}: {r['compile_s']:.1f} s" for r in comp)]
-    lines += ["", "## Targets of issue 3", ""] + target_lines(result)
+    lines += ["", "## Targets of issue 3, judged from this run alone", ""] + target_lines(result)
     return "\n".join(lines) + "\n"
 
 
