@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/class_stats_checks.h"
 #include "common/stats_math.h"
 
 namespace fada_core {
@@ -238,21 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cpu(const at::
                                                                       const at::Tensor& labels,
                                                                       int64_t num_classes,
                                                                       int64_t ignore_index) {
-  TORCH_CHECK(features.dim() == 4, "class_center_stats: features must be (B, C, h, w), got ",
-              features.sizes());
-  TORCH_CHECK(labels.dim() == 3, "class_center_stats: labels must be (B, h, w), got ",
-              labels.sizes());
-  TORCH_CHECK(features.size(0) == labels.size(0) && features.size(2) == labels.size(1) &&
-                  features.size(3) == labels.size(2),
-              "class_center_stats: labels ", labels.sizes(), " do not match features ",
-              features.sizes());
-  TORCH_CHECK(features.device() == labels.device(),
-              "class_center_stats: features and labels must be on the same device, got ",
-              features.device(), " and ", labels.device());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "class_center_stats: features must be floating point, got ", features.scalar_type());
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && !at::isComplexType(labels.scalar_type()),
-              "class_center_stats: labels must be an integer tensor, got ", labels.scalar_type());
+  stats::check_class_stats_args(features, labels);
   TORCH_CHECK(num_classes > 0 && num_classes < std::numeric_limits<int32_t>::max(),
               "class_center_stats: num_classes must be positive, got ", num_classes);
 

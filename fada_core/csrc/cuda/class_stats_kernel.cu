@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "common/class_stats_checks.h"
 #include "common/stats_math.h"
 
 namespace fada_core {
@@ -191,21 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
                                                                        const at::Tensor& labels,
                                                                        int64_t num_classes,
                                                                        int64_t ignore_index) {
-  TORCH_CHECK(features.dim() == 4, "class_center_stats: features must be (B, C, h, w), got ",
-              features.sizes());
-  TORCH_CHECK(labels.dim() == 3, "class_center_stats: labels must be (B, h, w), got ",
-              labels.sizes());
-  TORCH_CHECK(features.size(0) == labels.size(0) && features.size(2) == labels.size(1) &&
-                  features.size(3) == labels.size(2),
-              "class_center_stats: labels ", labels.sizes(), " do not match features ",
-              features.sizes());
-  TORCH_CHECK(features.device() == labels.device(),
-              "class_center_stats: features and labels must be on the same device, got ",
-              features.device(), " and ", labels.device());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "class_center_stats: features must be floating point, got ", features.scalar_type());
-  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && !at::isComplexType(labels.scalar_type()),
-              "class_center_stats: labels must be an integer tensor, got ", labels.scalar_type());
+  stats::check_class_stats_args(features, labels);
   // Shared memory: 3 * K doubles per warp, at least one warp within 48 KB.
   TORCH_CHECK(num_classes > 0 && num_classes <= 2048,
               "class_center_stats (CUDA): num_classes must be in [1, 2048], got ", num_classes);
