@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
+from kernel_testing import assert_close_scaled
 
 REDUCTIONS = ["none", "mean", "sum"]
 DOMAINS = ["source", "target"]
@@ -62,10 +63,7 @@ def _kernel(ops, disc, seg, domain, size, weight, reduction, grad_out):
 
 
 def _assert_close(got, want, dtype):
-    rtol = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
-    assert got.shape == want.shape and got.dtype == want.dtype
-    scale = want.double().abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=False)
+    assert_close_scaled(got, want, dtype, equal_nan=False)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,15 @@
+"""Comparison helper shared by the kernel parity tests."""
+
+import torch
+
+# per-dtype relative tolerances: tight enough that an indexing or weighting bug fails
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def assert_close_scaled(got, want, dtype, equal_nan=False):
+    """Same shape and dtype; values within RTOL[dtype], absolutely relative to the largest finite entry."""
+    rtol = RTOL[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    finite = want[torch.isfinite(want)]
+    scale = finite.double().abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=equal_nan)
