@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -123,6 +128,46 @@ def test_negative_ignore_index(kernel_ops):
     got = kernel_ops.class_center_stats(features, labels, 3, -1)
     want = _reference.class_center_stats(features, labels, 3, -1)
     _check_close(got, want)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("batch, channels, h, w", [(3, 35, 37, 41), (1, 16, 40, 13), (2, 48, 23, 23)])
+def test_many_chunks_match_reference(kernel_ops, batch, channels, h, w, offset):
+    # The hypothesis shapes fit in one chunk of the CPU kernel's plan (512
+    # pixels); these span several per image, with a partial last chunk, and
+    # both the 16-channel SIMD blocks and a scalar tail block.
+    features, labels = _sample(batch, channels, h, w, 19, torch.float32, offset, 0.1, seed=12)
+    got = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+    want = _reference.class_center_stats(features, labels, 19, IGNORE)
+    _check_close(got, want, offset)
+
+
+_ISA_SCRIPT = """
+import torch
+from fada_core import _build, _reference
+_build.load()
+g = torch.Generator().manual_seed(13)
+x = (torch.randn(2, 40, 31, 29, generator=g, dtype=torch.float64) + 1e3).float()
+y = torch.randint(0, 7, (2, 31, 29), generator=g)
+y[torch.rand(2, 31, 29, generator=g) < 0.2] = 255
+got = torch.ops.fada_core.class_center_stats(x, y, 7, 255)
+want = _reference.class_center_stats(x, y, 7, 255)
+torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-6)
+torch.testing.assert_close(got[2], want[2], rtol=1e-9, atol=1e-9)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set paths")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_instruction_sets_match_reference(kernel_ops, capability):
+    # The float32 path is picked once per process from the CPU's features, so
+    # the narrower ones (scalar, AVX2) run in a child process capped by
+    # ATEN_CPU_CAPABILITY, as torch's own kernels are.
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def _big_case():

@@ -4,9 +4,12 @@
 // Accuracy with a large common offset: every class k gets a shift s_k (its
 // first pixel's feature vector), and the kernels accumulate, per class and
 // channel, in float64,
-//     S1 = Σ (x − s),   S2 = Σ (x − s)².
-// Then mean = s + S1/n and the centred sum of squares is S2 − S1²/n, which
-// only cancels at the scale of the class's spread, not of the offset.
+//     S = Σ x,   Q = Σ (x − s)².
+// Then mean = S/n, and the centred sum of squares is Q − (S − n·s)²/n, which
+// only cancels at the scale of the class's spread, not of the offset. S needs
+// no shift: float32 inputs are summed exactly in float64 up to 2^29 pixels of
+// one exponent range, and elsewhere the error is that of the plain mean.
+// Q may be summed over channels before finishing (the CPU kernel does).
 #pragma once
 
 #include <cstdint>
@@ -23,25 +26,30 @@ FADA_HD int64_t label_slot(int64_t label, int64_t num_classes, int64_t ignore_in
   return (label >= 0 && label < num_classes) ? label : -1;
 }
 
-// One sample into the shifted accumulators. T is double, or a vector of
-// doubles (GCC/Clang vector extension) for several channels at once.
+// One sample into the accumulators. T is double, or a vector of doubles
+// (GCC/Clang vector extension) for several channels at once.
 template <typename T>
-FADA_HD void accumulate(T x, T shift, T& s1, T& s2) {
+FADA_HD void accumulate(T x, T shift, T& sum, T& sq) {
   const T d = x - shift;
-  s1 += d;
-  s2 += d * d;
+  sum += x;
+  sq += d * d;
 }
 
-// Mean of a class's channel from its shifted sum; 0 for an absent class.
-FADA_HD double finish_mean(double shift, double s1, double n) {
-  return n > 0.0 ? shift + s1 / n : 0.0;
-}
+// Mean of a class's channel from its sum; 0 for an absent class.
+FADA_HD double finish_mean(double sum, double n) { return n > 0.0 ? sum / n : 0.0; }
 
-// Centred sum of squares of one channel, Σ (x − mean)², from the shifted sums;
-// clamped at 0 against rounding; 0 for an absent class.
-FADA_HD double finish_m2(double s1, double s2, double n) {
+// (S − n·s)²/n: what the shift adds to one channel's Q over the centred sum of
+// squares; 0 for an absent class.
+FADA_HD double shift_excess(double sum, double shift, double n) {
   if (!(n > 0.0)) return 0.0;
-  const double m2 = s2 - s1 * (s1 / n);
+  const double d = sum - n * shift;
+  return d * (d / n);
+}
+
+// Centred sum of squares from Q and the matching shift excess (per channel or
+// summed over channels), clamped at 0 against rounding.
+FADA_HD double finish_m2(double sq, double excess) {
+  const double m2 = sq - excess;
   return m2 > 0.0 ? m2 : 0.0;
 }
 

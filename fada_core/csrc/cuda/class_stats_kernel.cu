@@ -7,10 +7,10 @@
 //     (channel, split): lanes read 32 consecutive pixels, pixels of the same
 //     class are summed with a fixed butterfly, and the group's first lane adds
 //     the result into the warp's per-class accumulators in shared memory. Each
-//     warp writes its partial sums Σ(x−s), Σ(x−s)² (float64, shifted by the
-//     class's first pixel; common/stats_math.h) to its own slot.
+//     warp writes its partial sums Σx, Σ(x−s)² (float64, s the class's first
+//     pixel; common/stats_math.h) to its own slot.
 //  3. reduce_splits: per (class, channel), sums the splits in order and
-//     finishes the mean and the channel's centred sum of squares.
+//     finishes the mean and the channel's share of the centred sum of squares.
 //  4. finish_classes: per class, a fixed-order block reduction over channels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -111,15 +111,15 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
   for (int64_t base = begin; base < end; base += 32) {
     const int64_t i = base + lane;
     const int k = i < end ? slot[i] : static_cast<int>(num_classes);
-    double d = 0.0;
-    if (k < num_classes) d = load_double(x + feature_offset(g, i, c)) - shift[k];
+    double v = 0.0, v2 = 0.0;  // this lane's x and (x − s)²
+    if (k < num_classes) stats::accumulate(load_double(x + feature_offset(g, i, c)), shift[k], v, v2);
     unsigned pending = __ballot_sync(kFullMask, k < num_classes);
     while (pending) {
       const int leader = __ffs(pending) - 1;
       const int group = __shfl_sync(kFullMask, k, leader);
       const bool mine = k == group;
-      double a = mine ? d : 0.0;
-      double q = mine ? d * d : 0.0;
+      double a = mine ? v : 0.0;
+      double q = mine ? v2 : 0.0;
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1) {
         a += __shfl_xor_sync(kFullMask, a, offset);
@@ -159,8 +159,8 @@ __global__ void reduce_splits_kernel(const scalar_t* __restrict__ x, Geometry g,
       s2 += part2[s * total + j];
     }
     const double n = static_cast<double>(count[k]);
-    means[j] = stats::finish_mean(class_shift(x, g, first, k, c), s1, n);
-    m2_channel[j] = stats::finish_m2(s1, s2, n);
+    means[j] = stats::finish_mean(s1, n);
+    m2_channel[j] = s2 - stats::shift_excess(s1, class_shift(x, g, first, k, c), n);
   }
 }
 
@@ -178,7 +178,7 @@ __global__ void finish_classes_kernel(const double* __restrict__ m2_channel,
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    m2_out[k] = partial[0];
+    m2_out[k] = stats::finish_m2(partial[0], 0.0);
     counts_out[k] = static_cast<double>(count[k]);
   }
 }

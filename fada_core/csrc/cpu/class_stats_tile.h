@@ -1,0 +1,195 @@
+// The float32 fast path of class_center_stats on x86: one block of 16 channels
+// (see class_stats_kernel.cpp for the plan it walks). Included twice by that
+// file, once per instruction set (AVX2, AVX-512), inside a
+// `#pragma GCC target` region and a namespace of its own, so one source gives
+// both and the CPU picks at run time. No include guard on purpose.
+//
+// Per chunk of pixels, the block's 16 channel planes are transposed into a
+// pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
+// are walked class by class with the sums in registers: per (chunk, class)
+// the registers go once into the block's float64 accumulators, instead of a
+// load and a store per pixel. Tiles are double-buffered and the next chunk is
+// transposed a slice at a time between classes, so its (cache-missing) loads
+// overlap this chunk's arithmetic.
+
+// 8 float64 lanes: one zmm register with AVX-512, a pair of ymm registers
+// with AVX2 (the compiler splits the vector type).
+typedef double d8 __attribute__((vector_size(64), aligned(8)));
+
+// Rows of 8 floats, one per channel, in; columns, one per pixel, out.
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Returns p and steps it to the same pixel of the next channel. The empty asm
+// hides the stride pattern from GCC, which would otherwise keep one pointer
+// per plane (16, spilled to the stack) instead of stepping one.
+inline const float* next_plane(const float*& p, int64_t hw) {
+  const float* current = p;
+  p += hw;
+  asm("" : "+r"(p));
+  return current;
+}
+
+// Tile rows [8 * g0, 8 * g1) of a chunk: pixel i's 16 channels at tile[16 i].
+// `plane` is channel c0 of the chunk's image, `p0` the chunk's first pixel.
+// Also prefetches the same rows of the next chunk, one line per plane per 16
+// pixels, so the walk after this one finds them in cache.
+inline void fill_tile(const float* plane, int64_t hw, int64_t p0, int64_t n, int64_t g0, int64_t g1,
+                      float* tile) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t i = 8 * g;
+    if (i >= n) return;
+    if ((g & 1) == 0 && p0 + i + kChunk < hw) {
+      const float* ahead = plane + p0 + i + kChunk;
+      for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(ahead, hw)), _MM_HINT_T1);
+    }
+    if (i + 8 <= n) {
+      __m256 lo[8], hi[8];
+      const float* src = plane + p0 + i;
+      for (int64_t j = 0; j < 8; ++j) lo[j] = _mm256_loadu_ps(next_plane(src, hw));
+      for (int64_t j = 0; j < 8; ++j) hi[j] = _mm256_loadu_ps(next_plane(src, hw));
+      transpose8x8(lo);
+      transpose8x8(hi);
+      for (int64_t t = 0; t < 8; ++t) {
+        _mm256_store_ps(tile + (i + t) * kBlock, lo[t]);
+        _mm256_store_ps(tile + (i + t) * kBlock + 8, hi[t]);
+      }
+    } else {
+      for (int64_t t = i; t < n; ++t)
+        for (int64_t j = 0; j < kBlock; ++j) tile[t * kBlock + j] = plane[j * hw + p0 + t];
+    }
+  }
+}
+
+inline d8 load_d8(const double* p) {
+  d8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_d8(double* p, d8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsics.)
+inline d8 widen(const float* p) {
+#ifdef __AVX512F__
+  return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p)));
+#else
+  const __m256d lo = _mm256_cvtps_pd(_mm_load_ps(p)), hi = _mm256_cvtps_pd(_mm_load_ps(p + 4));
+  d8 v;
+  __builtin_memcpy(&v, &lo, sizeof lo);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#endif
+}
+
+// Sums pixels order[a, e) of one class from a tile into sum[16] (Σx) and
+// sq[8] (Σ (x − s)², channel j in lane j % 8). kSets independent register sets hide
+// the add latency; AVX2 has the registers for one only.
+// a * b + c in one rounding.
+inline d8 fma_d8(d8 a, d8 b, d8 c) {
+#ifdef __AVX512F__
+  return reinterpret_cast<d8>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
+                                              reinterpret_cast<__m512d>(c)));
+#else
+  __m256d a2[2], b2[2], c2[2];
+  __builtin_memcpy(a2, &a, sizeof a);
+  __builtin_memcpy(b2, &b, sizeof b);
+  __builtin_memcpy(c2, &c, sizeof c);
+  for (int h = 0; h < 2; ++h) c2[h] = _mm256_fmadd_pd(a2[h], b2[h], c2[h]);
+  __builtin_memcpy(&c, c2, sizeof c);
+  return c;
+#endif
+}
+
+// stats::accumulate, with the sum's add done as x * 1 + sum on the FMA units:
+// conversions, subtractions and adds otherwise all queue for the same two FP
+// ports (AMD Zen) while the FMA ports idle. Same bits: x * 1 is exact. `one`
+// must be opaque to the compiler, or it folds the product back into an add.
+inline void accumulate_on_fma(d8 x, d8 shift, d8 one, d8& sum, d8& sq) {
+  const d8 d = x - shift;
+  sum = fma_d8(x, one, sum);
+  sq = fma_d8(d, d, sq);
+}
+
+template <int kSets>
+inline void walk_class(const float* tile, const uint16_t* order, int64_t a, int64_t e,
+                       const double* shift, double* sum, double* sq) {
+  const d8 s_lo = load_d8(shift), s_hi = load_d8(shift + 8);
+  const volatile double unit = 1.0;
+  const d8 one = d8{} + unit;
+  d8 sum_lo[kSets], sum_hi[kSets], sq_lo[kSets], sq_hi[kSets];
+  for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = d8{};
+  for (; a + kSets <= e; a += kSets) {
+    for (int r = 0; r < kSets; ++r) {
+      const float* row = tile + static_cast<int64_t>(order[a + r]) * kBlock;
+      accumulate_on_fma(widen(row), s_lo, one, sum_lo[r], sq_lo[r]);
+      accumulate_on_fma(widen(row + 8), s_hi, one, sum_hi[r], sq_hi[r]);
+    }
+  }
+  for (int r = 0; a < e; ++a, ++r) {
+    const float* row = tile + static_cast<int64_t>(order[a]) * kBlock;
+    accumulate_on_fma(widen(row), s_lo, one, sum_lo[r], sq_lo[r]);
+    accumulate_on_fma(widen(row + 8), s_hi, one, sum_hi[r], sq_hi[r]);
+  }
+  for (int r = 1; r < kSets; ++r) {
+    sum_lo[0] += sum_lo[r];
+    sum_hi[0] += sum_hi[r];
+    sq_lo[0] += sq_lo[r];
+    sq_hi[0] += sq_hi[r];
+  }
+  store_d8(sum, load_d8(sum) + sum_lo[0]);
+  store_d8(sum + 8, load_d8(sum + 8) + sum_hi[0]);
+  store_d8(sq, load_d8(sq) + (sq_lo[0] + sq_hi[0]));
+}
+
+// Channels [c0, c0 + 16) of float32 NCHW features: sum[k * 16 + j] += Σ x and
+// sq[k * 8 + lane] += Σ (x − s)² over the plan's pixels of class k.
+template <int kSets>
+void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& plan,
+             const double* shift, double* sum, double* sq) {
+  alignas(64) float tiles[2][kChunk * kBlock];
+  const int64_t chunks = static_cast<int64_t>(plan.chunks.size());
+  auto plane_of = [&](int64_t chunk) { return x + (plan.chunks[chunk].image * channels + c0) * hw; };
+  auto fill = [&](int64_t chunk, int64_t g0, int64_t g1) {
+    const Chunk& ch = plan.chunks[chunk];
+    fill_tile(plane_of(chunk), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1]);
+  };
+  constexpr int64_t kGroups = kChunk / 8;
+  if (chunks > 0) fill(0, 0, kGroups);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const Chunk& ch = plan.chunks[chunk];
+    const float* tile = tiles[chunk & 1];
+    const uint16_t* order = plan.order.data() + ch.order_begin;
+    const int64_t runs = ch.run_end - ch.run_begin;
+    const bool next = chunk + 1 < chunks;
+    const int64_t per_run = runs > 0 ? (kGroups + runs - 1) / runs : 0;  // next-tile groups per class
+    int64_t filled = 0;
+    for (int64_t r = 0; r < runs; ++r) {
+      const Run& run = plan.runs[ch.run_begin + r];
+      if (next && filled < kGroups) {
+        const int64_t upto = std::min(kGroups, filled + per_run);
+        fill(chunk + 1, filled, upto);
+        filled = upto;
+      }
+      walk_class<kSets>(tile, order, run.begin, run.end, shift + run.label * kBlock, sum + run.label * kBlock,
+                        sq + run.label * 8);
+    }
+    if (next) fill(chunk + 1, filled, kGroups);
+  }
+}
