@@ -134,6 +134,9 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 }
 
 #ifdef FADA_CLASS_STATS_SIMD
+// d8 is passed by value between inline functions only; no ABI is involved.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -155,6 +158,7 @@ void run(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& p
 }
 }  // namespace avx512
 #pragma GCC pop_options
+#pragma GCC diagnostic pop
 
 using Block16 = void (*)(const float*, int64_t, int64_t, int64_t, const Plan&, const double*, double*, double*);
 
