@@ -34,6 +34,10 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FADA_CLASS_STATS_SIMD 1
 #include <immintrin.h>
+// The SIMD helpers pass 64-byte vectors by value between inline functions of
+// this file only; GCC's note that such an ABI would differ without AVX-512
+// (reported at the end of the file, so no push/pop) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 namespace fada_core {
@@ -134,9 +138,6 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 }
 
 #ifdef FADA_CLASS_STATS_SIMD
-// d8 is passed by value between inline functions only; no ABI is involved.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -158,7 +159,6 @@ void run(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& p
 }
 }  // namespace avx512
 #pragma GCC pop_options
-#pragma GCC diagnostic pop
 
 using Block16 = void (*)(const float*, int64_t, int64_t, int64_t, const Plan&, const double*, double*, double*);
 
