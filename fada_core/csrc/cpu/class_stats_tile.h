@@ -16,24 +16,14 @@
 // with AVX2 (the compiler splits the vector type).
 typedef double d8 __attribute__((vector_size(64), aligned(8)));
 
-// Rows of 8 floats, one per channel, in; columns, one per pixel, out.
-inline void transpose8x8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+// In each 128-bit lane, 4 rows of 4 floats in, 4 columns out.
+inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
+  const __m256 u0 = _mm256_unpacklo_ps(r[0], r[1]), u1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 u2 = _mm256_unpacklo_ps(r[2], r[3]), u3 = _mm256_unpackhi_ps(r[2], r[3]);
+  col[0] = _mm256_shuffle_ps(u0, u2, 0x44);
+  col[1] = _mm256_shuffle_ps(u0, u2, 0xEE);
+  col[2] = _mm256_shuffle_ps(u1, u3, 0x44);
+  col[3] = _mm256_shuffle_ps(u1, u3, 0xEE);
 }
 
 // Returns p and steps it to the same pixel of the next channel. The empty asm
@@ -60,15 +50,23 @@ inline void fill_tile(const float* plane, int64_t hw, int64_t p0, int64_t n, int
       for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(ahead, hw)), _MM_HINT_T1);
     }
     if (i + 8 <= n) {
-      __m256 lo[8], hi[8];
+      // Per 8 channels x 8 pixels: the lane-crossing step of the transpose is
+      // done by the loads (128-bit broadcasts, blended), leaving 16 in-lane
+      // shuffles instead of 24 on the two shuffle ports.
       const float* src = plane + p0 + i;
-      for (int64_t j = 0; j < 8; ++j) lo[j] = _mm256_loadu_ps(next_plane(src, hw));
-      for (int64_t j = 0; j < 8; ++j) hi[j] = _mm256_loadu_ps(next_plane(src, hw));
-      transpose8x8(lo);
-      transpose8x8(hi);
-      for (int64_t t = 0; t < 8; ++t) {
-        _mm256_store_ps(tile + (i + t) * kBlock, lo[t]);
-        _mm256_store_ps(tile + (i + t) * kBlock + 8, hi[t]);
+      for (int64_t half = 0; half < 2; ++half) {
+        const float* row[8];
+        for (int64_t j = 0; j < 8; ++j) row[j] = next_plane(src, hw);
+        __m256 first4[4], last4[4], px[8];  // lanes: channels j and j + 4
+        for (int64_t j = 0; j < 4; ++j) {
+          first4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j])),
+                                      _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4])), 0xF0);
+          last4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j] + 4)),
+                                     _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4] + 4)), 0xF0);
+        }
+        transpose4x4_lanes(first4, px);
+        transpose4x4_lanes(last4, px + 4);
+        for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(tile + (i + t) * kBlock + 8 * half, px[t]);
       }
     } else {
       for (int64_t t = i; t < n; ++t)
