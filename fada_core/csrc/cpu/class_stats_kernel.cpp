@@ -184,9 +184,11 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
   const scalar_t* x = features.data_ptr<scalar_t>();
   const int64_t blocks = (channels + kBlock - 1) / kBlock;
 
-  // Σx per (class, channel), written by the owner of each channel; Σ(x − s)²
-  // per (block, class), combined in block order below.
-  std::vector<double> sums(num_classes * channels, 0.0), sq_blocks(blocks * num_classes, 0.0);
+  // Σx per (class, channel) goes straight into `means` (divided by the count
+  // at the end), written by the owner of each channel; Σ(x − s)² per (block,
+  // class), combined in block order below.
+  double* sums = means.data_ptr<double>();
+  std::vector<double> sq_blocks(blocks * num_classes, 0.0);
   auto shift_of = [&](int64_t k, int64_t c) -> double {
     const int64_t i = plan.first[k];
     if (i < 0) return 0.0;
@@ -222,7 +224,6 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
   });
 
   double* counts_p = counts.data_ptr<double>();
-  double* means_p = means.data_ptr<double>();
   double* m2_p = m2.data_ptr<double>();
   for (int64_t k = 0; k < num_classes; ++k) {
     const double n = static_cast<double>(plan.count[k]);
@@ -231,8 +232,8 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
     for (int64_t blk = 0; blk < blocks; ++blk) sq += sq_blocks[blk * num_classes + k];
     for (int64_t c = 0; c < channels; ++c) {
       const double s = sums[k * channels + c];
-      means_p[k * channels + c] = stats::finish_mean(s, n);
       excess += stats::shift_excess(s, shift_of(k, c), n);
+      sums[k * channels + c] = stats::finish_mean(s, n);
     }
     m2_p[k] = stats::finish_m2(sq, excess);
   }
