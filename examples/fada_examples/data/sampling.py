@@ -27,7 +27,7 @@ __all__ = ["compute_class_lists", "save_class_lists", "load_class_lists",
 _FORMAT = "fada-class-lists-v1"
 _SUB_EPOCH = 3000
 
-_worker_dataset = None
+_worker_dataset = None  # per worker process only: threads of one process share it
 
 
 def _init_worker(dataset) -> None:
@@ -35,11 +35,14 @@ def _init_worker(dataset) -> None:
     _worker_dataset = dataset
 
 
-def _classes_of(index: int) -> list[int]:
-    ds = _worker_dataset
+def _dataset_classes(ds, index: int) -> list[int]:
     train_ids = ds.load_label(index)
     present = np.unique(train_ids)
     return [int(c) for c in present if c < ds.num_classes]
+
+
+def _classes_of(index: int) -> list[int]:
+    return _dataset_classes(_worker_dataset, index)
 
 
 def compute_class_lists(dataset, num_workers: int = 0, progress: bool = False) -> dict:
@@ -56,8 +59,7 @@ def compute_class_lists(dataset, num_workers: int = 0, progress: bool = False) -
             it = pool.map(_classes_of, range(n), chunksize=max(1, n // (8 * num_workers)))
             per_file = list(_progress(it, n, progress))
     else:
-        _init_worker(dataset)
-        per_file = [_classes_of(i) for i in _progress(range(n), n, progress)]
+        per_file = [_dataset_classes(dataset, i) for i in _progress(range(n), n, progress)]
     names = [s.name for s in dataset.samples]
     label_to_files: list[list[str]] = [[] for _ in range(dataset.num_classes)]
     for name, classes in zip(names, per_file):
