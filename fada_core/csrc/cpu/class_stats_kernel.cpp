@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdint>
 #include <limits>
@@ -195,9 +196,14 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
     return static_cast<double>(x[((i / hw) * channels + c) * hw + i % hw]);
   };
 
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  // Blocks are handed out one at a time (not in fixed ranges): a thread that
+  // is slowed down (a busy core, a preempted vCPU) does fewer of them instead
+  // of holding up the rest. Each block's result does not depend on who does it.
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<double> shift(num_classes * kBlock), sum(num_classes * kBlock), sq(num_classes * 8);
-    for (int64_t blk = begin; blk < end; ++blk) {
+    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
       const int64_t c0 = blk * kBlock;
       const int64_t width = std::min(kBlock, channels - c0);
       for (int64_t k = 0; k < num_classes; ++k)
