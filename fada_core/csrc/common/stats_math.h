@@ -1,8 +1,9 @@
 // Per-class feature statistics math shared by the CPU and CUDA kernels of
 // class_center_stats (FADA_HD: the same inline code on host and device).
 //
-// Accuracy with a large common offset: every class k gets a shift s_k (its
-// first pixel's feature vector), and the kernels accumulate, per class and
+// Accuracy with a large common offset: every class k gets a shift s_k (the
+// feature vector of one of its pixels: the first one each kernel visits), and
+// the kernels accumulate, per class and
 // channel, in float64,
 //     S = Σ x,   Q = Σ (x − s)².
 // Then mean = S/n, and the centred sum of squares is Q − (S − n·s)²/n, which

@@ -1,8 +1,9 @@
 // class_center_stats on the CPU.
 //
 // One read of the features. The labels are first turned into a plan: pixels
-// cut into chunks of kChunk (within one image), and in each chunk the
-// non-ignored pixels listed class by class (a counting sort). Then every
+// cut into chunks of kChunk (within one image; chunk i of every image, then
+// chunk i + 1, so that all images' planes stream at once), and in each chunk
+// the non-ignored pixels listed class by class (a counting sort). Then every
 // block of 16 channels is one task: for each chunk, for each class present,
 // the class's pixels are summed in registers and added once into the block's
 // float64 accumulators (common/stats_math.h: Σx and Σ(x − s)², the latter
@@ -63,7 +64,7 @@ struct Chunk {
 
 struct Plan {
   std::vector<int64_t> count;  // per class
-  std::vector<int64_t> first;  // per class: first pixel (flat b*h*w index), -1 if absent
+  std::vector<int64_t> first;  // per class: its first pixel in plan order (flat b*h*w index), -1 if absent
   std::vector<Chunk> chunks;
   std::vector<Run> runs;
   std::vector<uint16_t> order;  // pixel offsets within their chunk, class by class
@@ -80,8 +81,8 @@ Plan make_plan(const at::Tensor& labels, int64_t num_classes, int64_t ignore_ind
   plan.order.reserve(flat.numel());
   std::vector<int64_t> in_chunk(num_classes, 0);  // per class, reset after each chunk
   std::vector<int64_t> present;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
+  for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
+    for (int64_t b = 0; b < batch; ++b) {
       Chunk ch{b, p0, std::min(kChunk, hw - p0), static_cast<int64_t>(plan.order.size()),
                static_cast<int64_t>(plan.runs.size()), 0};
       const int64_t* l = lab + b * hw + p0;

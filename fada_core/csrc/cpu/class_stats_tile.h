@@ -38,16 +38,16 @@ inline const float* next_plane(const float*& p, int64_t hw) {
 
 // Tile rows [8 * g0, 8 * g1) of a chunk: pixel i's 16 channels at tile[16 i].
 // `plane` is channel c0 of the chunk's image, `p0` the chunk's first pixel.
-// Also prefetches the same rows of the next chunk, one line per plane per 16
-// pixels, so the walk after this one finds them in cache.
+// Also prefetches the same rows of a later chunk (`ahead`, `ahead_n` pixels;
+// one line per plane per 16 pixels), so that its fill finds them in cache.
 inline void fill_tile(const float* plane, int64_t hw, int64_t p0, int64_t n, int64_t g0, int64_t g1,
-                      float* tile) {
+                      float* tile, const float* ahead, int64_t ahead_n) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t i = 8 * g;
     if (i >= n) return;
-    if ((g & 1) == 0 && p0 + i + kChunk < hw) {
-      const float* ahead = plane + p0 + i + kChunk;
-      for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(ahead, hw)), _MM_HINT_T1);
+    if ((g & 1) == 0 && i < ahead_n) {
+      const float* src = ahead + i;
+      for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(src, hw)), _MM_HINT_T1);
     }
     if (i + 8 <= n) {
       // Per 8 channels x 8 pixels: the lane-crossing step of the transpose is
@@ -166,7 +166,11 @@ void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, const Pla
   auto plane_of = [&](int64_t chunk) { return x + (plan.chunks[chunk].image * channels + c0) * hw; };
   auto fill = [&](int64_t chunk, int64_t g0, int64_t g1) {
     const Chunk& ch = plan.chunks[chunk];
-    fill_tile(plane_of(chunk), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1]);
+    // Prefetched now, filled after the next fill: two chunks of lead time.
+    const int64_t ahead = chunk + 2 < chunks ? chunk + 2 : chunk;
+    const Chunk& ah = plan.chunks[ahead];
+    fill_tile(plane_of(chunk), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1], plane_of(ahead) + ah.p0,
+              ahead != chunk ? ah.n : 0);
   };
   constexpr int64_t kGroups = kChunk / 8;
   if (chunks > 0) fill(0, 0, kGroups);
