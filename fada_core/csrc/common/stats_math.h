@@ -3,14 +3,14 @@
 //
 // Accuracy with a large common offset: every class k gets a shift s_k (the
 // feature vector of one of its pixels: the first one each kernel visits), and
-// the kernels accumulate, per class and
-// channel, in float64,
+// the kernels accumulate, per class and channel, in float64,
 //     S = Σ x,   Q = Σ (x − s)².
 // Then mean = S/n, and the centred sum of squares is Q − (S − n·s)²/n, which
 // only cancels at the scale of the class's spread, not of the offset. S needs
-// no shift: float32 inputs are summed exactly in float64 up to 2^29 pixels of
-// one exponent range, and elsewhere the error is that of the plain mean.
-// Q may be summed over channels before finishing (the CPU kernel does).
+// no shift: float32 values of a few binades sum exactly in float64 (24-bit
+// significands, 53-bit sums), and otherwise its error is that of a plain
+// float64 mean. Q may be summed over channels before finishing (the CPU
+// kernel does).
 #pragma once
 
 #include <cstdint>
