@@ -1,11 +1,11 @@
 """How things are measured: timing, peak memory, errors, bit repeatability, environment.
 
 Timing
-    After warm-up, the variants of one case run interleaved (A B C A B C ...), each call on the
-    next input set of a small pool of fresh random inputs. CPU: ``time.perf_counter`` around the
-    call. CUDA: CUDA events around the call, then a synchronize. "fwd" is the forward as run in
-    training (inputs require grad, the graph is built); "fwdbwd" adds ``backward()``. Reported:
-    median, quartiles and IQR in milliseconds.
+    After warm-up, the variants of one case run interleaved, the order rotated every round
+    (A B C, B C A, C A B, ...), each call on the next input set of a small pool of fresh random
+    inputs. CPU: ``time.perf_counter`` around the call. CUDA: CUDA events around the call, then
+    a synchronize. "fwd" is the forward as run in training (inputs require grad, the graph is
+    built); "fwdbwd" adds ``backward()``. Reported: median, quartiles and IQR in milliseconds.
 
 Peak memory ("extra" = peak during one forward+backward minus what was live before it)
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
@@ -279,7 +279,14 @@ def measure_case(
         if budget_s > 0 and rnd >= min_repeats and time.perf_counter() - t_start > budget_s:
             break
         for mode in modes:
-            for name in list(fns):
+            # Rotated every round, so that no variant always runs right after the
+            # same one (a variant that leaves hundreds of MB of dirty cache lines
+            # and freed pages behind slows whatever comes next).
+            names = list(fns)
+            shift = rnd % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                if name not in fns:
+                    continue
                 x = pool[counter % len(pool)]
                 counter += 1
                 reset_grads(op, x)
