@@ -58,12 +58,46 @@ def _kernels_ready(device_type: str, op: str) -> bool:
     return _build.kernels_available(device_type, op)
 
 
-def _use_kernel(backend: str, x: Tensor, op: str) -> bool:
-    """Whether to run the compiled operator ``op`` for tensors like ``x``."""
+def _cuda_backward_fits(channels: int, dtype: torch.dtype, shared_bytes: int) -> bool:
+    """Whether the CUDA backward kernels can take ``channels`` low-resolution channels.
+
+    They keep per-channel partial sums of one tile in shared memory: at the
+    least ``(2 * channels * 32 + 2 * channels)`` accumulators (float32, float64
+    for float64 inputs) and two indices (``adjoint_smem`` in
+    ``csrc/cuda/upsample_common.cuh``, with 32 threads and one source column),
+    within the device's opt-in limit ``shared_bytes`` (227 KB on an H100:
+    up to 880 float32 channels, i.e. K = 440 classes for the FADA loss).
+    """
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    return (2 * channels * 32 + 2 * channels) * acc_bytes + 2 * 8 <= shared_bytes
+
+
+@torch.compiler.assume_constant_result
+def _cuda_shared_bytes(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def _use_kernel(backend: str, x: Tensor, op: str, backward_channels: Optional[int] = None) -> bool:
+    """Whether to run the compiled operator ``op`` for tensors like ``x``.
+
+    ``backward_channels``: the channels the CUDA backward would take when a
+    gradient is needed; beyond what it can hold, "auto" runs eager instead.
+    """
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "eager":
         return False
     if _kernels_ready(x.device.type, op):
+        if backward_channels is not None and x.device.type == "cuda" and x.requires_grad:
+            dtype = _kernel_dtype(x.device, x.dtype)
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if not _cuda_backward_fits(backward_channels, dtype, _cuda_shared_bytes(index)):
+                if backend == "kernel":
+                    raise ValueError(
+                        f"backend='kernel': the CUDA backward of {op} cannot take {backward_channels} "
+                        f"channels on this GPU (shared memory); use backend='auto' or 'eager'"
+                    )
+                return False
         return True
     if backend == "kernel":
         from . import _build
@@ -223,7 +257,7 @@ def fada_loss(
     temperature = V.check_temperature(temperature)
     cap = V.check_cap(cap)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
-    if not _use_kernel(backend, disc_logits, "fada_loss"):
+    if not _use_kernel(backend, disc_logits, "fada_loss", backward_channels=disc_logits.shape[1]):
         return _reference.fada_loss(disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction)
 
     dtype = _kernel_dtype(disc_logits.device, torch.promote_types(disc_logits.dtype, seg_logits.dtype))
@@ -283,7 +317,7 @@ def upsampled_cross_entropy(
     V.check_same_device(logits=logits, labels=labels)
     if not torch.compiler.is_compiling():
         V.check_label_range("labels", labels, logits.shape[1], ignore_index)
-    if not _use_kernel(backend, logits, "upsampled_cross_entropy"):
+    if not _use_kernel(backend, logits, "upsampled_cross_entropy", backward_channels=logits.shape[1]):
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction)
     dtype = _kernel_dtype(logits.device, logits.dtype)
     out = torch.ops.fada_core.upsampled_cross_entropy(

@@ -249,3 +249,30 @@ def test_compile_fullgraph_in_a_fresh_process():
     run = subprocess.run([sys.executable, "-c", COMPILE_FIRST], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------- CUDA backward channel limit
+
+H100_SHARED_OPTIN = 232448  # bytes of opt-in shared memory per block
+
+
+@pytest.mark.parametrize(
+    "channels, dtype, fits",
+    [(880, torch.float32, True), (881, torch.float32, False), (880, torch.float16, True),
+     (440, torch.float64, True), (441, torch.float64, False), (38, torch.float32, True)],
+)
+def test_cuda_backward_channel_limit(channels, dtype, fits):
+    # the smallest tile of csrc/cuda/upsample_common.cuh's adjoint_config: 32 threads, 1 column
+    assert FF._cuda_backward_fits(channels, dtype, H100_SHARED_OPTIN) is fits
+
+
+@pytest.mark.cuda
+def test_cuda_many_classes_fall_back_to_eager_backward(cuda_kernel_ops):
+    k = 500  # 2K = 1000 discriminator channels: more than the CUDA backward holds
+    disc = torch.randn(1, 2 * k, 5, 6, device="cuda", requires_grad=True)
+    seg = torch.randn(1, k, 5, 6, device="cuda")
+    FF.fada_loss(disc, seg, "target", size=(20, 24), backend="auto").backward()
+    want = torch.autograd.grad(FF.fada_loss(disc, seg, "target", size=(20, 24), backend="eager"), disc)[0]
+    torch.testing.assert_close(disc.grad, want)
+    with pytest.raises(ValueError, match="cannot take 1000 channels"):
+        FF.fada_loss(disc, seg, "target", size=(20, 24), backend="kernel")
