@@ -131,7 +131,7 @@ def test_negative_ignore_index(kernel_ops):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
-@pytest.mark.parametrize("batch, channels, h, w", [(3, 35, 37, 41), (1, 16, 40, 13), (2, 48, 23, 23)])
+@pytest.mark.parametrize("batch, channels, h, w", [(3, 35, 37, 41), (1, 16, 40, 13), (2, 48, 23, 23), (2, 32, 32, 64)])
 def test_many_chunks_match_reference(kernel_ops, batch, channels, h, w, offset):
     # The hypothesis shapes fit in one chunk of the CPU kernel's plan (512
     # pixels); these span several per image, with a partial last chunk, and

@@ -144,9 +144,9 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "cpu/class_stats_tile.h"
-void run(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& plan, const double* shift,
-         double* sum, double* sq) {
-  block16<1>(x, channels, hw, c0, plan, shift, sum, sq);
+void run(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
+         const double* shift, double* sum, double* sq) {
+  block16<1>(x, channels, hw, c0, next_c0, plan, shift, sum, sq);
 }
 }  // namespace avx2
 #pragma GCC pop_options
@@ -155,14 +155,15 @@ void run(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& p
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
 #include "cpu/class_stats_tile.h"
-void run(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& plan, const double* shift,
-         double* sum, double* sq) {
-  block16<2>(x, channels, hw, c0, plan, shift, sum, sq);
+void run(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
+         const double* shift, double* sum, double* sq) {
+  block16<2>(x, channels, hw, c0, next_c0, plan, shift, sum, sq);
 }
 }  // namespace avx512
 #pragma GCC pop_options
 
-using Block16 = void (*)(const float*, int64_t, int64_t, int64_t, const Plan&, const double*, double*, double*);
+using Block16 = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const Plan&, const double*, double*,
+                         double*);
 
 // The widest instruction set this CPU has, or null. ATEN_CPU_CAPABILITY
 // (default / avx2 / avx512) caps it, as it caps torch's own CPU kernels.
@@ -204,8 +205,11 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
   const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<double> shift(num_classes * kBlock), sum(num_classes * kBlock), sq(num_classes * 8);
-    for (int64_t blk = next_block++; blk < blocks; blk = next_block++) {
+    // Each thread claims its next block one block early, so that the next
+    // block's first chunks can be prefetched at the end of this one.
+    for (int64_t blk = next_block++, following = next_block++; blk < blocks; blk = following, following = next_block++) {
       const int64_t c0 = blk * kBlock;
+      const int64_t next_c0 = following < blocks && (following + 1) * kBlock <= channels ? following * kBlock : -1;
       const int64_t width = std::min(kBlock, channels - c0);
       for (int64_t k = 0; k < num_classes; ++k)
         for (int64_t j = 0; j < kBlock; ++j) shift[k * kBlock + j] = j < width ? shift_of(k, c0 + j) : 0.0;
@@ -215,7 +219,7 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
 #ifdef FADA_CLASS_STATS_SIMD
       if (std::is_same<scalar_t, float>::value && width == kBlock) {
         if (const Block16 simd = simd_block16()) {
-          simd(reinterpret_cast<const float*>(x), channels, hw, c0, plan, shift.data(), sum.data(), sq.data());
+          simd(reinterpret_cast<const float*>(x), channels, hw, c0, next_c0, plan, shift.data(), sum.data(), sq.data());
           done = true;
         }
       }

@@ -36,42 +36,58 @@ inline const float* next_plane(const float*& p, int64_t hw) {
   return current;
 }
 
+// 8 channels x 8 pixels: rows of 8 floats, `hw` apart from `src`, in; pixel
+// t's 8 channels out at dst + t * kBlock. The lane-crossing step of the
+// transpose is done by the loads (128-bit broadcasts, blended), leaving 16
+// in-lane shuffles instead of 24 on the two shuffle ports.
+inline void transpose_rows(const float* src, int64_t hw, float* dst) {
+  const float* row[8];
+  for (int64_t j = 0; j < 8; ++j) row[j] = next_plane(src, hw);
+  __m256 first4[4], last4[4], px[8];  // lanes: channels j and j + 4
+  for (int64_t j = 0; j < 4; ++j) {
+    first4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j])),
+                                _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4])), 0xF0);
+    last4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j] + 4)),
+                               _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4] + 4)), 0xF0);
+  }
+  transpose4x4_lanes(first4, px);
+  transpose4x4_lanes(last4, px + 4);
+  for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kBlock, px[t]);
+}
+
 // Tile rows [8 * g0, 8 * g1) of a chunk: pixel i's 16 channels at tile[16 i].
 // `plane` is channel c0 of the chunk's image, `p0` the chunk's first pixel.
 // Also prefetches the same rows of a later chunk (`ahead`, `ahead_n` pixels;
 // one line per plane per 16 pixels), so that its fill finds them in cache.
 inline void fill_tile(const float* plane, int64_t hw, int64_t p0, int64_t n, int64_t g0, int64_t g1,
                       float* tile, const float* ahead, int64_t ahead_n) {
-  for (int64_t g = g0; g < g1; ++g) {
+  for (int64_t g = g0; g < g1;) {
     const int64_t i = 8 * g;
     if (i >= n) return;
     if ((g & 1) == 0 && i < ahead_n) {
       const float* src = ahead + i;
       for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(src, hw)), _MM_HINT_T1);
     }
-    if (i + 8 <= n) {
-      // Per 8 channels x 8 pixels: the lane-crossing step of the transpose is
-      // done by the loads (128-bit broadcasts, blended), leaving 16 in-lane
-      // shuffles instead of 24 on the two shuffle ports.
-      const float* src = plane + p0 + i;
+    const float* src = plane + p0 + i;
+    if ((g & 1) == 0 && g + 1 < g1 && i + 16 <= n) {
+      // Both 8-pixel halves of each plane's cache line back to back, 8 planes
+      // at a time: when the plane stride is a multiple of 4 KB (h*w a multiple
+      // of 1024, e.g. 64x128) all 16 planes fall into one 8-way L1 set, and a
+      // line must be used up before the other planes evict it.
       for (int64_t half = 0; half < 2; ++half) {
-        const float* row[8];
-        for (int64_t j = 0; j < 8; ++j) row[j] = next_plane(src, hw);
-        __m256 first4[4], last4[4], px[8];  // lanes: channels j and j + 4
-        for (int64_t j = 0; j < 4; ++j) {
-          first4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j])),
-                                      _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4])), 0xF0);
-          last4[j] = _mm256_blend_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j] + 4)),
-                                     _mm256_broadcast_ps(reinterpret_cast<const __m128*>(row[j + 4] + 4)), 0xF0);
-        }
-        transpose4x4_lanes(first4, px);
-        transpose4x4_lanes(last4, px + 4);
-        for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(tile + (i + t) * kBlock + 8 * half, px[t]);
+        transpose_rows(src + half * 8 * hw, hw, tile + i * kBlock + 8 * half);
+        transpose_rows(src + half * 8 * hw + 8, hw, tile + (i + 8) * kBlock + 8 * half);
       }
+      g += 2;
+      continue;
+    }
+    if (i + 8 <= n) {
+      for (int64_t half = 0; half < 2; ++half) transpose_rows(src + half * 8 * hw, hw, tile + i * kBlock + 8 * half);
     } else {
       for (int64_t t = i; t < n; ++t)
         for (int64_t j = 0; j < kBlock; ++j) tile[t * kBlock + j] = plane[j * hw + p0 + t];
     }
+    ++g;
   }
 }
 
@@ -157,20 +173,30 @@ inline void walk_class(const float* tile, const uint16_t* order, int64_t a, int6
 }
 
 // Channels [c0, c0 + 16) of float32 NCHW features: sum[k * 16 + j] += Σ x and
-// sq[k * 8 + lane] += Σ (x − s)² over the plan's pixels of class k.
+// sq[k * 8 + lane] += Σ (x − s)² over the plan's pixels of class k. next_c0:
+// the first channel of the block this thread does next (its first chunks are
+// prefetched at the end of this one), or -1.
 template <int kSets>
-void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, const Plan& plan,
+void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
              const double* shift, double* sum, double* sq) {
   alignas(64) float tiles[2][kChunk * kBlock];
   const int64_t chunks = static_cast<int64_t>(plan.chunks.size());
-  auto plane_of = [&](int64_t chunk) { return x + (plan.chunks[chunk].image * channels + c0) * hw; };
+  auto plane_of = [&](int64_t chunk, int64_t first_channel) {
+    return x + (plan.chunks[chunk].image * channels + first_channel) * hw;
+  };
   auto fill = [&](int64_t chunk, int64_t g0, int64_t g1) {
     const Chunk& ch = plan.chunks[chunk];
-    // Prefetched now, filled after the next fill: two chunks of lead time.
-    const int64_t ahead = chunk + 2 < chunks ? chunk + 2 : chunk;
-    const Chunk& ah = plan.chunks[ahead];
-    fill_tile(plane_of(chunk), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1], plane_of(ahead) + ah.p0,
-              ahead != chunk ? ah.n : 0);
+    // Prefetched now, filled after the next fill: two chunks of lead time,
+    // running into the first chunks of the thread's next block.
+    int64_t ahead = chunk + 2, ahead_c0 = c0;
+    if (ahead >= chunks) {
+      ahead -= chunks;
+      ahead_c0 = next_c0;
+    }
+    const bool prefetch = ahead_c0 >= 0 && ahead < chunks;
+    const Chunk& ah = plan.chunks[prefetch ? ahead : chunk];
+    fill_tile(plane_of(chunk, c0), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1],
+              prefetch ? plane_of(ahead, ahead_c0) + ah.p0 : nullptr, prefetch ? ah.n : 0);
   };
   constexpr int64_t kGroups = kChunk / 8;
   if (chunks > 0) fill(0, 0, kGroups);
