@@ -143,22 +143,16 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+constexpr int kRegisterSets = 1;  // 16 ymm registers: room for one set of sums
 #include "cpu/class_stats_tile.h"
-void run(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
-         const double* shift, double* sum, double* sq) {
-  block16<1>(x, channels, hw, c0, next_c0, plan, shift, sum, sq);
-}
 }  // namespace avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
+constexpr int kRegisterSets = 2;  // 32 zmm registers: two sets hide the add latency
 #include "cpu/class_stats_tile.h"
-void run(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
-         const double* shift, double* sum, double* sq) {
-  block16<2>(x, channels, hw, c0, next_c0, plan, shift, sum, sq);
-}
 }  // namespace avx512
 #pragma GCC pop_options
 

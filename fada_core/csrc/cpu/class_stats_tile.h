@@ -1,8 +1,9 @@
 // The float32 fast path of class_center_stats on x86: one block of 16 channels
 // (see class_stats_kernel.cpp for the plan it walks). Included twice by that
 // file, once per instruction set (AVX2, AVX-512), inside a
-// `#pragma GCC target` region and a namespace of its own, so one source gives
-// both and the CPU picks at run time. No include guard on purpose.
+// `#pragma GCC target` region and a namespace of its own that also defines
+// kRegisterSets, so one source gives both and the CPU picks at run time. No
+// include guard on purpose.
 //
 // Per chunk of pixels, the block's 16 channel planes are transposed into a
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
@@ -220,4 +221,10 @@ void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t n
     }
     if (next) fill(chunk + 1, filled, kGroups);
   }
+}
+
+// This instruction set's entry point (kRegisterSets: set by the includer).
+void run(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t next_c0, const Plan& plan,
+         const double* shift, double* sum, double* sq) {
+  block16<kRegisterSets>(x, channels, hw, c0, next_c0, plan, shift, sum, sq);
 }
