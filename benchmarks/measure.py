@@ -1,9 +1,9 @@
 """How things are measured: timing, peak memory, errors, bit repeatability, environment.
 
 Timing
-    After warm-up, the variants of one case run interleaved, the order rotated every round
-    (A B C, B C A, C A B, ...), each call on the next input set of a small pool of fresh random
-    inputs. CPU: ``time.perf_counter`` around the call. CUDA: CUDA events around the call, then
+    After warm-up, the variants of one case run interleaved, in a new seeded random order
+    every round (so each variant follows each other one about equally often), each call on
+    the next input set of a small pool of fresh random inputs. CPU: ``time.perf_counter`` around the call. CUDA: CUDA events around the call, then
     a synchronize. "fwd" is the forward as run in training (inputs require grad, the graph is
     built); "fwdbwd" adds ``backward()``. Reported: median, quartiles and IQR in milliseconds.
 
@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -274,17 +275,19 @@ def measure_case(
     # Interleaved timing rounds.
     samples: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in modes} for n in fns}
     counter = 0
+    order_rng = random.Random(f"{case}")
     t_start = time.perf_counter()
     for rnd in range(repeats):
         if budget_s > 0 and rnd >= min_repeats and time.perf_counter() - t_start > budget_s:
             break
         for mode in modes:
-            # Rotated every round, so that no variant always runs right after the
-            # same one (a variant that leaves hundreds of MB of dirty cache lines
-            # and freed pages behind slows whatever comes next).
+            # A fresh (seeded) order every round, so that no variant always runs
+            # right after the same one: a variant that leaves hundreds of MB of
+            # dirty cache lines and freed pages behind slows whatever comes next.
+            # (Rotating A B C -> B C A keeps every neighbour: C still follows B.)
             names = list(fns)
-            shift = rnd % len(names) if names else 0
-            for name in names[shift:] + names[:shift]:
+            order_rng.shuffle(names)
+            for name in names:
                 if name not in fns:
                     continue
                 x = pool[counter % len(pool)]

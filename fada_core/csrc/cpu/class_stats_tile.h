@@ -9,9 +9,11 @@
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
 // are walked class by class with the sums in registers: per (chunk, class)
 // the registers go once into the block's float64 accumulators, instead of a
-// load and a store per pixel. Tiles are double-buffered and the next chunk is
-// transposed a slice at a time between classes, so its (cache-missing) loads
-// overlap this chunk's arithmetic.
+// load and a store per pixel. Tiles are double-buffered: the next chunk is
+// transposed one 8x8 block at a time from inside the class walk, so that its
+// loads and shuffles interleave with the walk's float64 arithmetic at the
+// instruction level (they use different ports; done a slice at a time between
+// classes, the two phases hardly overlapped).
 
 // 8 float64 lanes: one zmm register with AVX-512, a pair of ymm registers
 // with AVX2 (the compiler splits the vector type).
@@ -56,41 +58,65 @@ inline void transpose_rows(const float* src, int64_t hw, float* dst) {
   for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kBlock, px[t]);
 }
 
-// Tile rows [8 * g0, 8 * g1) of a chunk: pixel i's 16 channels at tile[16 i].
-// `plane` is channel c0 of the chunk's image, `p0` the chunk's first pixel.
-// Also prefetches the same rows of a later chunk (`ahead`, `ahead_n` pixels;
-// one line per plane per 16 pixels), so that its fill finds them in cache.
-inline void fill_tile(const float* plane, int64_t hw, int64_t p0, int64_t n, int64_t g0, int64_t g1,
-                      float* tile, const float* ahead, int64_t ahead_n) {
+// One line of each of the 16 planes of a later chunk, 16 pixels from `ahead`
+// (its first pixel) + i, into L2, so that its fill finds them in cache.
+inline void prefetch_lines(const float* ahead, int64_t hw, int64_t i) {
+  const float* src = ahead + i;
+  for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(src, hw)), _MM_HINT_T1);
+}
+
+// One quarter of tile rows [i, i + 16) (`quarter` 0-3: channels 0-7 then
+// 8-15, each for pixels i..i+7 then i+8..i+15). Both 8-pixel halves of a
+// plane's cache line are used back to back, 8 planes at a time: when the plane
+// stride is a multiple of 4 KB (h*w a multiple of 1024, e.g. 64x128) all 16
+// planes fall into one 8-way L1 set, and a line must be used up before the
+// other planes evict it. `src`: channel c0 at the chunk's first pixel.
+inline void fill_quarter(const float* src, int64_t hw, int64_t i, int64_t quarter, float* tile) {
+  const int64_t half = quarter >> 1, second = quarter & 1;
+  transpose_rows(src + half * 8 * hw + i + 8 * second, hw, tile + (i + 8 * second) * kBlock + 8 * half);
+}
+
+// Tile rows [8 * g0, 8 * g1) of a chunk in one go (n pixels; `src` as above),
+// prefetching the same rows of a later chunk (`ahead`, `ahead_n` pixels).
+inline void fill_tile(const float* src, int64_t hw, int64_t n, int64_t g0, int64_t g1, float* tile,
+                      const float* ahead, int64_t ahead_n) {
   for (int64_t g = g0; g < g1;) {
     const int64_t i = 8 * g;
     if (i >= n) return;
-    if ((g & 1) == 0 && i < ahead_n) {
-      const float* src = ahead + i;
-      for (int64_t j = 0; j < kBlock; ++j) _mm_prefetch(reinterpret_cast<const char*>(next_plane(src, hw)), _MM_HINT_T1);
-    }
-    const float* src = plane + p0 + i;
+    if ((g & 1) == 0 && i < ahead_n) prefetch_lines(ahead, hw, i);
     if ((g & 1) == 0 && g + 1 < g1 && i + 16 <= n) {
-      // Both 8-pixel halves of each plane's cache line back to back, 8 planes
-      // at a time: when the plane stride is a multiple of 4 KB (h*w a multiple
-      // of 1024, e.g. 64x128) all 16 planes fall into one 8-way L1 set, and a
-      // line must be used up before the other planes evict it.
-      for (int64_t half = 0; half < 2; ++half) {
-        transpose_rows(src + half * 8 * hw, hw, tile + i * kBlock + 8 * half);
-        transpose_rows(src + half * 8 * hw + 8, hw, tile + (i + 8) * kBlock + 8 * half);
-      }
+      for (int64_t quarter = 0; quarter < 4; ++quarter) fill_quarter(src, hw, i, quarter, tile);
       g += 2;
       continue;
     }
     if (i + 8 <= n) {
-      for (int64_t half = 0; half < 2; ++half) transpose_rows(src + half * 8 * hw, hw, tile + i * kBlock + 8 * half);
+      for (int64_t half = 0; half < 2; ++half) transpose_rows(src + half * 8 * hw + i, hw, tile + i * kBlock + 8 * half);
     } else {
       for (int64_t t = i; t < n; ++t)
-        for (int64_t j = 0; j < kBlock; ++j) tile[t * kBlock + j] = plane[j * hw + p0 + t];
+        for (int64_t j = 0; j < kBlock; ++j) tile[t * kBlock + j] = src[j * hw + t];
     }
     ++g;
   }
 }
+
+// The next chunk's tile, filled a quarter of 16 rows per step (with the
+// prefetch of a later chunk's matching lines) from inside the class walk.
+// Steps past the last full 16 rows do nothing; fill_tile does the rest.
+struct TileFiller {
+  const float* src = nullptr;
+  const float* ahead = nullptr;
+  float* tile = nullptr;
+  int64_t hw = 0, ahead_n = 0;
+  int64_t step_index = 0, steps = 0;  // 4 per full 16 rows
+
+  inline void step() {
+    if (step_index >= steps) return;
+    const int64_t i = 16 * (step_index >> 2), quarter = step_index & 3;
+    if (quarter == 0 && i < ahead_n) prefetch_lines(ahead, hw, i);
+    fill_quarter(src, hw, i, quarter, tile);
+    ++step_index;
+  }
+};
 
 inline d8 load_d8(const double* p) {
   d8 v;
@@ -113,9 +139,6 @@ inline d8 widen(const float* p) {
 #endif
 }
 
-// Sums pixels order[a, e) of one class from a tile into sum[16] (Σx) and
-// sq[8] (Σ (x − s)², channel j in lane j % 8). kSets independent register sets hide
-// the add latency; AVX2 has the registers for one only.
 // a * b + c in one rounding.
 inline d8 fma_d8(d8 a, d8 b, d8 c) {
 #ifdef __AVX512F__
@@ -142,15 +165,20 @@ inline void accumulate_on_fma(d8 x, d8 shift, d8 one, d8& sum, d8& sq) {
   sq = fma_d8(d, d, sq);
 }
 
+// Sums pixels order[a, e) of one class from a tile into sum[16] (Σx) and
+// sq[8] (Σ (x − s)², channel j in lane j % 8), stepping `filler` every
+// other pixel. kSets independent register sets hide the add latency; AVX2
+// has the registers for one only.
 template <int kSets>
 inline void walk_class(const float* tile, const uint16_t* order, int64_t a, int64_t e,
-                       const double* shift, double* sum, double* sq) {
+                       const double* shift, double* sum, double* sq, TileFiller& filler) {
   const d8 s_lo = load_d8(shift), s_hi = load_d8(shift + 8);
   const volatile double unit = 1.0;
   const d8 one = d8{} + unit;
   d8 sum_lo[kSets], sum_hi[kSets], sq_lo[kSets], sq_hi[kSets];
   for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = d8{};
   for (; a + kSets <= e; a += kSets) {
+    if (kSets > 1 || (a & 1)) filler.step();  // ~128 steps over ~460 pixels a chunk
     for (int r = 0; r < kSets; ++r) {
       const float* row = tile + static_cast<int64_t>(order[a + r]) * kBlock;
       accumulate_on_fma(widen(row), s_lo, one, sum_lo[r], sq_lo[r]);
@@ -185,41 +213,47 @@ void block16(const float* x, int64_t channels, int64_t hw, int64_t c0, int64_t n
   auto plane_of = [&](int64_t chunk, int64_t first_channel) {
     return x + (plan.chunks[chunk].image * channels + first_channel) * hw;
   };
-  auto fill = [&](int64_t chunk, int64_t g0, int64_t g1) {
+  // The fill of chunk c prefetches chunk c + 2 (two chunks of lead time),
+  // running into the first chunks of the thread's next block.
+  auto filler_for = [&](int64_t chunk) {
+    TileFiller f;
     const Chunk& ch = plan.chunks[chunk];
-    // Prefetched now, filled after the next fill: two chunks of lead time,
-    // running into the first chunks of the thread's next block.
     int64_t ahead = chunk + 2, ahead_c0 = c0;
     if (ahead >= chunks) {
       ahead -= chunks;
       ahead_c0 = next_c0;
     }
-    const bool prefetch = ahead_c0 >= 0 && ahead < chunks;
-    const Chunk& ah = plan.chunks[prefetch ? ahead : chunk];
-    fill_tile(plane_of(chunk, c0), hw, ch.p0, ch.n, g0, g1, tiles[chunk & 1],
-              prefetch ? plane_of(ahead, ahead_c0) + ah.p0 : nullptr, prefetch ? ah.n : 0);
+    if (ahead_c0 >= 0 && ahead < chunks) {
+      f.ahead = plane_of(ahead, ahead_c0) + plan.chunks[ahead].p0;
+      f.ahead_n = plan.chunks[ahead].n;
+    }
+    f.src = plane_of(chunk, c0) + ch.p0;
+    f.tile = tiles[chunk & 1];
+    f.hw = hw;
+    f.steps = 4 * (ch.n / 16);
+    return f;
   };
-  constexpr int64_t kGroups = kChunk / 8;
-  if (chunks > 0) fill(0, 0, kGroups);
+  // What the steps left: the rest of the full rows, then the partial ones.
+  auto finish = [&](int64_t chunk, TileFiller& f) {
+    while (f.step_index < f.steps) f.step();
+    fill_tile(f.src, hw, plan.chunks[chunk].n, 2 * (f.steps / 4), kChunk / 8, f.tile, f.ahead, f.ahead_n);
+  };
+  if (chunks > 0) {
+    TileFiller first = filler_for(0);
+    finish(0, first);
+  }
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const Chunk& ch = plan.chunks[chunk];
     const float* tile = tiles[chunk & 1];
     const uint16_t* order = plan.order.data() + ch.order_begin;
-    const int64_t runs = ch.run_end - ch.run_begin;
     const bool next = chunk + 1 < chunks;
-    const int64_t per_run = runs > 0 ? (kGroups + runs - 1) / runs : 0;  // next-tile groups per class
-    int64_t filled = 0;
-    for (int64_t r = 0; r < runs; ++r) {
-      const Run& run = plan.runs[ch.run_begin + r];
-      if (next && filled < kGroups) {
-        const int64_t upto = std::min(kGroups, filled + per_run);
-        fill(chunk + 1, filled, upto);
-        filled = upto;
-      }
+    TileFiller filler = next ? filler_for(chunk + 1) : TileFiller{};
+    for (int64_t r = ch.run_begin; r < ch.run_end; ++r) {
+      const Run& run = plan.runs[r];
       walk_class<kSets>(tile, order, run.begin, run.end, shift + run.label * kBlock, sum + run.label * kBlock,
-                        sq + run.label * 8);
+                        sq + run.label * 8, filler);
     }
-    if (next) fill(chunk + 1, filled, kGroups);
+    if (next) finish(chunk + 1, filler);
   }
 }
 
