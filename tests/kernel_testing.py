@@ -1,4 +1,4 @@
-"""Comparison helper shared by the kernel parity tests."""
+"""Helpers shared by the kernel parity tests: one forward+backward, the scaled comparison."""
 
 import torch
 
@@ -13,3 +13,17 @@ def assert_close_scaled(got, want, dtype, equal_nan=False):
     finite = want[torch.isfinite(want)]
     scale = finite.double().abs().max().item() if finite.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=equal_nan)
+
+
+def forward_backward(fn, x, grad_out=None):
+    """``fn`` on a fresh leaf copy of ``x``, then backward of ``grad_out`` (random if None).
+
+    Returns the detached output, the gradient w.r.t. ``x`` and ``grad_out``, so that a second
+    implementation can be run with the same upstream gradient.
+    """
+    leaf = x.detach().clone().requires_grad_(True)
+    out = fn(leaf)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    return out.detach(), leaf.grad, grad_out

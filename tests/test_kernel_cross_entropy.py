@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled
+from kernel_testing import assert_close_scaled, forward_backward
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -48,19 +48,17 @@ def _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index
 
 
 def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None):
-    x = logits.detach().clone().requires_grad_(True)
-    out = _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction])
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    return out.detach(), x.grad, grad_out
+    def fn(x):
+        return _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction])
+
+    return forward_backward(fn, logits, grad_out)
 
 
 def _kernel(ops, logits, labels, temperature, ignore_index, reduction, grad_out):
-    x = logits.detach().clone().requires_grad_(True)
-    out = ops.upsampled_cross_entropy(x, labels, temperature, ignore_index, reduction)
-    out.backward(grad_out)
-    return out.detach(), x.grad
+    def fn(x):
+        return ops.upsampled_cross_entropy(x, labels, temperature, ignore_index, reduction)
+
+    return forward_backward(fn, logits, grad_out)[:2]
 
 
 def _assert_close(got, want, dtype):

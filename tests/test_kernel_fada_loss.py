@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled
+from kernel_testing import assert_close_scaled, forward_backward
 
 REDUCTIONS = ["none", "mean", "sum"]
 DOMAINS = ["source", "target"]
@@ -47,19 +47,17 @@ def _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted, scale=3
 
 
 def _eager(disc, seg, domain, size, weight, reduction, grad_out=None):
-    d = disc.detach().clone().requires_grad_(True)
-    out = _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction])
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    return out.detach(), d.grad, grad_out
+    def fn(d):
+        return _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction])
+
+    return forward_backward(fn, disc, grad_out)
 
 
 def _kernel(ops, disc, seg, domain, size, weight, reduction, grad_out):
-    d = disc.detach().clone().requires_grad_(True)
-    out = ops.fada_loss(d, seg, domain, T, CAP, size[0], size[1], weight, reduction)
-    out.backward(grad_out)
-    return out.detach(), d.grad
+    def fn(d):
+        return ops.fada_loss(d, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+
+    return forward_backward(fn, disc, grad_out)[:2]
 
 
 def _assert_close(got, want, dtype):

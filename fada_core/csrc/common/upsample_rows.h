@@ -264,6 +264,39 @@ void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& x
   }
 }
 
+// The tasks of a backward kernel, one per (batch item b, row group r), the
+// layout of `part` described below. Per task: full-width rows top and bottom
+// (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
+// the group's output gradient into them, weighted onto source rows r and
+// r + 1, and their horizontal adjoint (along `xs`) becomes the task's two
+// slots; a group no output row maps to gets zero slots. make_work() builds a
+// worker's scratch, handed to every call of accumulate on that worker.
+template <typename acc_t, typename MakeWork, typename Accumulate>
+void adjoint_row_groups(int64_t batch, int64_t h, const std::vector<int64_t>& groups, int64_t channels,
+                        const Axis<acc_t>& xs, acc_t* part, const MakeWork& make_work, const Accumulate& accumulate) {
+  const int64_t width = xs.out_size, slot = channels * xs.in_size;
+  parallel_tasks(batch * h, [&](const TaskQueue& queue) {
+    auto work = make_work();
+    std::vector<acc_t> top = scratch<acc_t>(channels * width), bottom = scratch<acc_t>(channels * width);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / h, r = task % h;
+        acc_t* slot_top = part + (task * 2 + 0) * slot;
+        acc_t* slot_bottom = part + (task * 2 + 1) * slot;
+        if (groups[r] == groups[r + 1]) {
+          std::fill(slot_top, slot_top + 2 * slot, acc_t(0));
+          continue;
+        }
+        std::fill(top.begin(), top.end(), acc_t(0));
+        std::fill(bottom.begin(), bottom.end(), acc_t(0));
+        accumulate(work, b, r, top.data(), bottom.data());
+        horizontal_adjoint(top.data(), channels, xs, slot_top);
+        horizontal_adjoint(bottom.data(), channels, xs, slot_bottom);
+      }
+    }
+  });
+}
+
 // Partials of the upsampling adjoint, one slot per (batch item, row group r):
 // part[((b * h + r) * 2 + k) * C * w + c * w + j], k = 0 for source row r
 // (weight 1 - ly), k = 1 for source row min(r + 1, h - 1) (weight ly).

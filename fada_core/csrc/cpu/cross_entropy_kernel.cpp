@@ -198,46 +198,31 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.K, W = p.W;
   std::atomic<bool> bad{false};
-  parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
-    CeScratch<scalar_t> t(p);
-    std::vector<acc_t> top = scratch<acc_t>(C * W), bot = scratch<acc_t>(C * W);
-    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.h, r = task % p.h;
-      acc_t* slot_top = part + (task * 2 + 0) * C * p.w;
-      acc_t* slot_bot = part + (task * 2 + 1) * C * p.w;
-      if (p.groups[r] == p.groups[r + 1]) {
-        std::fill(slot_top, slot_top + 2 * C * p.w, acc_t(0));
-        continue;
+  auto accumulate = [&](CeScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
+    t.rows.reset(p.logits + b * p.K * p.h * p.w);
+    t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
+      const acc_t wy1 = p.ly.lambda[y];
+      const acc_t wy0 = static_cast<acc_t>(1) - wy1;
+      t.load_tile(p, b, y, x0, n);
+      acc_t* __restrict inv = t.sum.data();
+      acc_t* __restrict gw = t.val.data();
+      const int32_t* __restrict lab = t.lab.data();
+      const int64_t pix = (b * p.H + y) * W + x0;
+      for (int64_t x = 0; x < n; ++x) {
+        inv[x] = static_cast<acc_t>(1) / inv[x];
+        gw[x] = lab[x] >= 0 ? grad_scale * p.inv_t : acc_t(0);  // d(z / T) / dz = 1 / T
       }
-      std::fill(top.begin(), top.end(), acc_t(0));
-      std::fill(bot.begin(), bot.end(), acc_t(0));
-      t.rows.reset(p.logits + b * p.K * p.h * p.w);
-      t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
-        const acc_t wy1 = p.ly.lambda[y];
-        const acc_t wy0 = static_cast<acc_t>(1) - wy1;
-        t.load_tile(p, b, y, x0, n);
-        acc_t* __restrict inv = t.sum.data();
-        acc_t* __restrict gw = t.val.data();
-        const int32_t* __restrict lab = t.lab.data();
-        const int64_t pix = (b * p.H + y) * W + x0;
-        for (int64_t x = 0; x < n; ++x) {
-          inv[x] = static_cast<acc_t>(1) / inv[x];
-          gw[x] = lab[x] >= 0 ? grad_scale * p.inv_t : acc_t(0);  // d(z / T) / dz = 1 / T
-        }
-        if (grad_map != nullptr) {
-          const acc_t* __restrict g = grad_map + pix;
-          for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
-        }
-        for (int64_t c = 0; c < C; ++c)
-          ce_grad_into(top.data() + c * W + x0, bot.data() + c * W + x0, gw, t.z.data() + c * kTile, t.m.data(), inv,
-                       lab, static_cast<int32_t>(c), wy0, wy1, n);
-      });
-      horizontal_adjoint(top.data(), C, p.lx, slot_top);
-      horizontal_adjoint(bot.data(), C, p.lx, slot_bot);
-    }
+      if (grad_map != nullptr) {
+        const acc_t* __restrict g = grad_map + pix;
+        for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
+      }
+      for (int64_t c = 0; c < C; ++c)
+        ce_grad_into(top + c * W + x0, bottom + c * W + x0, gw, t.z.data() + c * kTile, t.m.data(), inv,
+                     lab, static_cast<int32_t>(c), wy0, wy1, n);
+    });
     if (t.bad_label) bad = true;
-  });
+  };
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.lx, part, [&] { return CeScratch<scalar_t>(p); }, accumulate);
   return !bad;
 }
 

@@ -269,64 +269,48 @@ template <typename scalar_t>
 void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                           at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tasks = p.B * p.h;
   const int64_t C = 2 * p.K, K = p.K, W = p.W;
-  parallel_tasks(tasks, [&](const TaskQueue& queue) {
-    FadaScratch<scalar_t> t(p);
-    std::vector<acc_t> top = scratch<acc_t>(C * W), bot = scratch<acc_t>(C * W);
-    for (int64_t begin = 0, end = 0; queue.next(begin, end);)
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.h, r = task % p.h;
-      acc_t* slot_top = part + (task * 2 + 0) * C * p.w;
-      acc_t* slot_bot = part + (task * 2 + 1) * C * p.w;
-      if (p.groups[r] == p.groups[r + 1]) {
-        std::fill(slot_top, slot_top + 2 * C * p.w, acc_t(0));
-        continue;
+  auto accumulate = [&](FadaScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
+    t.drows.reset(p.disc + b * C * p.h * p.w);
+    t.srows.reset(p.seg + b * K * p.hs * p.ws);
+    t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
+      const acc_t wy1 = p.dy.lambda[y];
+      const acc_t wy0 = static_cast<acc_t>(1) - wy1;
+      t.load_tile(p, y, x0, n);
+      acc_t* __restrict zp = t.z.data();
+      const acc_t* __restrict ap = t.s.data();
+      const acc_t* __restrict mx = t.m.data();
+      const acc_t* __restrict as = t.asum.data();
+      acc_t* __restrict sm = t.sum.data();
+      acc_t* __restrict inv = t.aux.data();
+      acc_t* __restrict gw = t.val.data();
+      std::fill(sm, sm + n, acc_t(0));
+      for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
+      const int64_t pix = (b * p.H + y) * W + x0;
+      for (int64_t x = 0; x < n; ++x) {
+        inv[x] = static_cast<acc_t>(1) / sm[x];
+        gw[x] = grad_scale;
       }
-      std::fill(top.begin(), top.end(), acc_t(0));
-      std::fill(bot.begin(), bot.end(), acc_t(0));
-      t.drows.reset(p.disc + b * C * p.h * p.w);
-      t.srows.reset(p.seg + b * K * p.hs * p.ws);
-      t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
-        const acc_t wy1 = p.dy.lambda[y];
-        const acc_t wy0 = static_cast<acc_t>(1) - wy1;
-        t.load_tile(p, y, x0, n);
-        acc_t* __restrict zp = t.z.data();
-        const acc_t* __restrict ap = t.s.data();
-        const acc_t* __restrict mx = t.m.data();
-        const acc_t* __restrict as = t.asum.data();
-        acc_t* __restrict sm = t.sum.data();
-        acc_t* __restrict inv = t.aux.data();
-        acc_t* __restrict gw = t.val.data();
-        std::fill(sm, sm + n, acc_t(0));
-        for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
-        const int64_t pix = (b * p.H + y) * W + x0;
-        for (int64_t x = 0; x < n; ++x) {
-          inv[x] = static_cast<acc_t>(1) / sm[x];
-          gw[x] = grad_scale;
+      if (grad_map != nullptr) {
+        const acc_t* __restrict g = grad_map + pix;
+        for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
+      }
+      if (p.weight != nullptr) {
+        const acc_t* __restrict wt = p.weight + pix;
+        for (int64_t x = 0; x < n; ++x) gw[x] *= wt[x];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* tc = top + c * W + x0;
+        acc_t* bc = bottom + c * W + x0;
+        if (c >= p.off && c < p.off + K) {
+          grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
+        } else {
+          grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
         }
-        if (grad_map != nullptr) {
-          const acc_t* __restrict g = grad_map + pix;
-          for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
-        }
-        if (p.weight != nullptr) {
-          const acc_t* __restrict wt = p.weight + pix;
-          for (int64_t x = 0; x < n; ++x) gw[x] *= wt[x];
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t* tc = top.data() + c * W + x0;
-          acc_t* bc = bot.data() + c * W + x0;
-          if (c >= p.off && c < p.off + K) {
-            grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
-          } else {
-            grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
-          }
-        }
-      });
-      horizontal_adjoint(top.data(), C, p.dx, slot_top);
-      horizontal_adjoint(bot.data(), C, p.dx, slot_bot);
-    }
-  });
+      }
+    });
+  };
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, [&] { return FadaScratch<scalar_t>(p); }, accumulate);
 }
 
 at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {

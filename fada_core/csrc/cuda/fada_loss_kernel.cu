@@ -106,47 +106,19 @@ __global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const sc
                                      bool grad_is_map, acc_t grad_div, FadaGeometry<acc_t> g, int64_t tj,
                                      acc_t* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int nx = blockDim.x;
-  const int tid = threadIdx.x;
   const int64_t C = 2 * g.K;
-  int64_t* xlo = reinterpret_cast<int64_t*>(smem_raw);  // [tj]
-  int64_t* xhi = xlo + tj;                               // [tj]
-  acc_t* top = reinterpret_cast<acc_t*>(xhi + tj);       // [C][nx]
-  acc_t* bot = top + C * nx;                             // [C][nx]
-  acc_t* acc_top = bot + C * nx;                         // [C][tj]
-  acc_t* acc_bot = acc_top + C * tj;                     // [C][tj]
-
-  const int64_t b = blockIdx.z, r = blockIdx.y;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * tj;
-  const int64_t j1 = j0 + tj < g.w ? j0 + tj : g.w;
-  const int64_t nj = j1 - j0;
-  for (int64_t e = tid; e < C * tj; e += nx) {
-    acc_top[e] = 0;
-    acc_bot[e] = 0;
-  }
-  for (int64_t jj = tid; jj < nj; jj += nx) {
-    xlo[jj] = first_reaching<acc_t>(j0 + jj, g.sdx, g.w, g.W);
-    xhi[jj] = first_beyond<acc_t>(j0 + jj, g.sdx, g.w, g.W);
-  }
-  // output columns touching [j0, j1) and the output rows of group r
-  const int64_t xa = first_reaching<acc_t>(j0, g.sdx, g.w, g.W);
-  const int64_t xb = first_beyond<acc_t>(j1 - 1, g.sdx, g.w, g.W);
-  const int64_t ya = first_at_or_beyond<acc_t>(r, g.sdy, g.h, g.H);
-  const int64_t yb = first_beyond<acc_t>(r, g.sdy, g.h, g.H);
+  const AdjointBlock<acc_t> blk = begin_adjoint_block<acc_t>(smem_raw, C, tj, g.sdy, g.sdx, g.h, g.w, g.H, g.W);
+  const int64_t b = blk.b, nx = blk.nx, tid = threadIdx.x;
   const scalar_t* dplane = disc + b * C * g.h * g.w;
   const scalar_t* splane = seg + b * g.K * g.hs * g.ws;
   const acc_t gscalar = grad_is_map ? static_cast<acc_t>(0) : grad[0] / grad_div;
-  __syncthreads();
 
-  for (int64_t cx0 = xa; cx0 < xb; cx0 += nx) {
+  for (int64_t cx0 = blk.xa; cx0 < blk.xb; cx0 += nx) {
     const int64_t x = cx0 + tid;
-    for (int64_t c = 0; c < C; ++c) {
-      top[c * nx + tid] = 0;
-      bot[c * nx + tid] = 0;
-    }
-    if (x < xb) {
+    clear_chunk_column(blk);
+    if (x < blk.xb) {
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sdx, x, g.w), six = source_index<acc_t>(g.ssx, x, g.ws);
-      for (int64_t y = ya; y < yb; ++y) {
+      for (int64_t y = blk.ya; y < blk.yb; ++y) {
         const LinearIndex<acc_t> iy = source_index<acc_t>(g.sdy, y, g.h);
         const LinearIndex<acc_t> siy = source_index<acc_t>(g.ssy, y, g.hs);
         const int64_t pix = (b * g.H + y) * g.W + x;
@@ -165,38 +137,14 @@ __global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const sc
             yc = soft_label(exp_acc(v - ms), inv_ss, g.cap);
           }
           const acc_t gc = gw * fada_grad_term(asum, p, yc);
-          top[c * nx + tid] += wy0 * gc;
-          bot[c * nx + tid] += wy1 * gc;
+          blk.top[c * nx + tid] += wy0 * gc;
+          blk.bot[c * nx + tid] += wy1 * gc;
         }
       }
     }
-    __syncthreads();
-    // horizontal adjoint of this chunk, each (c, j) summed in increasing x
-    const int64_t cx1 = cx0 + nx < xb ? cx0 + nx : xb;
-    for (int64_t e = tid; e < C * nj; e += nx) {
-      const int64_t c = e / nj, jj = e % nj, j = j0 + jj;
-      const int64_t lo = xlo[jj] > cx0 ? xlo[jj] : cx0;
-      const int64_t hi = xhi[jj] < cx1 ? xhi[jj] : cx1;
-      acc_t st = 0, sb = 0;
-      for (int64_t xx = lo; xx < hi; ++xx) {
-        const LinearIndex<acc_t> ixx = source_index<acc_t>(g.sdx, xx, g.w);
-        acc_t wx = 0;
-        if (ixx.i0 == j) wx += static_cast<acc_t>(1) - ixx.lambda;
-        if (ixx.i1 == j) wx += ixx.lambda;
-        st += wx * top[c * nx + (xx - cx0)];
-        sb += wx * bot[c * nx + (xx - cx0)];
-      }
-      acc_top[c * tj + jj] += st;
-      acc_bot[c * tj + jj] += sb;
-    }
-    __syncthreads();
+    finish_chunk(blk, cx0, g.sdx, g.w);
   }
-  const int64_t slot = C * g.w;
-  for (int64_t e = tid; e < C * nj; e += nx) {
-    const int64_t c = e / nj, jj = e % nj;
-    part[((b * g.h + r) * 2 + 0) * slot + c * g.w + j0 + jj] = acc_top[c * tj + jj];
-    part[((b * g.h + r) * 2 + 1) * slot + c * g.w + j0 + jj] = acc_bot[c * tj + jj];
-  }
+  write_partial_slots(blk, g.h, g.w, part);
 }
 
 void check_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, int64_t out_h,

@@ -103,6 +103,104 @@ __device__ int64_t first_at_or_beyond(int64_t r, acc_t scale, int64_t in, int64_
   return lo;
 }
 
+// One backward block (see the top comment): batch item b = blockIdx.z, row
+// group r = blockIdx.y, source columns [j0, j0 + nj) (tj per block), the
+// output columns [xa, xb) and rows [ya, yb) that touch them, and its dynamic
+// shared memory, laid out as adjoint_smem counts it.
+template <typename acc_t>
+struct AdjointBlock {
+  int64_t* xlo;    // [tj]: source column j0 + jj is reached by output columns
+  int64_t* xhi;    //       [xlo[jj], xhi[jj])
+  acc_t* top;      // [C][nx]: the current chunk's output columns, weighted
+  acc_t* bot;      //          onto source row r (top) and r + 1 (bottom)
+  acc_t* acc_top;  // [C][tj]: the block's sums per (channel, source column)
+  acc_t* acc_bot;
+  int64_t channels, tj, nx, b, r, j0, nj, xa, xb, ya, yb;
+};
+
+// Lays out the shared memory, zeroes the accumulators, finds the ranges.
+// Ends with a barrier.
+template <typename acc_t>
+__device__ AdjointBlock<acc_t> begin_adjoint_block(unsigned char* smem, int64_t channels, int64_t tj, acc_t sy,
+                                                   acc_t sx, int64_t h, int64_t w, int64_t H, int64_t W) {
+  AdjointBlock<acc_t> blk;
+  blk.channels = channels;
+  blk.tj = tj;
+  blk.nx = blockDim.x;
+  blk.xlo = reinterpret_cast<int64_t*>(smem);
+  blk.xhi = blk.xlo + tj;
+  blk.top = reinterpret_cast<acc_t*>(blk.xhi + tj);
+  blk.bot = blk.top + channels * blk.nx;
+  blk.acc_top = blk.bot + channels * blk.nx;
+  blk.acc_bot = blk.acc_top + channels * tj;
+  blk.b = blockIdx.z;
+  blk.r = blockIdx.y;
+  blk.j0 = static_cast<int64_t>(blockIdx.x) * tj;
+  const int64_t j1 = blk.j0 + tj < w ? blk.j0 + tj : w;
+  blk.nj = j1 - blk.j0;
+  for (int64_t e = threadIdx.x; e < channels * tj; e += blk.nx) {
+    blk.acc_top[e] = 0;
+    blk.acc_bot[e] = 0;
+  }
+  for (int64_t jj = threadIdx.x; jj < blk.nj; jj += blk.nx) {
+    blk.xlo[jj] = first_reaching<acc_t>(blk.j0 + jj, sx, w, W);
+    blk.xhi[jj] = first_beyond<acc_t>(blk.j0 + jj, sx, w, W);
+  }
+  blk.xa = first_reaching<acc_t>(blk.j0, sx, w, W);
+  blk.xb = first_beyond<acc_t>(j1 - 1, sx, w, W);
+  blk.ya = first_at_or_beyond<acc_t>(blk.r, sy, h, H);
+  blk.yb = first_beyond<acc_t>(blk.r, sy, h, H);
+  __syncthreads();
+  return blk;
+}
+
+// Zeroes this thread's output column of the chunk's top/bottom rows.
+template <typename acc_t>
+__device__ void clear_chunk_column(const AdjointBlock<acc_t>& blk) {
+  for (int64_t c = 0; c < blk.channels; ++c) {
+    blk.top[c * blk.nx + threadIdx.x] = 0;
+    blk.bot[c * blk.nx + threadIdx.x] = 0;
+  }
+}
+
+// After every thread has added its column of the chunk starting at output
+// column cx0: the horizontal adjoint of the chunk, each (channel, source
+// column) summed in increasing x into the block's accumulators. Barriers on
+// both sides.
+template <typename acc_t>
+__device__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, acc_t sx, int64_t w) {
+  __syncthreads();
+  const int64_t cx1 = cx0 + blk.nx < blk.xb ? cx0 + blk.nx : blk.xb;
+  for (int64_t e = threadIdx.x; e < blk.channels * blk.nj; e += blk.nx) {
+    const int64_t c = e / blk.nj, jj = e % blk.nj, j = blk.j0 + jj;
+    const int64_t lo = blk.xlo[jj] > cx0 ? blk.xlo[jj] : cx0;
+    const int64_t hi = blk.xhi[jj] < cx1 ? blk.xhi[jj] : cx1;
+    acc_t st = 0, sb = 0;
+    for (int64_t xx = lo; xx < hi; ++xx) {
+      const LinearIndex<acc_t> ixx = source_index<acc_t>(sx, xx, w);
+      acc_t wx = 0;
+      if (ixx.i0 == j) wx += static_cast<acc_t>(1) - ixx.lambda;
+      if (ixx.i1 == j) wx += ixx.lambda;
+      st += wx * blk.top[c * blk.nx + (xx - cx0)];
+      sb += wx * blk.bot[c * blk.nx + (xx - cx0)];
+    }
+    blk.acc_top[c * blk.tj + jj] += st;
+    blk.acc_bot[c * blk.tj + jj] += sb;
+  }
+  __syncthreads();
+}
+
+// The block's accumulators into its partial slots part[b][r][top|bottom][c][j].
+template <typename acc_t>
+__device__ void write_partial_slots(const AdjointBlock<acc_t>& blk, int64_t h, int64_t w, acc_t* part) {
+  const int64_t slot = blk.channels * w;
+  for (int64_t e = threadIdx.x; e < blk.channels * blk.nj; e += blk.nx) {
+    const int64_t c = e / blk.nj, jj = e % blk.nj;
+    part[((blk.b * h + blk.r) * 2 + 0) * slot + c * w + blk.j0 + jj] = blk.acc_top[c * blk.tj + jj];
+    part[((blk.b * h + blk.r) * 2 + 1) * slot + c * w + blk.j0 + jj] = blk.acc_bot[c * blk.tj + jj];
+  }
+}
+
 // grad[b][c][i][j] from the partial slots, fixed order (see the top comment).
 template <typename scalar_t, typename acc_t>
 __global__ void gather_partials_kernel(const acc_t* __restrict__ part, int64_t B, int64_t C, int64_t h, int64_t w,
