@@ -268,7 +268,7 @@ void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& x
 // layout of `part` described below. Per task: full-width rows top and bottom
 // (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
 // the group's output gradient into them, weighted onto source rows r and
-// r + 1, and their horizontal adjoint (along `xs`) becomes the task's two
+// min(r + 1, h - 1), and their horizontal adjoint (along `xs`) becomes the task's two
 // slots; a group no output row maps to gets zero slots. make_work() builds a
 // worker's scratch, handed to every call of accumulate on that worker.
 template <typename acc_t, typename MakeWork, typename Accumulate>

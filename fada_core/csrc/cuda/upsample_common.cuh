@@ -121,8 +121,9 @@ struct AdjointBlock {
 // Lays out the shared memory, zeroes the accumulators, finds the ranges.
 // Ends with a barrier.
 template <typename acc_t>
-__device__ AdjointBlock<acc_t> begin_adjoint_block(unsigned char* smem, int64_t channels, int64_t tj, acc_t sy,
-                                                   acc_t sx, int64_t h, int64_t w, int64_t H, int64_t W) {
+__device__ __forceinline__ AdjointBlock<acc_t> begin_adjoint_block(unsigned char* smem, int64_t channels, int64_t tj,
+                                                                   acc_t sy, acc_t sx, int64_t h, int64_t w, int64_t H,
+                                                                   int64_t W) {
   AdjointBlock<acc_t> blk;
   blk.channels = channels;
   blk.tj = tj;
@@ -156,7 +157,7 @@ __device__ AdjointBlock<acc_t> begin_adjoint_block(unsigned char* smem, int64_t 
 
 // Zeroes this thread's output column of the chunk's top/bottom rows.
 template <typename acc_t>
-__device__ void clear_chunk_column(const AdjointBlock<acc_t>& blk) {
+__device__ __forceinline__ void clear_chunk_column(const AdjointBlock<acc_t>& blk) {
   for (int64_t c = 0; c < blk.channels; ++c) {
     blk.top[c * blk.nx + threadIdx.x] = 0;
     blk.bot[c * blk.nx + threadIdx.x] = 0;
@@ -168,7 +169,7 @@ __device__ void clear_chunk_column(const AdjointBlock<acc_t>& blk) {
 // column) summed in increasing x into the block's accumulators. Barriers on
 // both sides.
 template <typename acc_t>
-__device__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, acc_t sx, int64_t w) {
+__device__ __forceinline__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, acc_t sx, int64_t w) {
   __syncthreads();
   const int64_t cx1 = cx0 + blk.nx < blk.xb ? cx0 + blk.nx : blk.xb;
   for (int64_t e = threadIdx.x; e < blk.channels * blk.nj; e += blk.nx) {
@@ -192,7 +193,8 @@ __device__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, acc_t 
 
 // The block's accumulators into its partial slots part[b][r][top|bottom][c][j].
 template <typename acc_t>
-__device__ void write_partial_slots(const AdjointBlock<acc_t>& blk, int64_t h, int64_t w, acc_t* part) {
+__device__ __forceinline__ void write_partial_slots(const AdjointBlock<acc_t>& blk, int64_t h, int64_t w,
+                                                    acc_t* part) {
   const int64_t slot = blk.channels * w;
   for (int64_t e = threadIdx.x; e < blk.channels * blk.nj; e += blk.nx) {
     const int64_t c = e / blk.nj, jj = e % blk.nj;
