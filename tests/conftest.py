@@ -51,6 +51,32 @@ def kernel_ops():
     return torch.ops.fada_core
 
 
+@pytest.fixture(scope="session")
+def emulated_cuda_ops():
+    """The CUDA loss and cross-entropy ops compiled as host code (``torch.ops.fada_core_emulated``).
+
+    ``tests/cuda_emulation``: CUDA threads run as host threads, so the kernels' indexing, barriers
+    and fixed-order reductions are tested on the CPU. Needs only a C++ compiler.
+    """
+    from torch.utils.cpp_extension import load
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join(os.path.dirname(here), "fada_core", "csrc")
+    try:
+        load(
+            name="fada_core_cuda_emulation",
+            sources=[os.path.join(here, "cuda_emulation", "emulated_ops.cpp")],
+            extra_include_paths=[csrc, os.path.join(here, "cuda_emulation")],
+            extra_cflags=["-O1", "-DFADA_CUDA_EMULATION"],
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, or the sources do not build as host code
+        if _require_kernels():
+            pytest.fail(f"FADA_CORE_REQUIRE_KERNELS=1 but the CUDA emulation did not build: {exc}", pytrace=False)
+        pytest.skip(f"CUDA emulation unavailable: {exc}")
+    return torch.ops.fada_core_emulated
+
+
 @pytest.fixture
 def cuda_kernel_ops(kernel_ops):
     """Like ``kernel_ops``, and also requires CUDA kernels and a visible GPU."""

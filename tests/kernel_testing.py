@@ -15,6 +15,19 @@ def assert_close_scaled(got, want, dtype, equal_nan=False):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=equal_nan)
 
 
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` (same values) as a contiguous, channels_last or strided (every other column of a wider tensor) tensor."""
+    if layout == "channels_last":
+        if x.dim() == 3:  # labels: column-major planes
+            return x.transpose(1, 2).contiguous().transpose(1, 2)
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        out = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+        assert torch.equal(out, x)
+        return out
+    return x.contiguous()
+
+
 def forward_backward(fn, x, grad_out=None):
     """``fn`` on a fresh leaf copy of ``x``, then backward of ``grad_out`` (random if None).
 

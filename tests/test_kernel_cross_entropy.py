@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled, forward_backward
+from kernel_testing import assert_close_scaled, forward_backward, with_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -25,18 +25,6 @@ REDUCTIONS = ["none", "mean", "sum"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        if x.dim() == 3:  # labels: column-major planes
-            return x.transpose(1, 2).contiguous().transpose(1, 2)
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":
-        out = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
-        assert torch.equal(out, x)
-        return out
-    return x.contiguous()
 
 
 def _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index=255, scale=3.0, device="cpu"):
@@ -85,7 +73,7 @@ def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ig
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     logits, labels = _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
     want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction)
-    got, got_grad = _kernel(kernel_ops, _layout(logits, layout), _layout(labels, layout), temperature, ignore_index,
+    got, got_grad = _kernel(kernel_ops, with_layout(logits, layout), with_layout(labels, layout), temperature, ignore_index,
                             reduction, grad_out)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
@@ -237,7 +225,7 @@ def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction):
         got, got_grad = _kernel(cuda_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
-        got_cl = _kernel(cuda_kernel_ops, _layout(logits, "channels_last"), labels, 1.8, 255, reduction, grad_out)[1]
+        got_cl = _kernel(cuda_kernel_ops, with_layout(logits, "channels_last"), labels, 1.8, 255, reduction, grad_out)[1]
         _assert_close(got_cl, want_grad, dtype)
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled, forward_backward
+from kernel_testing import assert_close_scaled, forward_backward, with_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 DOMAINS = ["source", "target"]
@@ -25,16 +25,6 @@ T, CAP = 1.8, 0.9
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":
-        out = torch.repeat_interleave(x, 2, dim=3)[..., ::2]
-        assert torch.equal(out, x)
-        return out
-    return x.contiguous()
 
 
 def _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted, scale=3.0, device="cpu"):
@@ -85,7 +75,7 @@ def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domai
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     disc, seg, weight = _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
     want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
-    got, got_grad = _kernel(kernel_ops, _layout(disc, layout), _layout(seg, layout), domain, (out_h, out_w),
+    got, got_grad = _kernel(kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
                             weight, reduction, grad_out)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
@@ -252,7 +242,7 @@ def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction, domain):
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
         _assert_close(
-            _kernel(cuda_kernel_ops, _layout(disc, "channels_last"), seg, domain, (out_h, out_w), weight, reduction,
+            _kernel(cuda_kernel_ops, with_layout(disc, "channels_last"), seg, domain, (out_h, out_w), weight, reduction,
                     grad_out)[1],
             want_grad,
             dtype,

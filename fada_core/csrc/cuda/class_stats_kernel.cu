@@ -15,9 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -25,6 +22,7 @@
 
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
+#include "cuda/device_support.cuh"
 
 namespace fada_core {
 namespace {
@@ -89,7 +87,7 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
                                      int64_t num_classes, int64_t num_pixels, int64_t splits,
                                      int64_t split_len, double* __restrict__ part1,
                                      double* __restrict__ part2) {
-  extern __shared__ double smem[];
+  FADA_DYNAMIC_SHARED(double, smem);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t unit = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
@@ -213,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
   at::Tensor first = at::full({num_classes}, -1, lab.options());  // all bits set: "absent"
   at::Tensor bad = at::zeros({2}, lab.options());                 // [flag (as int), value]
 
-  scan_labels_kernel<<<blocks_for(num_pixels, 256), 256, 0, stream>>>(
+  FADA_LAUNCH(blocks_for(num_pixels, 256), 256, 0, stream, scan_labels_kernel)(
       lab.data_ptr<int64_t>(), num_pixels, num_classes, ignore_index, slot.data_ptr<int32_t>(),
       reinterpret_cast<u64*>(count.data_ptr<int64_t>()),
       reinterpret_cast<u64*>(first.data_ptr<int64_t>()), reinterpret_cast<int*>(bad.data_ptr<int64_t>()),
@@ -247,18 +245,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
           const size_t shmem = static_cast<size_t>(per_warp * warps);
           TORCH_CHECK(blocks <= 0x7fffffff, "class_center_stats: too many channels x pixels");
           const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(warps * 32));
-          partial_stats_kernel<scalar_t><<<grid, block, shmem, stream>>>(
+          FADA_LAUNCH(grid, block, shmem, stream, partial_stats_kernel<scalar_t>)(
               x, g, slot.data_ptr<int32_t>(), first_p, num_classes, num_pixels, splits, split_len,
               part1.data_ptr<double>(), part2.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-          reduce_splits_kernel<scalar_t><<<blocks_for(num_classes * channels, 256), 256, 0, stream>>>(
+          FADA_LAUNCH(blocks_for(num_classes * channels, 256), 256, 0, stream, reduce_splits_kernel<scalar_t>)(
               x, g, first_p, count_p, num_classes, splits, part1.data_ptr<double>(),
               part2.data_ptr<double>(), means.data_ptr<double>(), m2_channel.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           m2_channel.zero_();
         }
-        finish_classes_kernel<<<num_classes, kReduceThreads, 0, stream>>>(
+        FADA_LAUNCH(num_classes, kReduceThreads, 0, stream, finish_classes_kernel)(
             m2_channel.data_ptr<double>(), count_p, channels, counts.data_ptr<double>(),
             m2.data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -268,8 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
 
 }  // namespace
 
+#ifndef FADA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
   m.impl("class_center_stats", &class_center_stats_cuda);
 }
+#endif
 
 }  // namespace fada_core

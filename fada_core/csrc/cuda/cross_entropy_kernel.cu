@@ -7,8 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -98,7 +96,7 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const in
                                    const acc_t* __restrict__ grad, bool grad_is_map,
                                    const unsigned long long* __restrict__ count, CeGeometry<acc_t> g, int64_t tj,
                                    acc_t* __restrict__ part) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FADA_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int64_t C = g.K;
   const AdjointBlock<acc_t> blk = begin_adjoint_block<acc_t>(smem_raw, C, tj, g.sy, g.sx, g.h, g.w, g.H, g.W);
   const int64_t b = blk.b, nx = blk.nx, tid = threadIdx.x;
@@ -138,7 +136,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, double tem
   TORCH_CHECK(logits.dim() == 4 && labels.dim() == 3,
               "upsampled_cross_entropy: logits (B, K, h, w) and labels (B, H, W) expected, got ", logits.sizes(),
               " and ", labels.sizes());
-  TORCH_CHECK(logits.is_cuda() && labels.device() == logits.device(),
+  TORCH_CHECK(on_kernel_device(logits) && labels.device() == logits.device(),
               "upsampled_cross_entropy (CUDA kernel): logits and labels must be on the same CUDA device, got ",
               logits.device(), " and ", labels.device());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "upsampled_cross_entropy: expected floating point logits");
@@ -172,7 +170,7 @@ CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, d
 at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStream_t stream) {
   at::Tensor count = at::zeros({1}, labels.options().dtype(at::kLong));
   const int64_t total = labels.numel();
-  count_valid_kernel<<<pixel_blocks(total), kReduceThreads, 0, stream>>>(
+  FADA_LAUNCH(pixel_blocks(total), kReduceThreads, 0, stream, count_valid_kernel)(
       labels.data_ptr<int64_t>(), total, ignore_index, reinterpret_cast<unsigned long long*>(count.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return count;
@@ -198,22 +196,22 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
     const int64_t total = B * H * W;
     const int64_t blocks = pixel_blocks(total);
     if (reduction == 0) {
-      ce_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
           logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
-      ce_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
           logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (reduction == 1) {
         // 0 / 0 = NaN when every pixel is ignored, like torch
         const at::Tensor count = count_valid(labels, ignore_index, stream);
-        reduce_partials_kernel<scalar_t, acc_t, int64_t><<<1, kFinalThreads, 0, stream>>>(
+        FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
             partials.data_ptr<acc_t>(), blocks, count.data_ptr<int64_t>(), static_cast<acc_t>(1),
             out.data_ptr<scalar_t>());
       } else {
-        reduce_partials_kernel<scalar_t, acc_t, int64_t><<<1, kFinalThreads, 0, stream>>>(
+        FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
             partials.data_ptr<acc_t>(), blocks, nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -254,13 +252,13 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad, const a
     const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
     at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(acc_type));
     const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-    ce_backward_kernel<scalar_t, acc_t><<<grid, cfg.nx, cfg.smem, stream>>>(
+    FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
         logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
         count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g, cfg.tj,
         part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = grad_logits.numel();
-    gather_partials_kernel<scalar_t, acc_t><<<pixel_blocks(n), kReduceThreads, 0, stream>>>(
+    FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
         part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -272,7 +270,9 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad, const a
 }  // namespace cuda
 }  // namespace fada
 
+#ifndef FADA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
   m.impl("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
   m.impl("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
 }
+#endif

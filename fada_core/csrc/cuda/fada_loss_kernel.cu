@@ -9,8 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
@@ -105,7 +103,7 @@ __global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const sc
                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ grad,
                                      bool grad_is_map, acc_t grad_div, FadaGeometry<acc_t> g, int64_t tj,
                                      acc_t* __restrict__ part) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FADA_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int64_t C = 2 * g.K;
   const AdjointBlock<acc_t> blk = begin_adjoint_block<acc_t>(smem_raw, C, tj, g.sdy, g.sdx, g.h, g.w, g.H, g.W);
   const int64_t b = blk.b, nx = blk.nx, tid = threadIdx.x;
@@ -151,7 +149,7 @@ void check_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain,
                   int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction) {
   TORCH_CHECK(disc.dim() == 4 && seg.dim() == 4, "fada_loss: disc_logits (B, 2K, h, w) and seg_logits (B, K, h, w) expected, got ",
               disc.sizes(), " and ", seg.sizes());
-  TORCH_CHECK(disc.is_cuda() && seg.device() == disc.device(),
+  TORCH_CHECK(on_kernel_device(disc) && seg.device() == disc.device(),
               "fada_loss (CUDA kernel): disc_logits and seg_logits must be on the same CUDA device, got ", disc.device(),
               " and ", seg.device());
   TORCH_CHECK(disc.scalar_type() == seg.scalar_type() && at::isFloatingType(disc.scalar_type()),
@@ -219,16 +217,16 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
     const int64_t blocks = pixel_blocks(total);
     const acc_t* wptr = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
     if (reduction == 0) {
-      fada_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
           disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<scalar_t>(), nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       at::Tensor partials = at::empty({blocks}, disc.options().dtype(acc_type));
-      fada_forward_kernel<scalar_t, acc_t><<<blocks, kReduceThreads, 0, stream>>>(
+      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
           disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, nullptr, partials.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const acc_t divisor = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
-      reduce_partials_kernel<scalar_t, acc_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+      FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, acc_t>)(
           partials.data_ptr<acc_t>(), blocks, nullptr, divisor, out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -266,12 +264,12 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
     at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, disc.options().dtype(acc_type));
     const acc_t grad_div = reduction == 1 ? static_cast<acc_t>(B * out_h * out_w) : static_cast<acc_t>(1);
     const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-    fada_backward_kernel<scalar_t, acc_t><<<grid, cfg.nx, cfg.smem, stream>>>(
+    FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
         disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wt.defined() ? wt.data_ptr<acc_t>() : nullptr,
         g_acc.data_ptr<acc_t>(), reduction == 0, grad_div, g, cfg.tj, part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t n = grad_disc.numel();
-    gather_partials_kernel<scalar_t, acc_t><<<pixel_blocks(n), kReduceThreads, 0, stream>>>(
+    FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
         part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_disc.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -283,7 +281,9 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
 }  // namespace cuda
 }  // namespace fada
 
+#ifndef FADA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
   m.impl("fada_loss", &fada::cuda::fada_loss_cuda);
   m.impl("fada_loss_backward", &fada::cuda::fada_loss_backward_cuda);
 }
+#endif

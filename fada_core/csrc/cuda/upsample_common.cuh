@@ -16,13 +16,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <limits>
 
 #include "../common/fada_math.h"
+#include "device_support.cuh"
 
 namespace fada {
 namespace cuda {

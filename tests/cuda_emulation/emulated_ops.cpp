@@ -1,0 +1,18 @@
+// fada_core's CUDA ops (loss, cross-entropy, class statistics), host wrappers and kernels,
+// compiled as host code against cuda_emulation.h and registered for CPU
+// tensors as fada_core_emulated::* (see tests/test_cuda_emulation.py).
+#define FADA_CUDA_EMULATION 1
+
+#include <torch/library.h>
+
+#include "cuda/class_stats_kernel.cu"
+#include "cuda/cross_entropy_kernel.cu"
+#include "cuda/fada_loss_kernel.cu"
+
+TORCH_LIBRARY(fada_core_emulated, m) {
+  m.def("fada_loss", &fada::cuda::fada_loss_cuda);
+  m.def("fada_loss_backward", &fada::cuda::fada_loss_backward_cuda);
+  m.def("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
+  m.def("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
+  m.def("class_center_stats", &fada_core::class_center_stats_cuda);
+}

@@ -1,0 +1,226 @@
+"""The CUDA FADA-loss and cross-entropy kernels, run on the CPU under emulation.
+
+``tests/cuda_emulation/emulated_ops.cpp`` compiles ``csrc/cuda/fada_loss_kernel.cu`` and
+``cross_entropy_kernel.cu`` (host wrappers included) as host code: every CUDA thread of a block is
+a host thread, ``__syncthreads`` a barrier, shared memory a per-block buffer that starts as 0xFF
+bytes. These tests hold the CUDA code to the eager reference where no GPU is at hand: indexing,
+the adjoint's ranges and partial slots, barriers, the fixed-order reductions and the host-side
+launch configuration. They say nothing about speed, and the GPU suite (``-m cuda``) still has
+to run on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fada_core import _reference
+from fada_core.functional import _cuda_backward_fits
+from kernel_testing import assert_close_scaled, forward_backward, with_layout
+
+T, CAP = 1.8, 0.9
+REDUCTIONS = ["none", "mean", "sum"]
+DOMAINS = ["source", "target"]
+H100_SHARED_BYTES = 227 * 1024  # what the emulation reports as the opt-in shared memory
+
+# each example launches thousands of host threads: fewer than the CPU kernels' 200
+EXAMPLES = settings(max_examples=100)
+
+
+def _loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted):
+    g = torch.Generator().manual_seed(seed)
+    disc = (torch.randn(batch, 2 * k, h, w, generator=g, dtype=torch.float64) * 3).to(dtype)
+    seg = (torch.randn(batch, k, hs, ws, generator=g, dtype=torch.float64) * 3).to(dtype)
+    weight = torch.rand(batch, out_h, out_w, generator=g, dtype=torch.float64).to(dtype) if weighted else None
+    return disc, seg, weight
+
+
+def _ce_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, k, h, w, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
+    labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
+    return logits, labels
+
+
+def _loss_pair(ops, disc, seg, domain, size, weight, reduction):
+    """(reference value, grad), (emulated value, grad). The reference runs in float64 on the same
+    values and is rounded to the inputs' dtype; both get the same upstream gradient."""
+    dtype = disc.dtype
+    w64 = None if weight is None else weight.double()
+    want, want_grad, grad_out = forward_backward(
+        lambda d: _reference.fada_loss(d, seg.double(), DOMAINS[domain], T, CAP, size, w64, REDUCTIONS[reduction]),
+        disc.double(),
+    )
+    grad_out = grad_out.to(dtype)
+    got = ops.fada_loss(disc, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+    got_grad = ops.fada_loss_backward(grad_out, disc, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+
+
+def _ce_pair(ops, logits, labels, ignore_index, reduction):
+    """As _loss_pair, for the upsampled cross-entropy."""
+    dtype = logits.dtype
+    want, want_grad, grad_out = forward_backward(
+        lambda x: _reference.upsampled_cross_entropy(x, labels, T, ignore_index, REDUCTIONS[reduction]),
+        logits.double(),
+    )
+    grad_out = grad_out.to(dtype)
+    got = ops.upsampled_cross_entropy(logits, labels, T, ignore_index, reduction)
+    got_grad = ops.upsampled_cross_entropy_backward(grad_out, logits, labels, T, ignore_index, reduction)
+    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+
+
+HALF_AND_FULL = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+
+
+@EXAMPLES
+@given(
+    batch=st.integers(1, 2),
+    k=st.integers(1, 4),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 5), st.integers(1, 5))),
+    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 11), st.integers(1, 11))),
+    domain=st.sampled_from([0, 1]),
+    reduction=st.sampled_from([0, 1, 2]),
+    weighted=st.booleans(),
+    dtype=HALF_AND_FULL,
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, seg_size, out_size, domain, reduction,
+                                           weighted, dtype, layout, seed):
+    hs, ws = seg_size if seg_size is not None else (h, w)
+    out_h, out_w = out_size if out_size is not None else (h, w)
+    disc, seg, weight = _loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+    (want, want_grad), (got, got_grad) = _loss_pair(
+        emulated_cuda_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w), weight,
+        reduction,
+    )
+    assert_close_scaled(got, want, dtype)
+    assert_close_scaled(got_grad, want_grad, dtype)
+    assert want_grad.abs().max() > 0  # the comparison is not between zeros
+
+
+@EXAMPLES
+@given(
+    batch=st.integers(1, 2),
+    k=st.integers(1, 5),
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 11), st.integers(1, 11))),
+    ignore_index=st.sampled_from([255, -100, 0]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    reduction=st.sampled_from([0, 1, 2]),
+    dtype=HALF_AND_FULL,
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cross_entropy_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, out_size, ignore_index, ignore_frac,
+                                               reduction, dtype, layout, seed):
+    out_h, out_w = out_size if out_size is not None else (h, w)
+    logits, labels = _ce_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
+    (want, want_grad), (got, got_grad) = _ce_pair(
+        emulated_cuda_ops, with_layout(logits, layout), with_layout(labels, layout), ignore_index, reduction
+    )
+    assert_close_scaled(got, want, dtype, equal_nan=True)  # mean over no pixel: NaN, as torch
+    assert_close_scaled(got_grad, want_grad, dtype)
+    if (labels != ignore_index).any() and k > 1:
+        assert want_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128))])
+def test_realistic_shapes(emulated_cuda_ops, sizes):
+    """K = 19 at 8x upsampling: many output columns per source column, several chunks per block."""
+    (h, w), (out_h, out_w) = sizes
+    disc, seg, _ = _loss_inputs(1, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
+    for reduction in (0, 1):
+        (want, want_grad), (got, got_grad) = _loss_pair(emulated_cuda_ops, disc, seg, 1, (out_h, out_w), None,
+                                                        reduction)
+        assert_close_scaled(got, want, torch.float32)
+        assert_close_scaled(got_grad, want_grad, torch.float32)
+    logits, labels = _ce_inputs(1, 19, h, w, out_h, out_w, torch.float32, 1, 0.2, 255)
+    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+def test_same_bits_every_run(emulated_cuda_ops):
+    """No float atomics: two runs (different thread interleavings) give identical bits."""
+    disc, seg, weight = _loss_inputs(2, 5, 6, 7, 6, 7, 23, 29, torch.float32, 3, True)
+    grad = torch.tensor(1.0)
+    first = emulated_cuda_ops.fada_loss_backward(grad, disc, seg, 1, T, CAP, 23, 29, weight, 1)
+    second = emulated_cuda_ops.fada_loss_backward(grad, disc, seg, 1, T, CAP, 23, 29, weight, 1)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_limit_matches_python_guard(emulated_cuda_ops, dtype):
+    """functional._cuda_backward_fits mirrors adjoint_config: the largest channel count it allows
+    runs (through the > 48 KB shared-memory path) and the next one is refused with the reason."""
+    limit = max(c for c in range(1, 2000) if _cuda_backward_fits(c, dtype, H100_SHARED_BYTES))
+    assert not _cuda_backward_fits(limit + 1, dtype, H100_SHARED_BYTES)
+    labels = torch.zeros(1, 2, 3, dtype=torch.long)
+    logits = torch.randn(1, limit, 2, 2, dtype=dtype)
+    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got_grad, want_grad, dtype)
+    with pytest.raises(RuntimeError, match="need more shared memory than the device offers"):
+        emulated_cuda_ops.upsampled_cross_entropy_backward(
+            torch.tensor(1.0, dtype=dtype), torch.randn(1, limit + 1, 2, 2, dtype=dtype), labels, T, 255, 1
+        )
+
+
+def _stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    features = (torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) + offset).to(dtype)
+    labels = torch.randint(0, num_classes, (batch, h, w), generator=g)
+    labels[torch.rand(batch, h, w, generator=g) < ignore_frac] = 255
+    return features, labels
+
+
+def _assert_stats_match(got, features, labels, num_classes, offset):
+    want = _reference.class_center_stats(features.double(), labels, num_classes, 255)
+    counts, means, m2 = got
+    assert counts.dtype == means.dtype == m2.dtype == torch.float64
+    torch.testing.assert_close(counts, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(means, want[1], rtol=1e-9, atol=1e-9 * (1.0 + abs(offset)))
+    torch.testing.assert_close(m2, want[2], rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60)
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 9),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    num_classes=st.integers(1, 6),
+    dtype=HALF_AND_FULL,
+    offset=st.sampled_from([0.0, 1e3]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_class_stats_kernels_match_reference(emulated_cuda_ops, batch, channels, h, w, num_classes, dtype, offset,
+                                             ignore_frac, layout, seed):
+    features, labels = _stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed)
+    got = emulated_cuda_ops.class_center_stats(with_layout(features, layout), labels, num_classes, 255)
+    _assert_stats_match(got, features, labels, num_classes, offset)
+
+
+def test_class_stats_several_splits(emulated_cuda_ops):
+    """More pixels than one split (4096): per-split partials, then their fixed-order sum."""
+    features, labels = _stats_inputs(2, 2, 40, 60, 3, torch.float32, 10.0, 0.1, 5)
+    got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+    _assert_stats_match(got, features, labels, 3, 10.0)
+    again = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_class_stats_rejects_bad_labels(emulated_cuda_ops):
+    features, labels = _stats_inputs(1, 2, 3, 4, 3, torch.float32, 0.0, 0.0, 0)
+    labels[0, 1, 2] = 7
+    with pytest.raises(RuntimeError, match="found 7"):
+        emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
