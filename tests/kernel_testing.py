@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel parity tests: one forward+backward, the scaled comparison."""
+"""Helpers shared by the kernel parity tests: inputs, layouts, one forward+backward, the scaled comparison."""
 
 import torch
 
@@ -40,3 +40,22 @@ def forward_backward(fn, x, grad_out=None):
         grad_out = torch.randn_like(out)
     out.backward(grad_out)
     return out.detach(), leaf.grad, grad_out
+
+
+def fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted, scale=3.0, device="cpu"):
+    """Random non-zero (disc (B, 2K, h, w), seg (B, K, hs, ws), weight (B, H, W) or None)."""
+    g = torch.Generator().manual_seed(seed)
+    disc = (torch.randn(batch, 2 * k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
+    seg = (torch.randn(batch, k, hs, ws, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = torch.rand(batch, out_h, out_w, generator=g, dtype=torch.float64).to(dtype) if weighted else None
+    return disc.to(device), seg.to(device), None if weight is None else weight.to(device)
+
+
+def cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index=255, scale=3.0,
+                         device="cpu"):
+    """Random logits (B, K, h, w) and labels (B, H, W), a fraction ``ignore_frac`` of them ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
+    labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
+    return logits.to(device), labels.to(device)

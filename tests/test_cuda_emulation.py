@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fada_core import _reference
 from fada_core.functional import _cuda_backward_fits
-from kernel_testing import assert_close_scaled, forward_backward, with_layout
+from kernel_testing import assert_close_scaled, cross_entropy_inputs, fada_loss_inputs, forward_backward, with_layout
 
 T, CAP = 1.8, 0.9
 REDUCTIONS = ["none", "mean", "sum"]
@@ -27,22 +27,6 @@ H100_SHARED_BYTES = 227 * 1024  # what the emulation reports as the opt-in share
 
 # each example launches thousands of host threads: fewer than the CPU kernels' 200
 EXAMPLES = settings(max_examples=100)
-
-
-def _loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted):
-    g = torch.Generator().manual_seed(seed)
-    disc = (torch.randn(batch, 2 * k, h, w, generator=g, dtype=torch.float64) * 3).to(dtype)
-    seg = (torch.randn(batch, k, hs, ws, generator=g, dtype=torch.float64) * 3).to(dtype)
-    weight = torch.rand(batch, out_h, out_w, generator=g, dtype=torch.float64).to(dtype) if weighted else None
-    return disc, seg, weight
-
-
-def _ce_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch, k, h, w, generator=g, dtype=torch.float64) * 3).to(dtype)
-    labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
-    labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
-    return logits, labels
 
 
 def _loss_pair(ops, disc, seg, domain, size, weight, reduction):
@@ -95,7 +79,7 @@ def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, se
                                            weighted, dtype, layout, seed):
     hs, ws = seg_size if seg_size is not None else (h, w)
     out_h, out_w = out_size if out_size is not None else (h, w)
-    disc, seg, weight = _loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
     (want, want_grad), (got, got_grad) = _loss_pair(
         emulated_cuda_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w), weight,
         reduction,
@@ -122,7 +106,7 @@ def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, se
 def test_cross_entropy_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, out_size, ignore_index, ignore_frac,
                                                reduction, dtype, layout, seed):
     out_h, out_w = out_size if out_size is not None else (h, w)
-    logits, labels = _ce_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
+    logits, labels = cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
     (want, want_grad), (got, got_grad) = _ce_pair(
         emulated_cuda_ops, with_layout(logits, layout), with_layout(labels, layout), ignore_index, reduction
     )
@@ -136,13 +120,13 @@ def test_cross_entropy_kernels_match_reference(emulated_cuda_ops, batch, k, h, w
 def test_realistic_shapes(emulated_cuda_ops, sizes):
     """K = 19 at 8x upsampling: many output columns per source column, several chunks per block."""
     (h, w), (out_h, out_w) = sizes
-    disc, seg, _ = _loss_inputs(1, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
+    disc, seg, _ = fada_loss_inputs(1, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
     for reduction in (0, 1):
         (want, want_grad), (got, got_grad) = _loss_pair(emulated_cuda_ops, disc, seg, 1, (out_h, out_w), None,
                                                         reduction)
         assert_close_scaled(got, want, torch.float32)
         assert_close_scaled(got_grad, want_grad, torch.float32)
-    logits, labels = _ce_inputs(1, 19, h, w, out_h, out_w, torch.float32, 1, 0.2, 255)
+    logits, labels = cross_entropy_inputs(1, 19, h, w, out_h, out_w, torch.float32, 1, 0.2, 255)
     (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
     assert_close_scaled(got, want, torch.float32)
     assert_close_scaled(got_grad, want_grad, torch.float32)
@@ -150,7 +134,7 @@ def test_realistic_shapes(emulated_cuda_ops, sizes):
 
 def test_same_bits_every_run(emulated_cuda_ops):
     """No float atomics: two runs (different thread interleavings) give identical bits."""
-    disc, seg, weight = _loss_inputs(2, 5, 6, 7, 6, 7, 23, 29, torch.float32, 3, True)
+    disc, seg, weight = fada_loss_inputs(2, 5, 6, 7, 6, 7, 23, 29, torch.float32, 3, True)
     grad = torch.tensor(1.0)
     first = emulated_cuda_ops.fada_loss_backward(grad, disc, seg, 1, T, CAP, 23, 29, weight, 1)
     second = emulated_cuda_ops.fada_loss_backward(grad, disc, seg, 1, T, CAP, 23, 29, weight, 1)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled, forward_backward, with_layout
+from kernel_testing import assert_close_scaled, cross_entropy_inputs, forward_backward, with_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -25,14 +25,6 @@ REDUCTIONS = ["none", "mean", "sum"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
-
-
-def _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index=255, scale=3.0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(batch, k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
-    labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
-    labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
-    return logits.to(device), labels.to(device)
 
 
 def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None):
@@ -71,7 +63,7 @@ def _assert_close(got, want, dtype):
 def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ignore_index, ignore_frac, reduction,
                            dtype, layout, seed):
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
-    logits, labels = _inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
+    logits, labels = cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
     want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction)
     got, got_grad = _kernel(kernel_ops, with_layout(logits, layout), with_layout(labels, layout), temperature, ignore_index,
                             reduction, grad_out)
@@ -82,7 +74,7 @@ def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ig
 
 
 def test_realistic_shapes_and_official_formula(kernel_ops):
-    logits, labels = _inputs(2, 19, 9, 17, 65, 129, torch.float32, 0, 0.2)
+    logits, labels = cross_entropy_inputs(2, 19, 9, 17, 65, 129, torch.float32, 0, 0.2)
     x = logits.clone().requires_grad_(True)
     up = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=True)
     want = torch.nn.CrossEntropyLoss(ignore_index=255)(up / 1.8, labels)
@@ -94,7 +86,7 @@ def test_realistic_shapes_and_official_formula(kernel_ops):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cpu(kernel_ops, dtype):
-    logits, labels = _inputs(2, 5, 6, 7, 23, 17, dtype, 1, 0.2, scale=2.0)
+    logits, labels = cross_entropy_inputs(2, 5, 6, 7, 23, 17, dtype, 1, 0.2, scale=2.0)
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
         got, got_grad = _kernel(kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
@@ -104,7 +96,7 @@ def test_half_precision_cpu(kernel_ops, dtype):
 
 
 def test_same_bits_twice_and_across_thread_counts(kernel_ops):
-    logits, labels = _inputs(2, 19, 9, 17, 70, 130, torch.float32, 3, 0.1)
+    logits, labels = cross_entropy_inputs(2, 19, 9, 17, 70, 130, torch.float32, 3, 0.1)
     g = torch.tensor(1.0)
     threads = torch.get_num_threads()
     results = []
@@ -124,7 +116,7 @@ def test_same_bits_twice_and_across_thread_counts(kernel_ops):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(kernel_ops, requires_grad, reduction):
-    logits, labels = _inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
     logits.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.upsampled_cross_entropy.default, (logits, labels, 1.8, 255, reduction))
     grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)
@@ -135,14 +127,14 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_gradcheck(kernel_ops, reduction):
-    logits, labels = _inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
+    logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
     logits.requires_grad_(True)
     fn = lambda x: kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
 
 
 def test_torch_compile_fullgraph(kernel_ops):
-    logits, labels = _inputs(2, 4, 5, 6, 11, 13, torch.float32, 6, 0.2)
+    logits, labels = cross_entropy_inputs(2, 4, 5, 6, 11, 13, torch.float32, 6, 0.2)
 
     def f(x, y):
         return kernel_ops.upsampled_cross_entropy(x * 2, y, 1.8, 255, 1) + 0.1 * kernel_ops.upsampled_cross_entropy(
@@ -162,12 +154,12 @@ def test_torch_compile_fullgraph(kernel_ops):
 
 
 def test_all_ignored_and_empty_batch(kernel_ops):
-    logits, labels = _inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 1.0)
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 1.0)
     assert math.isnan(kernel_ops.upsampled_cross_entropy(logits, labels, 1.0, 255, 1).item())
     assert kernel_ops.upsampled_cross_entropy(logits, labels, 1.0, 255, 2).item() == 0.0
     grad = kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, 1.0, 255, 1)
     assert torch.equal(grad, torch.zeros_like(grad))
-    empty_logits, empty_labels = _inputs(0, 3, 4, 5, 7, 8, torch.float32, 0, 0.0)
+    empty_logits, empty_labels = cross_entropy_inputs(0, 3, 4, 5, 7, 8, torch.float32, 0, 0.0)
     assert kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 0).shape == (0, 7, 8)
     assert math.isnan(kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 1).item())
     assert kernel_ops.upsampled_cross_entropy(empty_logits, empty_labels, 1.0, 255, 2).item() == 0.0
@@ -176,7 +168,7 @@ def test_all_ignored_and_empty_batch(kernel_ops):
 
 
 def test_nan_propagates(kernel_ops):
-    logits, labels = _inputs(1, 3, 4, 5, 10, 13, torch.float32, 8, 0.0)
+    logits, labels = cross_entropy_inputs(1, 3, 4, 5, 10, 13, torch.float32, 8, 0.0)
     bad = logits.clone()
     bad[0, 1, 2, 3] = float("nan")
     assert torch.isnan(kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 1))
@@ -186,7 +178,7 @@ def test_nan_propagates(kernel_ops):
 
 
 def test_bad_inputs_raise(kernel_ops):
-    logits, labels = _inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 0.2)
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 0.2)
     op = kernel_ops.upsampled_cross_entropy
     out_of_range = labels.clone()
     out_of_range[0, 0, 0] = 3
@@ -220,7 +212,7 @@ def test_bad_inputs_raise(kernel_ops):
 def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction):
     shapes = [(2, 3, 4, 5, 9, 13), (1, 19, 9, 17, 65, 129), (3, 4, 1, 1, 5, 7), (2, 5, 7, 6, 7, 6), (2, 19, 64, 128, 512, 1024)]
     for i, (b, k, h, w, out_h, out_w) in enumerate(shapes):
-        logits, labels = _inputs(b, k, h, w, out_h, out_w, dtype, i, 0.2, scale=2.0, device="cuda")
+        logits, labels = cross_entropy_inputs(b, k, h, w, out_h, out_w, dtype, i, 0.2, scale=2.0, device="cuda")
         want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
         got, got_grad = _kernel(cuda_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
         _assert_close(got, want, dtype)
@@ -231,7 +223,7 @@ def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction):
 
 @pytest.mark.cuda
 def test_cuda_same_bits_and_all_ignored(cuda_kernel_ops):
-    logits, labels = _inputs(4, 19, 64, 128, 512, 1024, torch.float32, 9, 0.1, device="cuda")
+    logits, labels = cross_entropy_inputs(4, 19, 64, 128, 512, 1024, torch.float32, 9, 0.1, device="cuda")
     g = torch.tensor(1.0, device="cuda")
     op, bwd = cuda_kernel_ops.upsampled_cross_entropy, cuda_kernel_ops.upsampled_cross_entropy_backward
     assert torch.equal(op(logits, labels, 1.8, 255, 1), op(logits, labels, 1.8, 255, 1))

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled, forward_backward, with_layout
+from kernel_testing import assert_close_scaled, fada_loss_inputs, forward_backward, with_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 DOMAINS = ["source", "target"]
@@ -25,15 +25,6 @@ T, CAP = 1.8, 0.9
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
-
-
-def _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted, scale=3.0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    disc = (torch.randn(batch, 2 * k, h, w, generator=g, dtype=torch.float64) * scale).to(dtype)
-    seg = (torch.randn(batch, k, hs, ws, generator=g, dtype=torch.float64) * scale).to(dtype)
-    weight = torch.rand(batch, out_h, out_w, generator=g, dtype=torch.float64).to(dtype) if weighted else None
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return to(disc), to(seg), to(weight)
 
 
 def _eager(disc, seg, domain, size, weight, reduction, grad_out=None):
@@ -73,7 +64,7 @@ def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domai
                            layout, seed):
     hs, ws = seg_size if seg_size is not None else (h, w)
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
-    disc, seg, weight = _inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
     want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
     got, got_grad = _kernel(kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
                             weight, reduction, grad_out)
@@ -86,7 +77,7 @@ def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domai
 @pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128)), ((7, 11), (40, 24))])
 def test_realistic_shapes(kernel_ops, domain, sizes):
     (h, w), (out_h, out_w) = sizes
-    disc, seg, _ = _inputs(2, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
+    disc, seg, _ = fada_loss_inputs(2, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
     for reduction in (0, 1):
         want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), None, reduction)
         got, got_grad = _kernel(kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out)
@@ -96,7 +87,7 @@ def test_realistic_shapes(kernel_ops, domain, sizes):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cpu(kernel_ops, dtype):
-    disc, seg, weight = _inputs(2, 5, 6, 7, 6, 7, 23, 17, dtype, 1, True, scale=2.0)
+    disc, seg, weight = fada_loss_inputs(2, 5, 6, 7, 6, 7, 23, 17, dtype, 1, True, scale=2.0)
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction)
         got, got_grad = _kernel(kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out)
@@ -106,7 +97,7 @@ def test_half_precision_cpu(kernel_ops, dtype):
 
 
 def test_same_bits_twice_and_across_thread_counts(kernel_ops):
-    disc, seg, weight = _inputs(2, 19, 9, 17, 9, 17, 70, 130, torch.float32, 3, True)
+    disc, seg, weight = fada_loss_inputs(2, 19, 9, 17, 9, 17, 70, 130, torch.float32, 3, True)
     g = torch.tensor(1.0)
     threads = torch.get_num_threads()
     results = []
@@ -126,7 +117,7 @@ def test_same_bits_twice_and_across_thread_counts(kernel_ops):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_opcheck(kernel_ops, requires_grad, reduction):
-    disc, seg, weight = _inputs(2, 3, 4, 5, 3, 4, 7, 9, torch.float32, 4, True)
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 3, 4, 7, 9, torch.float32, 4, True)
     disc.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 1, T, CAP, 7, 9, weight, reduction))
     torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction))
@@ -138,14 +129,14 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_gradcheck(kernel_ops, reduction):
-    disc, seg, weight = _inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
+    disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
     disc.requires_grad_(True)
     fn = lambda d: kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
 
 
 def test_torch_compile_fullgraph(kernel_ops):
-    disc, seg, weight = _inputs(2, 4, 5, 6, 5, 6, 11, 13, torch.float32, 6, True)
+    disc, seg, weight = fada_loss_inputs(2, 4, 5, 6, 5, 6, 11, 13, torch.float32, 6, True)
 
     def f(d, s, wt):
         return 0.5 * kernel_ops.fada_loss(d, s, 0, T, CAP, 11, 13, wt, 1) + kernel_ops.fada_loss(
@@ -165,7 +156,7 @@ def test_torch_compile_fullgraph(kernel_ops):
 
 
 def test_torch_compile_inductor(kernel_ops):
-    disc, seg, _ = _inputs(1, 3, 4, 5, 4, 5, 9, 10, torch.float32, 7, False)
+    disc, seg, _ = fada_loss_inputs(1, 3, 4, 5, 4, 5, 9, 10, torch.float32, 7, False)
 
     def f(d, s):
         return kernel_ops.fada_loss(d.float() * 1.5, s, 1, T, CAP, 9, 10, None, 1)
@@ -176,7 +167,7 @@ def test_torch_compile_inductor(kernel_ops):
 
 
 def test_empty_batch(kernel_ops):
-    disc, seg, weight = _inputs(0, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
+    disc, seg, weight = fada_loss_inputs(0, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
     none = kernel_ops.fada_loss(disc, seg, 0, T, CAP, 7, 8, weight, 0)
     assert none.shape == (0, 7, 8)
     assert math.isnan(kernel_ops.fada_loss(disc, seg, 0, T, CAP, 7, 8, weight, 1).item())
@@ -186,7 +177,7 @@ def test_empty_batch(kernel_ops):
 
 
 def test_nan_propagates(kernel_ops):
-    disc, seg, _ = _inputs(1, 3, 4, 5, 4, 5, 10, 13, torch.float32, 8, False)
+    disc, seg, _ = fada_loss_inputs(1, 3, 4, 5, 4, 5, 10, 13, torch.float32, 8, False)
     disc_nan = disc.clone()
     disc_nan[0, 1, 2, 3] = float("nan")
     assert torch.isnan(kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 1))
@@ -205,7 +196,7 @@ def test_nan_propagates(kernel_ops):
 
 
 def test_bad_inputs_raise(kernel_ops):
-    disc, seg, weight = _inputs(2, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 8, torch.float32, 0, True)
     op = kernel_ops.fada_loss
     cases = [
         lambda: op(disc[:, :5], seg, 0, T, CAP, 7, 8, None, 1),  # not 2K channels
@@ -236,7 +227,8 @@ def test_bad_inputs_raise(kernel_ops):
 def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction, domain):
     shapes = [(2, 3, 4, 5, 4, 5, 9, 13), (1, 19, 9, 17, 9, 17, 65, 129), (3, 4, 1, 1, 2, 3, 5, 7), (2, 5, 7, 6, 3, 3, 7, 6)]
     for i, (b, k, h, w, hs, ws, out_h, out_w) in enumerate(shapes):
-        disc, seg, weight = _inputs(b, k, h, w, hs, ws, out_h, out_w, dtype, i, i % 2 == 0, scale=2.0, device="cuda")
+        disc, seg, weight = fada_loss_inputs(b, k, h, w, hs, ws, out_h, out_w, dtype, i, i % 2 == 0, scale=2.0,
+                                             device="cuda")
         want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
         got, got_grad = _kernel(cuda_kernel_ops, disc, seg, domain, (out_h, out_w), weight, reduction, grad_out)
         _assert_close(got, want, dtype)
@@ -251,7 +243,7 @@ def test_cuda_matches_reference(cuda_kernel_ops, dtype, reduction, domain):
 
 @pytest.mark.cuda
 def test_cuda_same_bits_and_matches_cpu(cuda_kernel_ops):
-    disc, seg, weight = _inputs(4, 19, 64, 128, 64, 128, 512, 1024, torch.float32, 9, True)
+    disc, seg, weight = fada_loss_inputs(4, 19, 64, 128, 64, 128, 512, 1024, torch.float32, 9, True)
     g = torch.tensor(1.0)
     args = (0, T, CAP, 512, 1024)
     dc, sc, wc, gc = disc.cuda(), seg.cuda(), weight.cuda(), g.cuda()
@@ -268,7 +260,7 @@ def test_cuda_same_bits_and_matches_cpu(cuda_kernel_ops):
 
 @pytest.mark.cuda
 def test_cuda_torch_compile_and_opcheck(cuda_kernel_ops):
-    disc, seg, weight = _inputs(2, 3, 4, 5, 4, 5, 11, 13, torch.float32, 10, True, device="cuda")
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 11, 13, torch.float32, 10, True, device="cuda")
     torch.library.opcheck(cuda_kernel_ops.fada_loss.default, (disc.requires_grad_(True), seg, 1, T, CAP, 11, 13, weight, 1))
 
     def f(d, s):
