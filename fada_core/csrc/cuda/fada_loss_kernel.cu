@@ -28,17 +28,25 @@ struct FadaGeometry {
   acc_t inv_t, cap;
 };
 
-// Soft-label statistics of one pixel: max and 1/sum of exp(s / T - max), and
-// A = sum_c a_c.
+// Soft-label normaliser of one pixel: max and 1/sum of exp(s / T - max).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void seg_stats(const scalar_t* splane, const FadaGeometry<acc_t>& g,
-                                          const LinearIndex<acc_t>& iy, const LinearIndex<acc_t>& ix, acc_t& ms,
-                                          acc_t& inv_ss, acc_t& asum) {
+__device__ __forceinline__ void seg_normaliser(const scalar_t* splane, const FadaGeometry<acc_t>& g,
+                                               const LinearIndex<acc_t>& iy, const LinearIndex<acc_t>& ix, acc_t& ms,
+                                               acc_t& inv_ss) {
   const int64_t plane = g.hs * g.ws;
   ms = -std::numeric_limits<acc_t>::infinity();
   acc_t ss = 0;
   for (int64_t c = 0; c < g.K; ++c) online_logsumexp(ms, ss, bilinear_sample(splane + c * plane, g.ws, iy, ix) * g.inv_t);
   inv_ss = static_cast<acc_t>(1) / ss;
+}
+
+// ... and A = sum_c a_c, which only the gradient needs (one more pass).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void seg_stats(const scalar_t* splane, const FadaGeometry<acc_t>& g,
+                                          const LinearIndex<acc_t>& iy, const LinearIndex<acc_t>& ix, acc_t& ms,
+                                          acc_t& inv_ss, acc_t& asum) {
+  seg_normaliser(splane, g, iy, ix, ms, inv_ss);
+  const int64_t plane = g.hs * g.ws;
   asum = 0;
   for (int64_t c = 0; c < g.K; ++c) {
     const acc_t v = bilinear_sample(splane + c * plane, g.ws, iy, ix) * g.inv_t;
@@ -73,8 +81,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     const LinearIndex<acc_t> siy = source_index<acc_t>(g.ssy, y, g.hs), six = source_index<acc_t>(g.ssx, x, g.ws);
     const scalar_t* dplane = disc + b * 2 * g.K * g.h * g.w;
     const scalar_t* splane = seg + b * g.K * g.hs * g.ws;
-    acc_t ms, inv_ss, asum, m, s;
-    seg_stats(splane, g, siy, six, ms, inv_ss, asum);
+    acc_t ms, inv_ss, m, s;
+    seg_normaliser(splane, g, siy, six, ms, inv_ss);
     disc_stats(dplane, g, iy, ix, m, s);
     const acc_t log_sum = log_acc(s);
     acc_t loss = 0;
