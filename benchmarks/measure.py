@@ -4,8 +4,9 @@ Timing
     After warm-up, the variants of one case run interleaved, in a new seeded random order
     every round (so each variant follows each other one about equally often), each call on
     the next input set of a small pool of fresh random inputs. CPU: ``time.perf_counter``
-    around the call. CUDA: CUDA events around the call, then a synchronize. "fwd" is the forward as run in training (inputs require grad, the graph is
-    built); "fwdbwd" adds ``backward()``. Reported: median, quartiles and IQR in milliseconds.
+    around the call. CUDA: CUDA events around the call, then a synchronize. "fwd" is the
+    forward as run in training (inputs require grad, the graph is built); "fwdbwd" adds
+    ``backward()``. Reported: median, quartiles and IQR in milliseconds.
 
 Peak memory ("extra" = peak during one forward+backward minus what was live before it)
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus

@@ -53,7 +53,7 @@ def kernel_ops():
 
 @pytest.fixture(scope="session")
 def emulated_cuda_ops():
-    """The CUDA loss and cross-entropy ops compiled as host code (``torch.ops.fada_core_emulated``).
+    """fada_core's CUDA ops compiled as host code (``torch.ops.fada_core_emulated``).
 
     ``tests/cuda_emulation``: CUDA threads run as host threads, so the kernels' indexing, barriers
     and fixed-order reductions are tested on the CPU. Needs only a C++ compiler.

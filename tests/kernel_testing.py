@@ -59,3 +59,23 @@ def cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac,
     labels = torch.randint(0, k, (batch, out_h, out_w), generator=g)
     labels[torch.rand(batch, out_h, out_w, generator=g) < ignore_frac] = ignore_index
     return logits.to(device), labels.to(device)
+
+
+def class_stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed, ignore_index=255):
+    """Random features (B, C, h, w) around ``offset`` and labels (B, h, w), a fraction ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    features = (torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) + offset).to(dtype)
+    labels = torch.randint(0, num_classes, (batch, h, w), generator=g)
+    labels[torch.rand(batch, h, w, generator=g) < ignore_frac] = ignore_index
+    return features, labels
+
+
+def assert_class_stats_close(got, want, offset=0.0, rtol=1e-9):
+    """(counts, means, m2) in float64: counts exact, means and m2 within ``rtol`` (means relative to the offset)."""
+    counts, means, m2 = got
+    r_counts, r_means, r_m2 = want
+    assert counts.dtype == means.dtype == m2.dtype == torch.float64
+    assert counts.shape == r_counts.shape and means.shape == r_means.shape and m2.shape == r_m2.shape
+    torch.testing.assert_close(counts, r_counts, rtol=0, atol=0)
+    torch.testing.assert_close(means, r_means, rtol=rtol, atol=rtol * (1.0 + abs(offset)))
+    torch.testing.assert_close(m2, r_m2, rtol=rtol, atol=1e-9)

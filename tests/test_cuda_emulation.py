@@ -1,9 +1,9 @@
-"""The CUDA FADA-loss and cross-entropy kernels, run on the CPU under emulation.
+"""The CUDA kernels (FADA loss, cross-entropy, class statistics), run on the CPU under emulation.
 
-``tests/cuda_emulation/emulated_ops.cpp`` compiles ``csrc/cuda/fada_loss_kernel.cu`` and
-``cross_entropy_kernel.cu`` (host wrappers included) as host code: every CUDA thread of a block is
-a host thread, ``__syncthreads`` a barrier, shared memory a per-block buffer that starts as 0xFF
-bytes. These tests hold the CUDA code to the eager reference where no GPU is at hand: indexing,
+``tests/cuda_emulation/emulated_ops.cpp`` compiles ``csrc/cuda/*.cu`` (host wrappers included) as
+host code: every CUDA thread of a block is a host thread, ``__syncthreads`` a barrier, the warp
+intrinsics exchanges between a warp's threads, shared memory a per-block buffer that starts as
+0xFF bytes. These tests hold the CUDA code to the eager reference where no GPU is at hand: indexing,
 the adjoint's ranges and partial slots, barriers, the fixed-order reductions and the host-side
 launch configuration. They say nothing about speed, and the GPU suite (``-m cuda``) still has
 to run on a GPU.
@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from fada_core import _reference
 from fada_core.functional import _cuda_backward_fits
-from kernel_testing import assert_close_scaled, cross_entropy_inputs, fada_loss_inputs, forward_backward, with_layout
+from kernel_testing import (
+    assert_class_stats_close,
+    assert_close_scaled,
+    class_stats_inputs,
+    cross_entropy_inputs,
+    fada_loss_inputs,
+    forward_backward,
+    with_layout,
+)
 
 T, CAP = 1.8, 0.9
 REDUCTIONS = ["none", "mean", "sum"]
@@ -157,23 +165,6 @@ def test_channel_limit_matches_python_guard(emulated_cuda_ops, dtype):
         )
 
 
-def _stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed):
-    g = torch.Generator().manual_seed(seed)
-    features = (torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) + offset).to(dtype)
-    labels = torch.randint(0, num_classes, (batch, h, w), generator=g)
-    labels[torch.rand(batch, h, w, generator=g) < ignore_frac] = 255
-    return features, labels
-
-
-def _assert_stats_match(got, features, labels, num_classes, offset):
-    want = _reference.class_center_stats(features.double(), labels, num_classes, 255)
-    counts, means, m2 = got
-    assert counts.dtype == means.dtype == m2.dtype == torch.float64
-    torch.testing.assert_close(counts, want[0], rtol=0, atol=0)
-    torch.testing.assert_close(means, want[1], rtol=1e-9, atol=1e-9 * (1.0 + abs(offset)))
-    torch.testing.assert_close(m2, want[2], rtol=1e-9, atol=1e-9)
-
-
 @settings(max_examples=60)
 @given(
     batch=st.integers(1, 3),
@@ -189,22 +180,22 @@ def _assert_stats_match(got, features, labels, num_classes, offset):
 )
 def test_class_stats_kernels_match_reference(emulated_cuda_ops, batch, channels, h, w, num_classes, dtype, offset,
                                              ignore_frac, layout, seed):
-    features, labels = _stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed)
+    features, labels = class_stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed)
     got = emulated_cuda_ops.class_center_stats(with_layout(features, layout), labels, num_classes, 255)
-    _assert_stats_match(got, features, labels, num_classes, offset)
+    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, num_classes, 255), offset)
 
 
 def test_class_stats_several_splits(emulated_cuda_ops):
     """More pixels than one split (4096): per-split partials, then their fixed-order sum."""
-    features, labels = _stats_inputs(2, 2, 40, 60, 3, torch.float32, 10.0, 0.1, 5)
+    features, labels = class_stats_inputs(2, 2, 40, 60, 3, torch.float32, 10.0, 0.1, 5)
     got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
-    _assert_stats_match(got, features, labels, 3, 10.0)
+    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, 3, 255), 10.0)
     again = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 def test_class_stats_rejects_bad_labels(emulated_cuda_ops):
-    features, labels = _stats_inputs(1, 2, 3, 4, 3, torch.float32, 0.0, 0.0, 0)
+    features, labels = class_stats_inputs(1, 2, 3, 4, 3, torch.float32, 0.0, 0.0, 0)
     labels[0, 1, 2] = 7
     with pytest.raises(RuntimeError, match="found 7"):
         emulated_cuda_ops.class_center_stats(features, labels, 3, 255)

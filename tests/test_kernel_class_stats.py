@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
+from kernel_testing import assert_class_stats_close, class_stats_inputs
 
 IGNORE = 255
 
@@ -29,21 +30,8 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def _check_close(got, want, offset=0.0, rtol=1e-9):
-    counts, means, m2 = got
-    r_counts, r_means, r_m2 = want
-    assert counts.dtype == means.dtype == m2.dtype == torch.float64
-    assert counts.shape == r_counts.shape and means.shape == r_means.shape and m2.shape == r_m2.shape
-    torch.testing.assert_close(counts, r_counts, rtol=0, atol=0)
-    torch.testing.assert_close(means, r_means, rtol=rtol, atol=rtol * (1.0 + abs(offset)))
-    torch.testing.assert_close(m2, r_m2, rtol=rtol, atol=1e-9)
-
-
 def _sample(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed, layout="contiguous"):
-    g = torch.Generator().manual_seed(seed)
-    features = (torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) + offset).to(dtype)
-    labels = torch.randint(0, num_classes, (batch, h, w), generator=g)
-    labels[torch.rand(batch, h, w, generator=g) < ignore_frac] = IGNORE
+    features, labels = class_stats_inputs(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed, IGNORE)
     return _layout(features, layout), labels
 
 
@@ -64,7 +52,7 @@ def test_matches_reference(kernel_ops, batch, channels, h, w, num_classes, dtype
     features, labels = _sample(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed, layout)
     got = kernel_ops.class_center_stats(features, labels, num_classes, IGNORE)
     want = _reference.class_center_stats(features, labels, num_classes, IGNORE)
-    _check_close(got, want, offset)
+    assert_class_stats_close(got, want, offset)
 
 
 def test_absent_classes_are_zero(kernel_ops):
@@ -111,7 +99,7 @@ def test_half_precision_inputs(kernel_ops, dtype):
     got = kernel_ops.class_center_stats(features, labels, 4, IGNORE)
     # the kernel reads the half values exactly and accumulates in float64
     want = _reference.class_center_stats(features.double(), labels, 4, IGNORE)
-    _check_close(got, want)
+    assert_class_stats_close(got, want)
 
 
 def test_int32_labels(kernel_ops):
@@ -127,7 +115,7 @@ def test_negative_ignore_index(kernel_ops):
     labels[0, 0] = -1
     got = kernel_ops.class_center_stats(features, labels, 3, -1)
     want = _reference.class_center_stats(features, labels, 3, -1)
-    _check_close(got, want)
+    assert_class_stats_close(got, want)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
@@ -139,7 +127,7 @@ def test_many_chunks_match_reference(kernel_ops, batch, channels, h, w, offset):
     features, labels = _sample(batch, channels, h, w, 19, torch.float32, offset, 0.1, seed=12)
     got = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
     want = _reference.class_center_stats(features, labels, 19, IGNORE)
-    _check_close(got, want, offset)
+    assert_class_stats_close(got, want, offset)
 
 
 _ISA_SCRIPT = """
@@ -250,7 +238,7 @@ def test_cuda_matches_reference(cuda_kernel_ops, dtype, layout):
         features, labels = features.cuda(), labels.cuda()
         got = cuda_kernel_ops.class_center_stats(features, labels, k, IGNORE)
         want = _reference.class_center_stats(features.double(), labels, k, IGNORE)
-        _check_close(got, want, 1e3 if dtype == torch.float64 else 0.0)
+        assert_class_stats_close(got, want, 1e3 if dtype == torch.float64 else 0.0)
         again = cuda_kernel_ops.class_center_stats(features, labels, k, IGNORE)
         for a, b in zip(got, again):
             assert torch.equal(a, b)
