@@ -154,11 +154,14 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
     As the official ``inference`` / ``multi_scale_inference``: each scaled input is
     ``bilinear(image, (int(H*s), int(W*s)), align_corners=True)``; logits are upsampled to
     ``size`` (the label size) with ``align_corners=True`` before the softmax; a flipped input's
-    probabilities are flipped back before averaging (the flipped copy runs in the same batch).
+    probabilities are flipped back before averaging. The floating-point operations are the
+    official ones, in the same order and batching, so the predictions are bit-identical.
     ``amp`` ("bf16" / "fp16") runs the networks under autocast; upsampling and softmax stay in
     float32.
     """
     size = tuple(int(v) for v in size)
+    scales = tuple(scales)
+    single = len(scales) == 1
     height, width = image.shape[-2:]
     batch = image.shape[0]
     total = None
@@ -170,18 +173,20 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
         else:
             x = F.interpolate(image, size=(int(height * s), int(width * s)), mode="bilinear",
                               align_corners=True)
-        if flip:
-            x = torch.cat([x, x.flip(3)], dim=0)
-        with _autocast(image.device, amp):
-            logits = classifier(feature_extractor(x))
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
-        prob = F.softmax(logits, dim=1)
-        if flip:
-            prob = prob[:batch] + prob[batch:].flip(3)
-            count += 2
-        else:
-            count += 1
-        total = prob if total is None else total + prob
+        # As the official code: one scale runs the mirrored copy in the same batch, several
+        # scales run it separately (batching changes the float rounding of the convolutions).
+        inputs = [x] if not flip else ([torch.cat([x, x.flip(3)], dim=0)] if single else [x, x.flip(3)])
+        for i, xi in enumerate(inputs):
+            with _autocast(image.device, amp):
+                logits = classifier(feature_extractor(xi))
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
+            prob = F.softmax(logits, dim=1)
+            if flip and single:
+                prob = prob[:batch] + prob[batch:].flip(3)
+            elif i == 1:
+                prob = prob.flip(3)
+            total = prob if total is None else total + prob
+        count += 2 if flip else 1
     if total is None:
         raise ValueError("scales must not be empty")
     return total / count
