@@ -251,7 +251,8 @@ def load_state_strict(module: nn.Module, state: Dict[str, torch.Tensor], what: s
     ``ignore_unexpected`` may be left over (both stated by the caller, e.g. the ImageNet ``fc``).
     Otherwise a :class:`WeightsError` names ``what`` and lists the missing, unexpected and
     mis-shaped keys; with ``partial=True`` the tensors that fit are loaded and ``(missing,
-    unexpected)`` returned instead. BN ``num_batches_tracked`` counters are never required.
+    unexpected)`` returned instead. BN ``num_batches_tracked`` counters are neither required nor
+    rejected (frozen BN has none; they do not change a prediction).
     """
     own = module.state_dict()
     ignore_missing, ignore_unexpected = tuple(ignore_missing), tuple(ignore_unexpected)
@@ -260,7 +261,8 @@ def load_state_strict(module: nn.Module, state: Dict[str, torch.Tensor], what: s
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     missing = [k for k in own if k not in state and not k.startswith(ignore_missing)
                and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own and not k.startswith(ignore_unexpected)]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignore_unexpected)
+                  and not k.endswith("num_batches_tracked")]
     if (missing or unexpected or shaped) and not partial:
         parts = [f"missing keys ({len(missing)}): {_short(missing)}" if missing else "",
                  f"unexpected keys ({len(unexpected)}): {_short(unexpected)}" if unexpected else "",
