@@ -49,6 +49,7 @@ __all__ = [
     "format_table",
     "write_results_csv",
     "subset_miou",
+    "miou13",
     "cityscapes_official_scores",
     "build_eval_loader",
     "build_test_dataset",
@@ -91,6 +92,9 @@ class EvalResult:
     def as_dict(self, class_names: Optional[Sequence[str]] = None) -> dict:
         names = _names(class_names, len(self.iou))
         out = {"mIoU": self.miou, "mAcc": self.macc, "allAcc": self.allacc, "images": self.num_images}
+        thirteen = miou13(self, names)
+        if thirteen is not None:
+            out["mIoU13"] = thirteen
         for name, value in zip(names, self.iou):
             out[f"IoU/{name}"] = float(value)
         return out
@@ -527,6 +531,17 @@ def subset_miou(result: EvalResult, class_names: Sequence[str], subset: Sequence
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
+def miou13(result: EvalResult, class_names: Sequence[str]) -> Optional[float]:
+    """SYNTHIA -> Cityscapes: the paper's mIoU* over 13 classes, read from the *16-class* model's
+    evaluation (the protocol: one 16-class model, reported as mIoU16 and mIoU13); None for
+    other class sets."""
+    from fada_examples.data.labels import CLASS_NAMES_13, CLASS_NAMES_16
+
+    if list(class_names) != list(CLASS_NAMES_16):
+        return None
+    return subset_miou(result, class_names, CLASS_NAMES_13)
+
+
 def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None) -> str:
     """Per-class IoU / accuracy table in percent, followed by mIoU, mAcc and allAcc."""
     names = _names(class_names, len(result.iou))
@@ -538,6 +553,9 @@ def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None
     lines.append("-" * len(lines[0]))
     lines.append(f"mIoU {_pct(result.miou).strip()} %   mAcc {_pct(result.macc).strip()} %   "
                  f"allAcc {_pct(result.allacc).strip()} %   ({result.num_images} images)")
+    thirteen = miou13(result, names)
+    if thirteen is not None:
+        lines.append(f"mIoU16 {_pct(result.miou).strip()} %   mIoU* (13 classes) {_pct(thirteen).strip()} %")
     return "\n".join(lines)
 
 
@@ -554,6 +572,9 @@ def write_results_csv(result: EvalResult, class_names: Optional[Sequence[str]], 
             writer.writerow([i, name, _fmt(result.iou[i]), _fmt(result.acc[i]),
                              int(conf[i].sum()), int(conf[:, i].sum())])
         writer.writerow(["", "mIoU", _fmt(result.miou), "", "", ""])
+        thirteen = miou13(result, names)
+        if thirteen is not None:
+            writer.writerow(["", "mIoU13", _fmt(thirteen), "", "", ""])
         writer.writerow(["", "mAcc", "", _fmt(result.macc), "", ""])
         writer.writerow(["", "allAcc", "", _fmt(result.allacc), "", ""])
     return path

@@ -163,9 +163,12 @@ class GTA5Dataset(SegmentationDataset):
         list_path: file of image names (``00001.png`` per line, as the official
             ``gta5_train_list.txt``); default: every image in ``images/``.
         transform: paired transform.
-        class_balanced_lists: path of the JSON written by ``make_gta5_class_lists.py`` (or its
-            loaded dict): the items are then drawn class-balanced (see :mod:`.sampling`).
-        num_samples: length of the data set (images seen per run: iterations x batch size);
+        class_balanced_lists: path of the lists (JSON of ``make_gta5_class_lists.py`` or the
+            official ``gtav_label_info.p``) or their loaded dict: the items are then the official
+            class-balanced list for ``num_samples`` images (see :mod:`.sampling`), as the
+            official data set builds it (training itself samples through
+            :func:`.sampling.source_draw_list`).
+        num_samples: images seen per run (official ``max_iters`` = iterations x batch size);
             without class-balanced lists the image list is repeated to this length.
         num_classes: 19 (or 16/13 to keep only the classes of those protocols).
         seed: seed of the class-balanced draw.

@@ -187,30 +187,21 @@ def _target_dataset(cfg: Dict[str, Any]):
     return _unlabelled_target(cfg, _train_transform(cfg, "target"))
 
 
-def _class_lists(cfg: Dict[str, Any], dataset) -> Optional[List[List[int]]]:
-    path = cfg["datasets"]["class_balanced_lists"]
-    if not path:
-        return None
-    from ..data import load_class_lists
+def _class_lists(cfg: Dict[str, Any], dataset) -> Optional[List[int]]:
+    """This rank's official class-balanced source list (GTA5/SYNTHIA), or None (see data.sampling)."""
+    from ..data.sampling import source_draw_list
 
-    lists = load_class_lists(path)
-    names = list(getattr(dataset, "names", []))
-    position = {n: i for i, n in enumerate(names)}
-    per_class = [[position[f] for f in files if f in position] for files in lists["label_to_files"]]
-    per_class = [c for c in per_class if c]
-    if not per_class:
-        raise ValueError(f"no image of the class lists {path!r} is in the source data set")
-    # The draw is over distinct samples; the data set must index them directly.
-    if len(dataset) != len(names):
-        raise ValueError("class-balanced sampling needs a data set without repeated indices")
-    return per_class
+    ds, solver = cfg["datasets"], cfg["solver"]
+    return source_draw_list(ds["class_balanced_lists"], dataset, solver["max_iter"] * solver["batch_size"],
+                            cfg["seed"], rank=D.rank(), progress=D.is_main(), num_workers=solver["num_workers"],
+                            cache_dirs=[ds["source_root"], os.path.dirname(os.path.abspath(cfg["output_dir"]))])
 
 
 def _loader(dataset, batch: int, cfg: Dict[str, Any], stream: int, start: int, stop: int,
-            class_lists=None) -> DataLoader:
+            draws=None) -> DataLoader:
     sampler = IterationBatchSampler(len(dataset), batch, seed=cfg["seed"], stream=stream, start_iter=start,
                                     stop_iter=stop, rank=D.rank(), world_size=D.world_size(),
-                                    class_lists=class_lists)
+                                    draws=draws)
     workers = cfg["solver"]["num_workers"]
     return DataLoader(SeededSampleDataset(dataset, cfg["seed"], stream), batch_sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
