@@ -287,12 +287,15 @@ def _get(cfg, dotted, default=None):
 
 def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir: Optional[str] = None) -> str:
     """The evaluation data root: ``data_root`` if given, else the config's ``datasets.test_root`` /
-    ``datasets.target_root``; when all are empty, the synthetic Cityscapes-layout target set
-    (generated once under ``synthetic_dir`` / ``datasets.synthetic_dir`` /
-    ``<output_dir>/../synthetic_data``)."""
-    root = data_root or _get(cfg, "datasets.test_root") or _get(cfg, "datasets.target_root")
-    if root:
-        return root
+    ``datasets.target_root`` (a missing or empty folder is an error naming the option); when all
+    are empty, the synthetic Cityscapes-layout target set, announced (generated once under
+    ``synthetic_dir`` / ``datasets.synthetic_dir`` / ``<output_dir>/../synthetic_data``)."""
+    from fada_examples.data.roots import check_root, synthetic_notice
+
+    for key, root in (("--data-root", data_root), ("datasets.test_root", _get(cfg, "datasets.test_root")),
+                      ("datasets.target_root", _get(cfg, "datasets.target_root"))):
+        if root:
+            return check_root(root, key)
     from fada_examples.data.synthetic import make_synthetic_data
 
     folder = synthetic_dir or _get(cfg, "datasets.synthetic_dir")
@@ -302,6 +305,8 @@ def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir:
     params = dict(_get(cfg, "datasets.synthetic", {}) or {})
     if "size" in params:
         params["size"] = tuple(params["size"])
+    if _dist_info(True)[0] == 0:
+        print(synthetic_notice(folder), flush=True)
     return make_synthetic_data(folder, **params)["target"]
 
 

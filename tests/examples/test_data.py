@@ -512,3 +512,34 @@ def test_class_balanced_sampling_picks_images_containing_the_class():
     sampler.set_epoch(1)
     with pytest.warns(UserWarning):
         assert len(first) == 3000 and list(sampler) != first
+
+
+def test_data_roots_synthetic_only_when_none_given(tmp_path, capsys):
+    from fada_examples.config import load_config
+    from fada_examples.data.roots import uses_synthetic_data
+    from fada_examples.engine.trainer import prepare_data
+
+    assert uses_synthetic_data({"source_root": "", "target_root": "", "test_root": ""})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ValueError, match=r"datasets.source_root=.*empty"):
+        uses_synthetic_data({"source_root": str(tmp_path / "empty"), "target_root": str(tmp_path / "full")})
+    with pytest.raises(FileNotFoundError, match="datasets.target_root"):
+        uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="datasets.target_root is empty"):
+        uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": ""})
+    assert not uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": str(tmp_path / "full")})
+    # a shipped real-data config names the official locations: without the data, an error naming the key
+    configs = os.path.join(_EXAMPLES, "configs")
+    for name in ("deeplabv2_r101_src.yaml", "deeplabv2_vgg16_adv_synthia.yaml", "deeplabv2_r101_src_crosscity.yaml"):
+        cfg = load_config(os.path.join(configs, name), [f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(FileNotFoundError, match="datasets.source_root"):
+            prepare_data(cfg)
+    # no root at all: the synthetic data, announced
+    cfg = load_config(None, [f"output_dir={tmp_path / 'syn' / 'src'}", "datasets.synthetic.num_source=2",
+                             "datasets.synthetic.num_target_train=1", "datasets.synthetic.num_target_val=1",
+                             "datasets.synthetic.size=[32,24]"])
+    out = prepare_data(cfg)
+    assert "no data root given" in capsys.readouterr().out
+    assert os.path.isdir(out["datasets"]["source_root"])

@@ -88,13 +88,12 @@ def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float) -> floa
 
 
 def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill empty data roots with E1's synthetic data (generated once, by rank 0)."""
+    """Check the data roots; with none given at all, the synthetic data (generated once, by rank 0)."""
+    from ..data.roots import synthetic_notice, uses_synthetic_data
+
     ds = cfg["datasets"]
-    if ds["source_root"] and ds["target_root"]:
+    if not uses_synthetic_data(ds):  # raises naming the key of a missing/empty root
         return cfg
-    if ds["source_root"] or ds["target_root"]:
-        missing = "datasets.target_root" if ds["source_root"] else "datasets.source_root"
-        raise ValueError(f"{missing} is empty: give both data roots (or neither, for the synthetic data)")
     from ..data import make_synthetic_data
 
     syn_dir = ds["synthetic_dir"] or os.path.join(os.path.dirname(os.path.abspath(cfg["output_dir"])),
@@ -103,6 +102,7 @@ def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(num_source=syn["num_source"], num_target_train=syn["num_target_train"],
                   num_target_val=syn["num_target_val"], size=tuple(syn["size"]), seed=syn["seed"])
     if D.is_main():
+        print(synthetic_notice(syn_dir), flush=True)
         paths = make_synthetic_data(syn_dir, **kwargs)
     D.barrier()
     if not D.is_main():
