@@ -264,6 +264,7 @@ def test_pseudo_label_dataset(tmp_path):
         pseudo[name] = t
     assert os.path.basename(pseudo_label_path("d", "aachen/x_leftImg8bit.png")) == "aachen__x_leftImg8bit.png"
     ds = PseudoLabelDataset(base, str(label_dir))
+    assert ds.layout == "fada_core"
     for i, name in enumerate(base.names):
         image, label, n = ds[i]
         assert n == name
@@ -272,6 +273,33 @@ def test_pseudo_label_dataset(tmp_path):
         np.testing.assert_array_equal(label.numpy(), expected)
     via_build = build_dataset("pseudo", str(tmp_path / "cs"), "train", label_dir=str(label_dir))
     assert torch.equal(via_build[1][1], ds[1][1])
+
+
+def test_pseudo_labels_of_the_official_test_py_saveres(tmp_path):
+    """Official stage-3 labels: palette PNGs <file name>_leftImg8bit.png in one folder (test.py
+    --saveres with get_color_pallete(pred, "city")); index = train ID."""
+    from fada_examples.data import official_pseudo_label_path
+
+    rng = np.random.default_rng(9)
+    write_cityscapes(tmp_path / "cs", rng, "train", ["aachen", "bochum"])
+    base = CityscapesDataset(str(tmp_path / "cs"), "train", load_labels=False)
+    label_dir = tmp_path / "soft_labels" / "inference" / "cityscapes_train"
+    os.makedirs(label_dir)
+    expected = {}
+    for name in base.names:
+        t = rng.integers(0, 19, size=(12, 20)).astype(np.uint8)
+        mask = Image.fromarray(t).convert("P")
+        mask.putpalette(list(L.PALETTE_19.reshape(-1)) + [0] * (768 - 57))
+        mask.save(label_dir / name.split("/")[1])                       # the official file name
+        expected[name] = t
+    assert official_pseudo_label_path("d", "aachen/x_leftImg8bit.png") == os.path.join("d", "x_leftImg8bit.png")
+    ds = PseudoLabelDataset(base, str(label_dir))
+    assert ds.layout == "official"
+    for i, name in enumerate(base.names):
+        np.testing.assert_array_equal(ds[i][1].numpy(), expected[name])
+    os.remove(label_dir / base.names[0].split("/")[1])
+    with pytest.raises(FileNotFoundError, match="official layout: 1 missing"):
+        PseudoLabelDataset(base, str(label_dir))
 
 
 # ------------------------------------------------------------------ transforms

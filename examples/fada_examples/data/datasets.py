@@ -35,6 +35,7 @@ from .transforms import build_transforms
 __all__ = [
     "Sample", "SegmentationDataset", "GTA5Dataset", "CityscapesDataset", "SynthiaDataset",
     "CrossCityDataset", "PseudoLabelDataset", "build_dataset", "safe_name", "pseudo_label_path",
+    "official_pseudo_label_path", "PSEUDO_LABEL_LAYOUTS",
     "read_list", "DATASET_NAMES",
 ]
 
@@ -65,6 +66,16 @@ def pseudo_label_path(label_dir: str, name: str) -> str:
     Stage 3's pseudo labelling must write its train-ID PNGs to exactly this path.
     """
     return os.path.join(label_dir, os.path.splitext(safe_name(name))[0] + ".png")
+
+
+def official_pseudo_label_path(label_dir: str, name: str) -> str:
+    """Where the official ``test.py --saveres`` puts the prediction of sample ``name``:
+    ``<label_dir>/<file name of the sample>`` (``aachen_000000_000019_leftImg8bit.png``, one folder,
+    a palette PNG whose indices are the train IDs)."""
+    return os.path.join(label_dir, os.path.basename(name.replace("\\", "/")))
+
+
+PSEUDO_LABEL_LAYOUTS = {"fada_core": pseudo_label_path, "official": official_pseudo_label_path}
 
 
 def read_list(list_path: str) -> list[str]:
@@ -308,26 +319,50 @@ class CrossCityDataset(SegmentationDataset):
 class PseudoLabelDataset(SegmentationDataset):
     """The images of ``image_dataset`` with pseudo labels from ``label_dir`` (self-distillation).
 
-    Pseudo labels are train-ID PNGs (255 = ignore) at :func:`pseudo_label_path`
-    ``(label_dir, name)``; IDs >= ``num_classes`` become 255.
+    Pseudo labels are train-ID PNGs (255 = ignore; 8-bit grey or palette, the index being the
+    train ID); IDs >= ``num_classes`` become 255. Two folder layouts are read:
+
+    * ``"fada_core"``: :func:`pseudo_label_path` (what stage 3 here writes);
+    * ``"official"``: :func:`official_pseudo_label_path`, the official ``test.py --saveres``
+      output (``<name>_leftImg8bit.png`` in one folder, Cityscapes palette).
 
     Args:
         image_dataset: the target data set whose images are used (its samples and order).
         label_dir: folder of the pseudo-label PNGs.
         transform: paired transform (default: ``image_dataset.transform``).
+        layout: ``"auto"`` (the layout in which every sample has its label; an error listing a
+            missing file otherwise), ``"fada_core"`` or ``"official"``.
     """
 
     def __init__(self, image_dataset: SegmentationDataset, label_dir: str,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, layout: str = "auto"):
         check_dir(label_dir, "pseudo-label folder")
-        self.label_dir = label_dir
+        if layout not in ("auto", *PSEUDO_LABEL_LAYOUTS):
+            raise ValueError(f"layout must be 'auto', 'fada_core' or 'official', got {layout!r}")
+        names = [s.name for s in image_dataset.samples]
+        if layout == "auto":
+            layout = _pseudo_label_layout(label_dir, names)
+        path_of = PSEUDO_LABEL_LAYOUTS[layout]
+        self.label_dir, self.layout = label_dir, layout
         self.image_dataset = image_dataset
-        samples = [Sample(s.image, pseudo_label_path(label_dir, s.name), s.name)
-                   for s in image_dataset.samples]
+        samples = [Sample(s.image, path_of(label_dir, s.name), s.name) for s in image_dataset.samples]
         k = image_dataset.num_classes
         lut = L.lut_from_dict({i: i for i in range(k)})
         super().__init__(samples, k, lut, transform or image_dataset.transform,
                          image_dataset.indices)
+
+
+def _pseudo_label_layout(label_dir: str, names: Sequence[str]) -> str:
+    """The layout of ``label_dir`` in which every sample has a label file."""
+    missing = {}
+    for layout, path_of in PSEUDO_LABEL_LAYOUTS.items():
+        absent = [path_of(label_dir, n) for n in names if not os.path.isfile(path_of(label_dir, n))]
+        if not absent:
+            return layout
+        missing[layout] = absent
+    detail = "; ".join(f"{layout} layout: {len(absent)} missing, e.g. {absent[0]}" for layout, absent in missing.items())
+    raise FileNotFoundError(f"pseudo-label folder {label_dir!r} has no label for some of the {len(names)} "
+                            f"target images in either layout ({detail})")
 
 
 def build_dataset(name: str, root: str, split: str = "train",
