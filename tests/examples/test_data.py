@@ -250,6 +250,39 @@ def test_crosscity_loader(tmp_path):
         CrossCityDataset(str(tmp_path), "Tokyo", "test")
 
 
+def test_crosscity_published_layout_with_id_lists(tmp_path):
+    """Files as in the released NTHU_Datasets archive and the public id lists
+    (NTHU_list/<City>/List/{train,test}.txt: ids without extension, .jpg images)."""
+    rng = np.random.default_rng(11)
+    root = tmp_path / "NTHU_Datasets"
+    ids = ["pano_00002_2_180", "pano_00010_3_0"]
+    for split in ("Train", "Test"):
+        os.makedirs(root / "Rio" / "Images" / split)
+    os.makedirs(root / "Rio" / "Labels" / "Test")
+    os.makedirs(tmp_path / "NTHU_list" / "Rio" / "List")
+    labels = {}
+    for i in ids:
+        Image.fromarray(random_rgb(rng, 10, 14)).save(root / "Rio" / "Images" / "Test" / f"{i}.jpg")
+        Image.fromarray(random_rgb(rng, 10, 14)).save(root / "Rio" / "Images" / "Train" / f"{i}.jpg")
+        labels[i] = random_label_ids(rng, 10, 14, [0, 7, 8, 11, 12, 19, 21, 26, 33])
+        Image.fromarray(labels[i], mode="L").save(root / "Rio" / "Labels" / "Test" / f"{i}_eval.png")
+    (tmp_path / "NTHU_list" / "Rio" / "List" / "test.txt").write_text("\n".join(ids[::-1]) + "\n")
+    test = CrossCityDataset(str(root), "Rio", "test", list_path=str(tmp_path / "NTHU_list/Rio/List/test.txt"))
+    assert test.names == [f"Rio/{i}.jpg" for i in ids[::-1]]
+    # the 13 classes and their order as the public loaders (label IDs 12 wall and 0 -> ignore)
+    expected_ids = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
+    for k, i in enumerate(ids[::-1]):
+        want = np.vectorize(lambda v: expected_ids.get(int(v), 255))(labels[i])
+        np.testing.assert_array_equal(test[k][1].numpy(), want)
+    assert test.class_names == ("road", "sidewalk", "building", "traffic light", "traffic sign", "vegetation",
+                                "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle")
+    (tmp_path / "bad.txt").write_text("pano_99999_0_0\n")
+    with pytest.raises(FileNotFoundError, match="pano_99999_0_0"):
+        CrossCityDataset(str(root), "Rio", "test", list_path=str(tmp_path / "bad.txt"))
+    train = CrossCityDataset(str(root), "Rio", "train")
+    assert len(train) == 2 and (train[0][1] == 255).all()
+
+
 def test_pseudo_label_dataset(tmp_path):
     rng = np.random.default_rng(5)
     files = write_cityscapes(tmp_path / "cs", rng, "train", ["aachen"])

@@ -12,11 +12,16 @@ Layouts (``root`` is the folder named in each class):
   ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``.
 * SYNTHIA RAND_CITYSCAPES: ``RAND_CITYSCAPES/RGB/0000000.png`` and
   ``RAND_CITYSCAPES/GT/LABELS/0000000.png`` (16-bit PNG, class ID in the first channel).
-* NTHU Cross-City (Chen et al., ICCV 2017): ``<City>/Images/{Train,Test}/<name>.jpg`` and
-  ``<City>/Labels/Test/<name>_eval.png`` for City in Rome, Rio, Tokyo, Taipei. This follows the
-  layout of the released archive as used by the public loaders (the archive itself is not
-  redistributed, so it could not be checked here): evaluation labels hold Cityscapes label IDs,
-  of which 13 classes are used; the training images have no labels (the loader returns all-255).
+* NTHU Cross-City (Chen et al., ICCV 2017, ``NTHU_Datasets``): ``<City>/Images/{Train,Test}/<id>.jpg``
+  (or ``.png``) and ``<City>/Labels/Test/<id>_eval.png`` for City in Rome, Rio, Tokyo, Taipei;
+  ids such as ``pano_00002_2_180``. Evaluation labels hold Cityscapes label IDs, of which the
+  13 classes road, sidewalk, building, traffic light, traffic sign, vegetation, sky, person,
+  rider, car, bus, motorcycle, bicycle are scored; the training images have no labels (the
+  loader returns all-255). Checked against the data set's description (13 shared classes, 100
+  labelled test images per city) and the public loaders that read the archive
+  (ZJULearning/MaxSquareLoss ``datasets/crosscity_Dataset.py`` with its id lists
+  ``NTHU_list/<City>/List/{train,test}.txt``: same folders, ``.jpg`` then ``.png``,
+  ``<id>_eval.png``, label IDs mapped to the same 13 train IDs).
 """
 
 from __future__ import annotations
@@ -285,7 +290,8 @@ class CrossCityDataset(SegmentationDataset):
         city: Rome, Rio, Tokyo or Taipei (any case).
         split: ``train`` (unlabelled: all-255 labels) or ``test`` (``val`` is an alias).
         transform: paired transform.
-        list_path: file of image names within the split folder; default: all images.
+        list_path: file of image names within the split folder, or of ids without extension
+            (the public ``NTHU_list/<City>/List/{train,test}.txt``); default: all images.
         num_samples: repeat the list to this length.
     """
 
@@ -307,13 +313,25 @@ class CrossCityDataset(SegmentationDataset):
         if labelled:
             check_dir(label_dir, f"Cross-City {city} {split_dir} label folder")
         self.root, self.city, self.split = root, city, split_dir.lower()
-        names = read_list(list_path) if list_path is not None else _list_images(image_dir)
+        names = ([_with_image_ext(image_dir, n) for n in read_list(list_path)] if list_path is not None
+                 else _list_images(image_dir))
         samples = [Sample(os.path.join(image_dir, n),
                           os.path.join(label_dir, os.path.splitext(n)[0] + "_eval.png")
                           if labelled else None,
                           f"{city}/{n}") for n in names]
         indices = _epoch_indices(len(samples), num_samples, None, names, 0)
         super().__init__(samples, 13, L.CROSSCITY_ID_TO_TRAINID, transform, indices)
+
+
+def _with_image_ext(folder: str, name: str) -> str:
+    """``name`` itself if it has an image extension, else ``name.jpg`` or ``name.png``, whichever
+    exists in ``folder`` (as the public Cross-City loaders resolve their id lists)."""
+    if name.lower().endswith(_IMAGE_EXTS):
+        return name
+    for ext in (".jpg", ".png"):
+        if os.path.isfile(os.path.join(folder, name + ext)):
+            return name + ext
+    raise FileNotFoundError(f"image {name!r} of the list not found in {folder} (tried .jpg and .png)")
 
 
 class PseudoLabelDataset(SegmentationDataset):
