@@ -212,7 +212,8 @@ def _build_models(cfg: Dict[str, Any], device: torch.device, with_weights: bool 
     m = cfg["model"]
     torch.manual_seed(cfg["seed"])
     features, classifier = M.build_segmentor(m["backbone"], m["num_classes"],
-                                             m["weights"] if with_weights else None, m["freeze_bn"])
+                                             m["weights"] if with_weights else None, m["freeze_bn"],
+                                             bgr255=cfg["input"]["to_bgr255"])
     return features.to(device), classifier.to(device)
 
 
@@ -329,7 +330,7 @@ def _ensure_pseudo_labels(cfg: Dict[str, Any], stage_dir: str, device: torch.dev
         raise FileNotFoundError(
             f"stage 'sd' needs pseudo labels in {out_dir!r}: pass teacher=<stage-2 checkpoint> "
             f"(or --teacher) to generate them, or set datasets.pseudo_label_dir to a folder of train-ID PNGs")
-    features, classifier, _ = M.load_checkpoint_models(teacher, device)
+    features, classifier, _ = M.load_checkpoint_models(teacher, device, cfg)  # cfg: for official ones
     generate_pseudo_labels(features, classifier, cfg, out_dir, device, progress, os.path.abspath(teacher))
     del features, classifier
     return out_dir
@@ -407,9 +408,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None
     features, classifier = _build_models(cfg, device, with_weights=fresh_init)
     if ckpt is None and stage == "adv":
         if cfg["init_from"]:
-            init = load_checkpoint(cfg["init_from"])
-            features.load_state_dict(M.strip_module_prefix(init["feature_extractor"]))
-            classifier.load_state_dict(M.strip_module_prefix(init["classifier"]))
+            init = load_checkpoint(cfg["init_from"])  # this project's or an official FADA checkpoint
+            M.load_model_states(init, features, classifier, backbone=cfg["model"]["backbone"],
+                                source=repr(cfg["init_from"]))
         elif main:
             warnings.warn("stage 'adv' without init_from (a stage-1 checkpoint): starting from model.weights "
                           "(ImageNet, or random when empty)")
