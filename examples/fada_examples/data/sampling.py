@@ -45,7 +45,7 @@ from .io import check_file
 
 __all__ = ["compute_class_lists", "save_class_lists", "load_class_lists", "num_official_draws",
            "class_balanced_indices", "class_balanced_draws", "ClassBalancedSampler",
-           "make_class_balanced", "source_draw_list", "class_lists_cache_name", "BLOCK_SIZE"]
+           "source_draw_list", "class_lists_cache_name", "BLOCK_SIZE"]
 
 _FORMAT = "fada-class-lists-v1"
 BLOCK_SIZE = 3000  # the official SUB_EPOCH_SIZE
@@ -171,8 +171,9 @@ def class_balanced_draws(lists: dict, names: Sequence[str], num_images: int,
         raise ValueError("no image of the class lists is in this data set; were the lists "
                          "computed for another data set?")
     if empty:
-        warnings.warn(f"class-balanced sampling: classes {empty} occur in no image and are never drawn",
-                      stacklevel=2)
+        names_of = lists.get("class_names") or [str(c) for c in range(k)]
+        warnings.warn(f"class-balanced sampling: classes {empty} ({', '.join(names_of[c] for c in empty)}) "
+                      f"occur in no image and are never drawn", stacklevel=3)
     file_classes = [np.zeros(0, dtype=np.int64)] * len(names)
     for f, cs in lists["file_to_labels"].items():
         if f in position:
@@ -233,15 +234,6 @@ class ClassBalancedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return num_official_draws(self.num_images)
-
-
-def make_class_balanced(dataset, lists, num_images: int, seed: int = 0):
-    """Re-index ``dataset`` (a :class:`~.datasets.SegmentationDataset`) in place to the official
-    class-balanced list for ``num_images`` and return it; ``lists`` a dict or a file path."""
-    if isinstance(lists, (str, os.PathLike)):
-        lists = load_class_lists(lists)
-    dataset.indices = class_balanced_indices(lists, dataset.names, num_images, seed)
-    return dataset
 
 
 # ------------------------------------------------------------------------------------------------
