@@ -98,20 +98,25 @@ def test_one_image_class_and_empty_class_are_defined():
     assert all(names[i] == "b.png" for c, i in draws if c == 1)
 
 
-def test_ranks_shard_one_permutation_of_their_own_lists():
-    """Rank r's p-th item is draws_r[perm[r + W p]] (DistributedSampler over each rank's list)."""
-    draws = [list(range(100, 124)), list(range(200, 224))]
-    samplers = [IterationBatchSampler(24, 3, seed=4, stop_iter=4, rank=r, world_size=2, draws=draws[r])
+def test_ranks_shard_one_permutation_of_the_list():
+    """Rank r's p-th item is draws[perm[r + W p]] (DistributedSampler over the shuffled list), so
+    the ranks' batches of an iteration are, together, the 1-process batch of that iteration."""
+    draws = list(range(100, 124))
+    samplers = [IterationBatchSampler(24, 3, seed=4, stop_iter=4, rank=r, world_size=2, draws=draws)
                 for r in range(2)]
     perm = samplers[0]._perm(0)
-    for r, sampler in enumerate(samplers):
-        got = [i for batch in sampler for i, _ in batch]
-        assert got == [draws[r][perm[r + 2 * p]] for p in range(12)]
+    per_rank = [[i for batch in sampler for i, _ in batch] for sampler in samplers]
+    for r in range(2):
+        assert per_rank[r] == [draws[perm[r + 2 * p]] for p in range(12)]
+    single = list(IterationBatchSampler(24, 6, seed=4, stop_iter=4, draws=draws))
+    for it in range(4):
+        both = per_rank[0][3 * it: 3 * it + 3] + per_rank[1][3 * it: 3 * it + 3]
+        assert sorted(both) == sorted(i for i, _ in single[it])
     # one process: a permutation of the whole list, and resuming continues it
-    single = IterationBatchSampler(24, 4, seed=4, stop_iter=6, draws=draws[0])
+    single = IterationBatchSampler(24, 4, seed=4, stop_iter=6, draws=draws)
     items = [i for batch in single for i, _ in batch]
-    assert sorted(items) == draws[0]
-    resumed = IterationBatchSampler(24, 4, seed=4, start_iter=3, stop_iter=6, draws=draws[0])
+    assert sorted(items) == draws
+    resumed = IterationBatchSampler(24, 4, seed=4, start_iter=3, stop_iter=6, draws=draws)
     assert [i for batch in resumed for i, _ in batch] == items[12:]
 
 
@@ -139,8 +144,8 @@ def test_auto_lists_computed_once_cached_and_read_back(tmp_path, capsys, monkeyp
         again = source_draw_list("auto", ds, 100, seed=0, cache_dirs=[str(tmp_path / "gta5")], progress=False)
     assert "reading" not in capsys.readouterr().out and again == first
     with pytest.warns(UserWarning):
-        other_rank = source_draw_list("auto", ds, 100, seed=0, rank=1, cache_dirs=[str(tmp_path / "gta5")])
-    assert other_rank != first and len(first) == len(other_rank) == 3000
+        other_seed = source_draw_list("auto", ds, 100, seed=1, cache_dirs=[str(tmp_path / "gta5")])
+    assert other_seed != first and len(first) == len(other_seed) == 3000
     assert source_draw_list("none", ds, 100, seed=0) is None
     # the official pickle reads as the same lists
     pkl = tmp_path / "gtav_label_info.p"

@@ -12,9 +12,11 @@ images containing it, and for each image its train IDs):
 * then the next image of class ``c``'s list: the lists start in their stored order; when one is
   exhausted it is shuffled and the position restarts at ``len % (len - 1)`` (that is 1: the first
   image of the new order is skipped, a quirk kept here);
-* the DataLoader shuffles the finished list (``shuffle=True`` on one GPU; with DDP every rank builds
-  its own list from its own random state and ``DistributedSampler`` gives rank ``r`` the positions
-  ``r, r + W, ...`` of a permutation shared by all ranks).
+* the DataLoader shuffles the finished list (``shuffle=True`` on one GPU; with DDP
+  ``DistributedSampler`` gives rank ``r`` the positions ``r, r + W, ...`` of a permutation shared by
+  all ranks). The official ranks each build their list from their own unseeded random state; here
+  the list is seeded and shared by the ranks, so a W-GPU run sees per iteration the images a
+  1-GPU run with the same global batch sees (each rank's images are distributed as officially).
 
 :func:`class_balanced_draws` reproduces the draw with numpy's ``RandomState`` in the official
 order (``choice(K, p=w)``, ``shuffle``), so for the same seed and lists it returns the official list
@@ -287,10 +289,10 @@ def _auto_lists(dataset, cache_dirs: Sequence[str], progress: bool, num_workers:
     return lists
 
 
-def source_draw_list(setting: str, dataset, num_images: int, seed: int, *, rank: int = 0,
+def source_draw_list(setting: str, dataset, num_images: int, seed: int, *,
                      cache_dirs: Sequence[str] = (), progress: bool = True,
                      num_workers: int = 0) -> Optional[list[int]]:
-    """This rank's class-balanced source list (indices into ``dataset.samples``), or None.
+    """The class-balanced source list (indices into ``dataset.samples``), or None.
 
     Args:
         setting: ``datasets.class_balanced_lists``: ``"auto"`` (the default: official sampling for
@@ -300,8 +302,7 @@ def source_draw_list(setting: str, dataset, num_images: int, seed: int, *, rank:
             ``""`` / ``"none"`` (off: plain shuffled image list, not the official pipeline).
         dataset: the source :class:`~.datasets.SegmentationDataset` (distinct samples).
         num_images: ``solver.max_iter x solver.batch_size`` (global), the official ``max_iters``.
-        seed, rank: each rank draws its own list from ``(seed, rank)``, as each official DDP
-            process draws its own.
+        seed: seed of the draw (the same list on every rank; the sampler shards it).
     """
     from .datasets import GTA5Dataset, SynthiaDataset
 
@@ -316,5 +317,4 @@ def source_draw_list(setting: str, dataset, num_images: int, seed: int, *, rank:
         lists = load_class_lists(setting)
     if len(dataset) != len(dataset.names):
         raise ValueError("class-balanced sampling needs a data set without repeated indices")
-    seed_of_rank = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
-    return class_balanced_indices(lists, dataset.names, num_images, seed_of_rank)
+    return class_balanced_indices(lists, dataset.names, num_images, seed)

@@ -8,9 +8,9 @@ a pure function of ``(seed, k)``:
   ``k = it * global_batch + rank * per_rank + j``; draw ``k`` picks ``perm_e[k mod n]`` with
   ``e = k div n`` and ``perm_e`` a permutation seeded by ``(seed, e)`` -- every image once per
   epoch, ranks disjoint (the role of DistributedSampler). With a class-balanced list (``draws``,
-  this rank's official list, :func:`fada_examples.data.sampling.source_draw_list`), the rank's
-  ``p``-th item is ``draws[perm[rank + world * p]]``, ``perm`` a seeded permutation of the list
-  shared by all ranks: the official ``DistributedSampler`` over each rank's own list;
+  the official list, :func:`fada_examples.data.sampling.source_draw_list`), the rank's ``p``-th
+  item is ``draws[perm[rank + world * p]]``, ``perm`` a seeded permutation of the list shared by
+  all ranks: the official ``DistributedSampler`` over the shuffled list;
 - :class:`SeededSampleDataset` seeds torch / numpy / python RNGs with ``(seed, k)`` around each
   ``__getitem__`` (restoring them afterwards), so random scale / crop / flip / colour jitter are
   the same whatever the number of workers and whether the run was interrupted.

@@ -188,12 +188,12 @@ def _target_dataset(cfg: Dict[str, Any]):
 
 
 def _class_lists(cfg: Dict[str, Any], dataset) -> Optional[List[int]]:
-    """This rank's official class-balanced source list (GTA5/SYNTHIA), or None (see data.sampling)."""
+    """The official class-balanced source list (GTA5/SYNTHIA), or None (see data.sampling)."""
     from ..data.sampling import source_draw_list
 
     ds, solver = cfg["datasets"], cfg["solver"]
     return source_draw_list(ds["class_balanced_lists"], dataset, solver["max_iter"] * solver["batch_size"],
-                            cfg["seed"], rank=D.rank(), progress=D.is_main(), num_workers=solver["num_workers"],
+                            cfg["seed"], progress=D.is_main(), num_workers=solver["num_workers"],
                             cache_dirs=[ds["source_root"], os.path.dirname(os.path.abspath(cfg["output_dir"]))])
 
 
