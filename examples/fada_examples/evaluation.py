@@ -290,7 +290,7 @@ def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir:
     ``datasets.target_root`` (a missing or empty folder is an error naming the option); when all
     are empty, the synthetic Cityscapes-layout target set, announced (generated once under
     ``synthetic_dir`` / ``datasets.synthetic_dir`` / ``<output_dir>/../synthetic_data``)."""
-    from fada_examples.data.roots import check_root, synthetic_notice
+    from fada_examples.data.roots import announce_synthetic, check_root
 
     for key, root in (("--data-root", data_root), ("datasets.test_root", _get(cfg, "datasets.test_root")),
                       ("datasets.target_root", _get(cfg, "datasets.target_root"))):
@@ -306,7 +306,7 @@ def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir:
     if "size" in params:
         params["size"] = tuple(params["size"])
     if _dist_info(True)[0] == 0:
-        print(synthetic_notice(folder), flush=True)
+        announce_synthetic(folder)
     return make_synthetic_data(folder, **params)["target"]
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-__all__ = ["ROOT_KEYS", "uses_synthetic_data", "check_root", "synthetic_notice"]
+__all__ = ["ROOT_KEYS", "uses_synthetic_data", "check_root", "synthetic_notice", "announce_synthetic"]
 
 ROOT_KEYS = ("source_root", "target_root", "test_root")
+_announced: set = set()  # folders already announced by this process (one line per run, not per stage)
 
 
 def check_root(path: str, key: str) -> str:
@@ -49,3 +50,11 @@ def synthetic_notice(folder: str) -> str:
     """The line a run prints when it uses the synthetic data."""
     return (f"no data root given (datasets.source_root / target_root): using the synthetic GTA5-like / "
             f"Cityscapes-like data in {folder} (a demo, not a benchmark)")
+
+
+def announce_synthetic(folder: str) -> None:
+    """Print :func:`synthetic_notice` once per process and folder."""
+    key = os.path.abspath(folder)
+    if key not in _announced:
+        _announced.add(key)
+        print(synthetic_notice(folder), flush=True)

@@ -89,7 +89,7 @@ def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float) -> floa
 
 def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Check the data roots; with none given at all, the synthetic data (generated once, by rank 0)."""
-    from ..data.roots import synthetic_notice, uses_synthetic_data
+    from ..data.roots import announce_synthetic, uses_synthetic_data
 
     ds = cfg["datasets"]
     if not uses_synthetic_data(ds):  # raises naming the key of a missing/empty root
@@ -102,7 +102,7 @@ def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(num_source=syn["num_source"], num_target_train=syn["num_target_train"],
                   num_target_val=syn["num_target_val"], size=tuple(syn["size"]), seed=syn["seed"])
     if D.is_main():
-        print(synthetic_notice(syn_dir), flush=True)
+        announce_synthetic(syn_dir)
         paths = make_synthetic_data(syn_dir, **kwargs)
     D.barrier()
     if not D.is_main():
