@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,8 +83,11 @@ def load_models(path, device, config=None, overrides=()):
     from fada_examples.config import load_config
     from fada_examples.models import load_checkpoint_models
 
-    cfg = load_config(config, overrides) if (config or overrides) else None
-    return load_checkpoint_models(path, device, cfg)
+    given = load_config(config, overrides) if (config or overrides) else None
+    features, classifier, cfg = load_checkpoint_models(path, device, given)
+    if given is not None and cfg is not given:
+        warnings.warn(f"{path} carries its own config; --config / overrides are not used for it")
+    return features, classifier, cfg
 
 
 def _base(dataset):

@@ -634,7 +634,9 @@ def test_evaluate_entry_reads_official_checkpoints(small_checkpoints, capsys, tm
                  "datasets.synthetic.num_source=2", "datasets.synthetic.num_target_train=1",
                  "datasets.synthetic.num_target_val=3"]
     res_official = entry.main(["--checkpoint", str(path), "--output", str(tmp_path / "a"), *common, *overrides])
-    res_ours = entry.main(["--checkpoint", ckpts[0], "--output", str(tmp_path / "b"), *common])
+    with pytest.warns(UserWarning, match="carries its own config"):  # never silently ignored
+        res_ours = entry.main(["--checkpoint", ckpts[0], "--output", str(tmp_path / "b"), *common,
+                               "model.num_classes=16"])
     capsys.readouterr()
     assert res_official.num_images == res_ours.num_images == 3
     np.testing.assert_array_equal(res_official.confusion, res_ours.confusion)
