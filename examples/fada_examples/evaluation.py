@@ -159,7 +159,8 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
     ``bilinear(image, (int(H*s), int(W*s)), align_corners=True)``; logits are upsampled to
     ``size`` (the label size) with ``align_corners=True`` before the softmax; a flipped input's
     probabilities are flipped back before averaging. The floating-point operations are the
-    official ones, in the same order and batching, so the predictions are bit-identical.
+    official ones, in the same order and batching, so on a deterministic backend the predictions
+    are bit-identical to the official ones (tests/examples/test_models_official.py, on the CPU).
     ``amp`` ("bf16" / "fp16") runs the networks under autocast; upsampling and softmax stay in
     float32.
     """
