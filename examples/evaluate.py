@@ -5,6 +5,12 @@ chart, colour-coded prediction images (and optionally Cityscapes label-ID submis
     python examples/evaluate.py --checkpoint results/adv/model_final.pth \\
         --data-root /data/cityscapes --output results/eval [--flip] [--multi-scale] [--save-images 20]
 
+An official FADA checkpoint (github.com/JDAI-CV/FADA: no config inside) needs the config it was
+trained with, and gives exactly the predictions of the official ``test.py``:
+
+    python examples/evaluate.py --checkpoint model_iter040000.pth \
+        --config examples/configs/deeplabv2_r101_adv.yaml --data-root /data/cityscapes --output results/eval
+
 Without ``--data-root`` the checkpoint's config decides (``datasets.test_root`` /
 ``datasets.target_root``; if empty, the synthetic Cityscapes-layout data). Multi-GPU:
 ``torchrun --nproc_per_node=N examples/evaluate.py ...`` (each rank evaluates a shard; the
@@ -22,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +43,13 @@ from fada_examples import plots  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pth) of train_gta2city.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="training checkpoint (.pth) of train_gta2city.py, or an official FADA checkpoint")
+    p.add_argument("--config", default=None,
+                   help="config for a checkpoint without one (official FADA release), e.g. "
+                        "examples/configs/deeplabv2_r101_adv.yaml")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                   help="config overrides applied to --config (e.g. model.num_classes=16)")
     p.add_argument("--data-root", default=None, help="test data root (default: from the checkpoint's config)")
     p.add_argument("--dataset", default=None, help="cityscapes | crosscity | synthia | gta5 (default: config)")
     p.add_argument("--split", default=None, help="split to evaluate (default: config datasets.test_split)")
@@ -64,10 +77,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_models(path, device):
+def load_models(path, device, config=None, overrides=()):
+    """``(feature_extractor, classifier, cfg)``; ``config``/``overrides`` build the config of a
+    checkpoint that carries none (an official FADA checkpoint); a checkpoint's own config wins."""
+    from fada_examples.config import load_config
     from fada_examples.models import load_checkpoint_models
 
-    return load_checkpoint_models(path, device)
+    given = load_config(config, overrides) if (config or overrides) else None
+    features, classifier, cfg = load_checkpoint_models(path, device, given)
+    if given is not None and cfg is not given:
+        warnings.warn(f"{path} carries its own config; --config / overrides are not used for it")
+    return features, classifier, cfg
 
 
 def _base(dataset):
@@ -89,7 +109,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, distributed = E.setup_device(args.device)
     rank = dist.get_rank() if distributed else 0
-    feature_extractor, classifier, cfg = load_models(args.checkpoint, device)
+    feature_extractor, classifier, cfg = load_models(args.checkpoint, device, args.config, args.overrides)
     num_classes = int(cfg["model"]["num_classes"])
     names = E.class_names_for(num_classes)
     dataset = E.make_test_dataset(cfg, data_root=args.data_root, name=args.dataset, split=args.split,
@@ -125,11 +145,9 @@ def main(argv=None):
     seconds = time.time() - start
     if rank == 0:
         print(E.format_table(result, names))
-        if num_classes == 16:  # SYNTHIA->Cityscapes also reports mIoU* over 13 of the 16 classes
-            from fada_examples.data.labels import CLASS_NAMES_13
-
-            result.extra["mIoU13"] = E.subset_miou(result, names, CLASS_NAMES_13)
-            print(f"mIoU* (13 classes) {100.0 * result.extra['mIoU13']:.2f} %")
+        thirteen = E.miou13(result, names)  # SYNTHIA protocol: mIoU16 and mIoU* of the 16-class model
+        if thirteen is not None:
+            result.extra["mIoU13"] = thirteen
         print(f"time: {seconds:.1f} s ({seconds / max(result.num_images, 1):.3f} s/image)")
         if args.official_check:
             # evaluate() all-reduces after every rank has written its PNGs, so all are on disk here

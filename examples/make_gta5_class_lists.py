@@ -2,12 +2,13 @@
 """Compute the per-class image lists used for class-balanced source sampling.
 
 Reads every label map of a GTA5 (or SYNTHIA) root once and writes a JSON file listing, for each
-train ID, the images that contain it (the official code's ``gtav_label_info.p``). Pass the file
-to training (``GTA5Dataset(class_balanced_lists=...)``) to draw source images class-balanced.
+train ID, the images that contain it (the official code's ``gtav_label_info.p``). Training does
+this by itself on first use (``datasets.class_balanced_lists=auto``, the default) and caches the
+result as ``<root>/class_lists_<K>.json``, which is where this script writes by default: run it
+ahead of time (e.g. with more processes, or where the data folder is writable) to skip that step.
 
     python examples/make_gta5_class_lists.py --root datasets/gta5 --workers 8
-    python examples/make_gta5_class_lists.py --dataset synthia --root datasets/synthia \
-        --num-classes 16 --output datasets/synthia/class_lists.json
+    python examples/make_gta5_class_lists.py --dataset synthia --root datasets/synthia --num-classes 16
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fada_examples.data.datasets import GTA5Dataset, SynthiaDataset  # noqa: E402
-from fada_examples.data.sampling import compute_class_lists, save_class_lists  # noqa: E402
+from fada_examples.data.sampling import (class_lists_cache_name, compute_class_lists,  # noqa: E402
+                                         save_class_lists)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="list file of image names (default: every image)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="19 (GTA5, default) or 16/13 (SYNTHIA protocols; SYNTHIA default 16)")
-    p.add_argument("--output", default=None, help="JSON path (default: <root>/class_lists.json)")
+    p.add_argument("--output", default=None,
+                   help="JSON path (default: <root>/class_lists_<K>.json, where training looks for it)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes reading labels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -46,7 +49,7 @@ def main(argv=None) -> str:
         dataset = SynthiaDataset(args.root, num_classes=args.num_classes or 16,
                                  list_path=args.list_path)
     lists = compute_class_lists(dataset, num_workers=args.workers, progress=not args.quiet)
-    output = args.output or os.path.join(args.root, "class_lists.json")
+    output = args.output or os.path.join(args.root, class_lists_cache_name(dataset.num_classes))
     save_class_lists(lists, output)
     print(f"wrote {output}: {len(lists['files'])} images")
     for name, files in zip(lists["class_names"], lists["label_to_files"]):

@@ -66,7 +66,7 @@ DEFAULTS: Dict[str, Any] = {
         "test_root": "",              # '' = target_root
         "test_split": "val",
         "test_kwargs": {},
-        "class_balanced_lists": "",   # GTA5 per-class image lists (JSON) for class-balanced sampling
+        "class_balanced_lists": "auto",  # official class-balanced GTA5/SYNTHIA sampling: auto | <lists file> | none
         "pseudo_label_dir": "",       # stage 3: where pseudo labels are (or will be) written
         "synthetic_dir": "",          # '' = <output_dir>/../synthetic_data when roots are empty
         "synthetic": {"num_source": 24, "num_target_train": 16, "num_target_val": 8,

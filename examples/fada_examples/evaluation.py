@@ -49,6 +49,7 @@ __all__ = [
     "format_table",
     "write_results_csv",
     "subset_miou",
+    "miou13",
     "cityscapes_official_scores",
     "build_eval_loader",
     "build_test_dataset",
@@ -91,6 +92,9 @@ class EvalResult:
     def as_dict(self, class_names: Optional[Sequence[str]] = None) -> dict:
         names = _names(class_names, len(self.iou))
         out = {"mIoU": self.miou, "mAcc": self.macc, "allAcc": self.allacc, "images": self.num_images}
+        thirteen = miou13(self, names)
+        if thirteen is not None:
+            out["mIoU13"] = thirteen
         for name, value in zip(names, self.iou):
             out[f"IoU/{name}"] = float(value)
         return out
@@ -154,11 +158,15 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
     As the official ``inference`` / ``multi_scale_inference``: each scaled input is
     ``bilinear(image, (int(H*s), int(W*s)), align_corners=True)``; logits are upsampled to
     ``size`` (the label size) with ``align_corners=True`` before the softmax; a flipped input's
-    probabilities are flipped back before averaging (the flipped copy runs in the same batch).
+    probabilities are flipped back before averaging. The floating-point operations are the
+    official ones, in the same order and batching, so on a deterministic backend the predictions
+    are bit-identical to the official ones (tests/examples/test_models_official.py, on the CPU).
     ``amp`` ("bf16" / "fp16") runs the networks under autocast; upsampling and softmax stay in
     float32.
     """
     size = tuple(int(v) for v in size)
+    scales = tuple(scales)
+    single = len(scales) == 1
     height, width = image.shape[-2:]
     batch = image.shape[0]
     total = None
@@ -170,18 +178,20 @@ def predict_probabilities(feature_extractor, classifier, image: torch.Tensor, si
         else:
             x = F.interpolate(image, size=(int(height * s), int(width * s)), mode="bilinear",
                               align_corners=True)
-        if flip:
-            x = torch.cat([x, x.flip(3)], dim=0)
-        with _autocast(image.device, amp):
-            logits = classifier(feature_extractor(x))
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
-        prob = F.softmax(logits, dim=1)
-        if flip:
-            prob = prob[:batch] + prob[batch:].flip(3)
-            count += 2
-        else:
-            count += 1
-        total = prob if total is None else total + prob
+        # As the official code: one scale runs the mirrored copy in the same batch, several
+        # scales run it separately (batching changes the float rounding of the convolutions).
+        inputs = [x] if not flip else ([torch.cat([x, x.flip(3)], dim=0)] if single else [x, x.flip(3)])
+        for i, xi in enumerate(inputs):
+            with _autocast(image.device, amp):
+                logits = classifier(feature_extractor(xi))
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
+            prob = F.softmax(logits, dim=1)
+            if flip and single:
+                prob = prob[:batch] + prob[batch:].flip(3)
+            elif i == 1:
+                prob = prob.flip(3)
+            total = prob if total is None else total + prob
+        count += 2 if flip else 1
     if total is None:
         raise ValueError("scales must not be empty")
     return total / count
@@ -278,12 +288,15 @@ def _get(cfg, dotted, default=None):
 
 def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir: Optional[str] = None) -> str:
     """The evaluation data root: ``data_root`` if given, else the config's ``datasets.test_root`` /
-    ``datasets.target_root``; when all are empty, the synthetic Cityscapes-layout target set
-    (generated once under ``synthetic_dir`` / ``datasets.synthetic_dir`` /
-    ``<output_dir>/../synthetic_data``)."""
-    root = data_root or _get(cfg, "datasets.test_root") or _get(cfg, "datasets.target_root")
-    if root:
-        return root
+    ``datasets.target_root`` (a missing or empty folder is an error naming the option); when all
+    are empty, the synthetic Cityscapes-layout target set, announced (generated once under
+    ``synthetic_dir`` / ``datasets.synthetic_dir`` / ``<output_dir>/../synthetic_data``)."""
+    from fada_examples.data.roots import announce_synthetic, check_root
+
+    for key, root in (("--data-root", data_root), ("datasets.test_root", _get(cfg, "datasets.test_root")),
+                      ("datasets.target_root", _get(cfg, "datasets.target_root"))):
+        if root:
+            return check_root(root, key)
     from fada_examples.data.synthetic import make_synthetic_data
 
     folder = synthetic_dir or _get(cfg, "datasets.synthetic_dir")
@@ -293,6 +306,8 @@ def resolve_test_root(cfg: dict, data_root: Optional[str] = None, synthetic_dir:
     params = dict(_get(cfg, "datasets.synthetic", {}) or {})
     if "size" in params:
         params["size"] = tuple(params["size"])
+    if _dist_info(True)[0] == 0:
+        announce_synthetic(folder)
     return make_synthetic_data(folder, **params)["target"]
 
 
@@ -522,6 +537,17 @@ def subset_miou(result: EvalResult, class_names: Sequence[str], subset: Sequence
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
+def miou13(result: EvalResult, class_names: Sequence[str]) -> Optional[float]:
+    """SYNTHIA -> Cityscapes: the paper's mIoU* over 13 classes, read from the *16-class* model's
+    evaluation (the protocol: one 16-class model, reported as mIoU16 and mIoU13); None for
+    other class sets."""
+    from fada_examples.data.labels import CLASS_NAMES_13, CLASS_NAMES_16
+
+    if list(class_names) != list(CLASS_NAMES_16):
+        return None
+    return subset_miou(result, class_names, CLASS_NAMES_13)
+
+
 def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None) -> str:
     """Per-class IoU / accuracy table in percent, followed by mIoU, mAcc and allAcc."""
     names = _names(class_names, len(result.iou))
@@ -533,6 +559,9 @@ def format_table(result: EvalResult, class_names: Optional[Sequence[str]] = None
     lines.append("-" * len(lines[0]))
     lines.append(f"mIoU {_pct(result.miou).strip()} %   mAcc {_pct(result.macc).strip()} %   "
                  f"allAcc {_pct(result.allacc).strip()} %   ({result.num_images} images)")
+    thirteen = miou13(result, names)
+    if thirteen is not None:
+        lines.append(f"mIoU16 {_pct(result.miou).strip()} %   mIoU* (13 classes) {_pct(thirteen).strip()} %")
     return "\n".join(lines)
 
 
@@ -549,6 +578,9 @@ def write_results_csv(result: EvalResult, class_names: Optional[Sequence[str]], 
             writer.writerow([i, name, _fmt(result.iou[i]), _fmt(result.acc[i]),
                              int(conf[i].sum()), int(conf[:, i].sum())])
         writer.writerow(["", "mIoU", _fmt(result.miou), "", "", ""])
+        thirteen = miou13(result, names)
+        if thirteen is not None:
+            writer.writerow(["", "mIoU13", _fmt(thirteen), "", "", ""])
         writer.writerow(["", "mAcc", "", _fmt(result.macc), "", ""])
         writer.writerow(["", "allAcc", "", _fmt(result.allacc), "", ""])
     return path

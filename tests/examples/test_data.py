@@ -250,6 +250,39 @@ def test_crosscity_loader(tmp_path):
         CrossCityDataset(str(tmp_path), "Tokyo", "test")
 
 
+def test_crosscity_published_layout_with_id_lists(tmp_path):
+    """Files as in the released NTHU_Datasets archive and the public id lists
+    (NTHU_list/<City>/List/{train,test}.txt: ids without extension, .jpg images)."""
+    rng = np.random.default_rng(11)
+    root = tmp_path / "NTHU_Datasets"
+    ids = ["pano_00002_2_180", "pano_00010_3_0"]
+    for split in ("Train", "Test"):
+        os.makedirs(root / "Rio" / "Images" / split)
+    os.makedirs(root / "Rio" / "Labels" / "Test")
+    os.makedirs(tmp_path / "NTHU_list" / "Rio" / "List")
+    labels = {}
+    for i in ids:
+        Image.fromarray(random_rgb(rng, 10, 14)).save(root / "Rio" / "Images" / "Test" / f"{i}.jpg")
+        Image.fromarray(random_rgb(rng, 10, 14)).save(root / "Rio" / "Images" / "Train" / f"{i}.jpg")
+        labels[i] = random_label_ids(rng, 10, 14, [0, 7, 8, 11, 12, 19, 21, 26, 33])
+        Image.fromarray(labels[i], mode="L").save(root / "Rio" / "Labels" / "Test" / f"{i}_eval.png")
+    (tmp_path / "NTHU_list" / "Rio" / "List" / "test.txt").write_text("\n".join(ids[::-1]) + "\n")
+    test = CrossCityDataset(str(root), "Rio", "test", list_path=str(tmp_path / "NTHU_list/Rio/List/test.txt"))
+    assert test.names == [f"Rio/{i}.jpg" for i in ids[::-1]]
+    # the 13 classes and their order as the public loaders (label IDs 12 wall and 0 -> ignore)
+    expected_ids = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
+    for k, i in enumerate(ids[::-1]):
+        want = np.vectorize(lambda v: expected_ids.get(int(v), 255))(labels[i])
+        np.testing.assert_array_equal(test[k][1].numpy(), want)
+    assert test.class_names == ("road", "sidewalk", "building", "traffic light", "traffic sign", "vegetation",
+                                "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle")
+    (tmp_path / "bad.txt").write_text("pano_99999_0_0\n")
+    with pytest.raises(FileNotFoundError, match="pano_99999_0_0"):
+        CrossCityDataset(str(root), "Rio", "test", list_path=str(tmp_path / "bad.txt"))
+    train = CrossCityDataset(str(root), "Rio", "train")
+    assert len(train) == 2 and (train[0][1] == 255).all()
+
+
 def test_pseudo_label_dataset(tmp_path):
     rng = np.random.default_rng(5)
     files = write_cityscapes(tmp_path / "cs", rng, "train", ["aachen"])
@@ -264,6 +297,7 @@ def test_pseudo_label_dataset(tmp_path):
         pseudo[name] = t
     assert os.path.basename(pseudo_label_path("d", "aachen/x_leftImg8bit.png")) == "aachen__x_leftImg8bit.png"
     ds = PseudoLabelDataset(base, str(label_dir))
+    assert ds.layout == "fada_core"
     for i, name in enumerate(base.names):
         image, label, n = ds[i]
         assert n == name
@@ -272,6 +306,33 @@ def test_pseudo_label_dataset(tmp_path):
         np.testing.assert_array_equal(label.numpy(), expected)
     via_build = build_dataset("pseudo", str(tmp_path / "cs"), "train", label_dir=str(label_dir))
     assert torch.equal(via_build[1][1], ds[1][1])
+
+
+def test_pseudo_labels_of_the_official_test_py_saveres(tmp_path):
+    """Official stage-3 labels: palette PNGs <file name>_leftImg8bit.png in one folder (test.py
+    --saveres with get_color_pallete(pred, "city")); index = train ID."""
+    from fada_examples.data import official_pseudo_label_path
+
+    rng = np.random.default_rng(9)
+    write_cityscapes(tmp_path / "cs", rng, "train", ["aachen", "bochum"])
+    base = CityscapesDataset(str(tmp_path / "cs"), "train", load_labels=False)
+    label_dir = tmp_path / "soft_labels" / "inference" / "cityscapes_train"
+    os.makedirs(label_dir)
+    expected = {}
+    for name in base.names:
+        t = rng.integers(0, 19, size=(12, 20)).astype(np.uint8)
+        mask = Image.fromarray(t).convert("P")
+        mask.putpalette(list(L.PALETTE_19.reshape(-1)) + [0] * (768 - 57))
+        mask.save(label_dir / name.split("/")[1])                       # the official file name
+        expected[name] = t
+    assert official_pseudo_label_path("d", "aachen/x_leftImg8bit.png") == os.path.join("d", "x_leftImg8bit.png")
+    ds = PseudoLabelDataset(base, str(label_dir))
+    assert ds.layout == "official"
+    for i, name in enumerate(base.names):
+        np.testing.assert_array_equal(ds[i][1].numpy(), expected[name])
+    os.remove(label_dir / base.names[0].split("/")[1])
+    with pytest.raises(FileNotFoundError, match="official layout: 1 missing"):
+        PseudoLabelDataset(base, str(label_dir))
 
 
 # ------------------------------------------------------------------ transforms
@@ -418,10 +479,11 @@ def test_synthetic_data_concurrent_callers_agree(tmp_path):
 
 def test_synthetic_data_loads_with_the_real_loaders_and_has_a_domain_shift(tmp_path):
     paths = make_synthetic_data(str(tmp_path / "syn"), **SMALL)
-    src = GTA5Dataset(paths["source"], class_balanced_lists=paths["class_lists"], num_samples=7)
+    with pytest.warns(UserWarning, match="never drawn"):  # not all 19 classes are synthesised
+        src = GTA5Dataset(paths["source"], class_balanced_lists=paths["class_lists"], num_samples=7)
     tgt = CityscapesDataset(paths["target"], "train")
     val = CityscapesDataset(paths["target"], "val")
-    assert (len(src), len(tgt), len(val)) == (7, 3, 2)
+    assert (len(src), len(tgt), len(val)) == (3000, 3, 2)  # the official class-balanced list length
     _, lab, _ = val[0]
     assert lab.shape == (32, 48) and (lab[-1] == 255).all()  # ego vehicle band -> ignore
     src_labels = torch.stack([GTA5Dataset(paths["source"])[i][1] for i in range(4)])
@@ -466,7 +528,7 @@ def test_class_list_script_on_synthia(tmp_path):
     base, files = write_synthia(tmp_path, np.random.default_rng(7), n=3)
     out = load_script().main(["--dataset", "synthia", "--root", str(tmp_path), "--num-classes",
                               "13", "--workers", "1", "--quiet"])
-    assert out == os.path.join(str(tmp_path), "class_lists.json")
+    assert out == os.path.join(str(tmp_path), "class_lists_13.json")
     lists = load_class_lists(out)
     assert lists["num_classes"] == 13 and lists["class_names"] == list(L.CLASS_NAMES_13)
     for name, (_, cls) in files.items():
@@ -485,8 +547,7 @@ def test_datasets_work_in_dataloader_workers(tmp_path):
     assert image.shape == (2, 3, 12, 16) and label.shape == (2, 12, 16) and list(names) == ds.names[:2]
 
 
-@pytest.mark.parametrize("mode", ["uniform", "official"])
-def test_class_balanced_sampling_picks_images_containing_the_class(mode):
+def test_class_balanced_sampling_picks_images_containing_the_class():
     names = [f"{i:05d}.png" for i in range(12)]
     # class 0 everywhere, class 1 in one image, class 2 in three, class 3 nowhere
     file_to = {n: [0] for n in names}
@@ -496,16 +557,50 @@ def test_class_balanced_sampling_picks_images_containing_the_class(mode):
     lists = {"format": "fada-class-lists-v1", "num_classes": 4, "files": names,
              "file_to_labels": file_to,
              "label_to_files": [[n for n in names if c in file_to[n]] for c in range(4)]}
-    draws = class_balanced_draws(lists, names, 3000, seed=1, mode=mode)
+    with pytest.warns(UserWarning, match=r"classes \[3\]"):
+        draws = class_balanced_draws(lists, names, 2999, seed=1)
+    assert len(draws) == 3000
     for c, index in draws:
         assert c in file_to[names[index]]
     classes = np.bincount([c for c, _ in draws], minlength=4)
     assert classes[3] == 0 and classes[1] > 300  # the rare class is drawn often
-    if mode == "uniform":
-        assert np.all(np.abs(classes[:3] - 1000) < 120)
-    again = class_balanced_draws(lists, names, 3000, seed=1, mode=mode)
+    with pytest.warns(UserWarning):
+        again = class_balanced_draws(lists, names, 2999, seed=1)
     assert again == draws
-    sampler = ClassBalancedSampler(lists, names, 50, seed=0, mode=mode)
-    first = list(sampler)
+    sampler = ClassBalancedSampler(lists, names, 50, seed=0)
+    with pytest.warns(UserWarning):
+        first = list(sampler)
     sampler.set_epoch(1)
-    assert len(first) == 50 and list(sampler) != first
+    with pytest.warns(UserWarning):
+        assert len(first) == 3000 and list(sampler) != first
+
+
+def test_data_roots_synthetic_only_when_none_given(tmp_path, capsys):
+    from fada_examples.config import load_config
+    from fada_examples.data.roots import uses_synthetic_data
+    from fada_examples.engine.trainer import prepare_data
+
+    assert uses_synthetic_data({"source_root": "", "target_root": "", "test_root": ""})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ValueError, match=r"datasets.source_root=.*empty"):
+        uses_synthetic_data({"source_root": str(tmp_path / "empty"), "target_root": str(tmp_path / "full")})
+    with pytest.raises(FileNotFoundError, match="datasets.target_root"):
+        uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="datasets.target_root is empty"):
+        uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": ""})
+    assert not uses_synthetic_data({"source_root": str(tmp_path / "full"), "target_root": str(tmp_path / "full")})
+    # a shipped real-data config names the official locations: without the data, an error naming the key
+    configs = os.path.join(_EXAMPLES, "configs")
+    for name in ("deeplabv2_r101_src.yaml", "deeplabv2_vgg16_adv_synthia.yaml", "deeplabv2_r101_src_crosscity.yaml"):
+        cfg = load_config(os.path.join(configs, name), [f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(FileNotFoundError, match="datasets.source_root"):
+            prepare_data(cfg)
+    # no root at all: the synthetic data, announced
+    cfg = load_config(None, [f"output_dir={tmp_path / 'syn' / 'src'}", "datasets.synthetic.num_source=2",
+                             "datasets.synthetic.num_target_train=1", "datasets.synthetic.num_target_val=1",
+                             "datasets.synthetic.size=[32,24]"])
+    out = prepare_data(cfg)
+    assert "no data root given" in capsys.readouterr().out
+    assert os.path.isdir(out["datasets"]["source_root"])

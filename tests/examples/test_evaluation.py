@@ -611,3 +611,32 @@ def test_entries_on_a_trained_checkpoint(tmp_path, capsys):
     assert np.isfinite(result.mean) and int(result.present.sum()) >= 3
     assert (tmp_path / "ccd" / "ccd_per_class.png").is_file()
     assert "mean CCD" in capsys.readouterr().out
+
+
+def test_evaluate_entry_reads_official_checkpoints(small_checkpoints, capsys, tmp_path):
+    """An official-layout checkpoint (module.backbone.* / module.conv2d_list.*, no config) with
+    the config from the command line scores exactly as the same weights in this project's format."""
+    root, ckpts = small_checkpoints
+    ours = torch.load(ckpts[0], weights_only=False)
+    official = {"iteration": 40000,
+                "feature_extractor": {f"module.backbone.{k}": v for k, v in ours["feature_extractor"].items()},
+                "classifier": {f"module.{k.replace('branches.', 'conv2d_list.')}": v
+                               for k, v in ours["classifier"].items()}}
+    path = tmp_path / "model_iter040000.pth"
+    torch.save(official, path)
+    entry = _load_entry("evaluate")
+    common = ["--num-workers", "0", "--device", "cpu", "--flip"]
+    with pytest.raises(ValueError, match="--config"):
+        entry.main(["--checkpoint", str(path), "--output", str(tmp_path / "x"), *common])
+    cfg = ours["config"]
+    overrides = ["model.backbone=small", f"model.freeze_bn={str(cfg['model']['freeze_bn']).lower()}",
+                 "input.size_test=[160,96]", f"datasets.synthetic_dir={cfg['datasets']['synthetic_dir']}",
+                 "datasets.synthetic.num_source=2", "datasets.synthetic.num_target_train=1",
+                 "datasets.synthetic.num_target_val=3"]
+    res_official = entry.main(["--checkpoint", str(path), "--output", str(tmp_path / "a"), *common, *overrides])
+    with pytest.warns(UserWarning, match="carries its own config"):  # never silently ignored
+        res_ours = entry.main(["--checkpoint", ckpts[0], "--output", str(tmp_path / "b"), *common,
+                               "model.num_classes=16"])
+    capsys.readouterr()
+    assert res_official.num_images == res_ours.num_images == 3
+    np.testing.assert_array_equal(res_official.confusion, res_ours.confusion)

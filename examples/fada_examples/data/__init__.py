@@ -3,7 +3,7 @@ sampling and the synthetic default data."""
 
 from .datasets import (DATASET_NAMES, CityscapesDataset, CrossCityDataset, GTA5Dataset,
                        PseudoLabelDataset, SegmentationDataset, SynthiaDataset, build_dataset,
-                       pseudo_label_path, safe_name)
+                       official_pseudo_label_path, pseudo_label_path, safe_name)
 from .io import ImageReadError
 from .labels import (CITYSCAPES_ID_TO_TRAINID, CLASS_NAMES_19, IGNORE_INDEX, PALETTE_19,
                      class_names, colorize, encode_labels, palette)

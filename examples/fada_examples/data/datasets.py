@@ -12,11 +12,16 @@ Layouts (``root`` is the folder named in each class):
   ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``.
 * SYNTHIA RAND_CITYSCAPES: ``RAND_CITYSCAPES/RGB/0000000.png`` and
   ``RAND_CITYSCAPES/GT/LABELS/0000000.png`` (16-bit PNG, class ID in the first channel).
-* NTHU Cross-City (Chen et al., ICCV 2017): ``<City>/Images/{Train,Test}/<name>.jpg`` and
-  ``<City>/Labels/Test/<name>_eval.png`` for City in Rome, Rio, Tokyo, Taipei. This follows the
-  layout of the released archive as used by the public loaders (the archive itself is not
-  redistributed, so it could not be checked here): evaluation labels hold Cityscapes label IDs,
-  of which 13 classes are used; the training images have no labels (the loader returns all-255).
+* NTHU Cross-City (Chen et al., ICCV 2017, ``NTHU_Datasets``): ``<City>/Images/{Train,Test}/<id>.jpg``
+  (or ``.png``) and ``<City>/Labels/Test/<id>_eval.png`` for City in Rome, Rio, Tokyo, Taipei;
+  ids such as ``pano_00002_2_180``. Evaluation labels hold Cityscapes label IDs, of which the
+  13 classes road, sidewalk, building, traffic light, traffic sign, vegetation, sky, person,
+  rider, car, bus, motorcycle, bicycle are scored; the training images have no labels (the
+  loader returns all-255). Checked against the data set's description (13 shared classes, 100
+  labelled test images per city) and the public loaders that read the archive
+  (ZJULearning/MaxSquareLoss ``datasets/crosscity_Dataset.py`` with its id lists
+  ``NTHU_list/<City>/List/{train,test}.txt``: same folders, ``.jpg`` then ``.png``,
+  ``<id>_eval.png``, label IDs mapped to the same 13 train IDs).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .transforms import build_transforms
 __all__ = [
     "Sample", "SegmentationDataset", "GTA5Dataset", "CityscapesDataset", "SynthiaDataset",
     "CrossCityDataset", "PseudoLabelDataset", "build_dataset", "safe_name", "pseudo_label_path",
+    "official_pseudo_label_path", "PSEUDO_LABEL_LAYOUTS",
     "read_list", "DATASET_NAMES",
 ]
 
@@ -65,6 +71,16 @@ def pseudo_label_path(label_dir: str, name: str) -> str:
     Stage 3's pseudo labelling must write its train-ID PNGs to exactly this path.
     """
     return os.path.join(label_dir, os.path.splitext(safe_name(name))[0] + ".png")
+
+
+def official_pseudo_label_path(label_dir: str, name: str) -> str:
+    """Where the official ``test.py --saveres`` puts the prediction of sample ``name``:
+    ``<label_dir>/<file name of the sample>`` (``aachen_000000_000019_leftImg8bit.png``, one folder,
+    a palette PNG whose indices are the train IDs)."""
+    return os.path.join(label_dir, os.path.basename(name.replace("\\", "/")))
+
+
+PSEUDO_LABEL_LAYOUTS = {"fada_core": pseudo_label_path, "official": official_pseudo_label_path}
 
 
 def read_list(list_path: str) -> list[str]:
@@ -163,9 +179,12 @@ class GTA5Dataset(SegmentationDataset):
         list_path: file of image names (``00001.png`` per line, as the official
             ``gta5_train_list.txt``); default: every image in ``images/``.
         transform: paired transform.
-        class_balanced_lists: path of the JSON written by ``make_gta5_class_lists.py`` (or its
-            loaded dict): the items are then drawn class-balanced (see :mod:`.sampling`).
-        num_samples: length of the data set (images seen per run: iterations x batch size);
+        class_balanced_lists: path of the lists (JSON of ``make_gta5_class_lists.py`` or the
+            official ``gtav_label_info.p``) or their loaded dict: the items are then the official
+            class-balanced list for ``num_samples`` images (see :mod:`.sampling`), as the
+            official data set builds it (training itself samples through
+            :func:`.sampling.source_draw_list`).
+        num_samples: images seen per run (official ``max_iters`` = iterations x batch size);
             without class-balanced lists the image list is repeated to this length.
         num_classes: 19 (or 16/13 to keep only the classes of those protocols).
         seed: seed of the class-balanced draw.
@@ -271,7 +290,8 @@ class CrossCityDataset(SegmentationDataset):
         city: Rome, Rio, Tokyo or Taipei (any case).
         split: ``train`` (unlabelled: all-255 labels) or ``test`` (``val`` is an alias).
         transform: paired transform.
-        list_path: file of image names within the split folder; default: all images.
+        list_path: file of image names within the split folder, or of ids without extension
+            (the public ``NTHU_list/<City>/List/{train,test}.txt``); default: all images.
         num_samples: repeat the list to this length.
     """
 
@@ -293,7 +313,8 @@ class CrossCityDataset(SegmentationDataset):
         if labelled:
             check_dir(label_dir, f"Cross-City {city} {split_dir} label folder")
         self.root, self.city, self.split = root, city, split_dir.lower()
-        names = read_list(list_path) if list_path is not None else _list_images(image_dir)
+        names = ([_with_image_ext(image_dir, n) for n in read_list(list_path)] if list_path is not None
+                 else _list_images(image_dir))
         samples = [Sample(os.path.join(image_dir, n),
                           os.path.join(label_dir, os.path.splitext(n)[0] + "_eval.png")
                           if labelled else None,
@@ -302,29 +323,64 @@ class CrossCityDataset(SegmentationDataset):
         super().__init__(samples, 13, L.CROSSCITY_ID_TO_TRAINID, transform, indices)
 
 
+def _with_image_ext(folder: str, name: str) -> str:
+    """``name`` itself if it has an image extension, else ``name.jpg`` or ``name.png``, whichever
+    exists in ``folder`` (as the public Cross-City loaders resolve their id lists)."""
+    if name.lower().endswith(_IMAGE_EXTS):
+        return name
+    for ext in (".jpg", ".png"):
+        if os.path.isfile(os.path.join(folder, name + ext)):
+            return name + ext
+    raise FileNotFoundError(f"image {name!r} of the list not found in {folder} (tried .jpg and .png)")
+
+
 class PseudoLabelDataset(SegmentationDataset):
     """The images of ``image_dataset`` with pseudo labels from ``label_dir`` (self-distillation).
 
-    Pseudo labels are train-ID PNGs (255 = ignore) at :func:`pseudo_label_path`
-    ``(label_dir, name)``; IDs >= ``num_classes`` become 255.
+    Pseudo labels are train-ID PNGs (255 = ignore; 8-bit grey or palette, the index being the
+    train ID); IDs >= ``num_classes`` become 255. Two folder layouts are read:
+
+    * ``"fada_core"``: :func:`pseudo_label_path` (what stage 3 here writes);
+    * ``"official"``: :func:`official_pseudo_label_path`, the official ``test.py --saveres``
+      output (``<name>_leftImg8bit.png`` in one folder, Cityscapes palette).
 
     Args:
         image_dataset: the target data set whose images are used (its samples and order).
         label_dir: folder of the pseudo-label PNGs.
         transform: paired transform (default: ``image_dataset.transform``).
+        layout: ``"auto"`` (the layout in which every sample has its label; an error listing a
+            missing file otherwise), ``"fada_core"`` or ``"official"``.
     """
 
     def __init__(self, image_dataset: SegmentationDataset, label_dir: str,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, layout: str = "auto"):
         check_dir(label_dir, "pseudo-label folder")
-        self.label_dir = label_dir
+        if layout not in ("auto", *PSEUDO_LABEL_LAYOUTS):
+            raise ValueError(f"layout must be 'auto', 'fada_core' or 'official', got {layout!r}")
+        names = [s.name for s in image_dataset.samples]
+        if layout == "auto":
+            layout = _pseudo_label_layout(label_dir, names)
+        path_of = PSEUDO_LABEL_LAYOUTS[layout]
+        self.label_dir, self.layout = label_dir, layout
         self.image_dataset = image_dataset
-        samples = [Sample(s.image, pseudo_label_path(label_dir, s.name), s.name)
-                   for s in image_dataset.samples]
+        samples = [Sample(s.image, path_of(label_dir, s.name), s.name) for s in image_dataset.samples]
         k = image_dataset.num_classes
         lut = L.lut_from_dict({i: i for i in range(k)})
         super().__init__(samples, k, lut, transform or image_dataset.transform,
                          image_dataset.indices)
+
+
+def _pseudo_label_layout(label_dir: str, names: Sequence[str]) -> str:
+    """The layout of ``label_dir`` in which every sample has a label file."""
+    missing = {}
+    for layout, path_of in PSEUDO_LABEL_LAYOUTS.items():
+        absent = [path_of(label_dir, n) for n in names if not os.path.isfile(path_of(label_dir, n))]
+        if not absent:
+            return layout
+        missing[layout] = absent
+    detail = "; ".join(f"{layout} layout: {len(absent)} missing, e.g. {absent[0]}" for layout, absent in missing.items())
+    raise FileNotFoundError(f"pseudo-label folder {label_dir!r} has no label for some of the {len(names)} "
+                            f"target images in either layout ({detail})")
 
 
 def build_dataset(name: str, root: str, split: str = "train",

@@ -201,16 +201,16 @@ def _write(root: str, params: dict) -> None:
             Image.fromarray(lab, mode="L").save(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"))
 
     from .datasets import GTA5Dataset
-    from .sampling import compute_class_lists, save_class_lists
+    from .sampling import class_lists_cache_name, compute_class_lists, save_class_lists
 
-    save_class_lists(compute_class_lists(GTA5Dataset(src)), os.path.join(src, "class_lists.json"))
+    save_class_lists(compute_class_lists(GTA5Dataset(src)), os.path.join(src, class_lists_cache_name(19)))
     with open(os.path.join(root, _MARKER), "w", encoding="utf-8") as f:
         json.dump(params, f, indent=1, sort_keys=True)
 
 
 def _paths(root: str) -> dict:
     return {"source": os.path.join(root, "gta5"), "target": os.path.join(root, "cityscapes"),
-            "class_lists": os.path.join(root, "gta5", "class_lists.json")}
+            "class_lists": os.path.join(root, "gta5", "class_lists_19.json")}
 
 
 def make_synthetic_data(root: str, *, num_source: int = 24, num_target_train: int = 16,

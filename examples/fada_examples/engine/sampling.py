@@ -7,8 +7,10 @@ a pure function of ``(seed, k)``:
 - :class:`IterationBatchSampler` yields, for iterations ``start .. stop-1``, the batch of *draws*
   ``k = it * global_batch + rank * per_rank + j``; draw ``k`` picks ``perm_e[k mod n]`` with
   ``e = k div n`` and ``perm_e`` a permutation seeded by ``(seed, e)`` -- every image once per
-  epoch, ranks disjoint (the role of DistributedSampler), or, with class-balanced lists, a class
-  uniformly then an image containing it (GTA5), from a generator seeded by ``(seed, k)``;
+  epoch, ranks disjoint (the role of DistributedSampler). With a class-balanced list (``draws``,
+  the official list, :func:`fada_examples.data.sampling.source_draw_list`), the rank's ``p``-th
+  item is ``draws[perm[rank + world * p]]``, ``perm`` a seeded permutation of the list shared by
+  all ranks: the official ``DistributedSampler`` over the shuffled list;
 - :class:`SeededSampleDataset` seeds torch / numpy / python RNGs with ``(seed, k)`` around each
   ``__getitem__`` (restoring them afterwards), so random scale / crop / flip / colour jitter are
   the same whatever the number of workers and whether the run was interrupted.
@@ -45,7 +47,7 @@ class IterationBatchSampler(Sampler):
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int, stream: int = 0, start_iter: int = 0,
                  stop_iter: int, rank: int = 0, world_size: int = 1,
-                 class_lists: Optional[Sequence[Sequence[int]]] = None) -> None:
+                 draws: Optional[Sequence[int]] = None) -> None:
         if num_items < 1:
             raise ValueError("the data set is empty")
         self.num_items = int(num_items)
@@ -53,7 +55,7 @@ class IterationBatchSampler(Sampler):
         self.seed, self.stream = int(seed), int(stream)
         self.start_iter, self.stop_iter = int(start_iter), int(stop_iter)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.class_lists = [list(c) for c in class_lists if len(c)] if class_lists else None
+        self.draws = list(draws) if draws else None
         self._perms: Dict[int, List[int]] = {}
 
     def __len__(self) -> int:
@@ -64,14 +66,17 @@ class IterationBatchSampler(Sampler):
             if len(self._perms) > 4:
                 self._perms.clear()
             g = torch.Generator().manual_seed(draw_seed(self.seed, self.stream, -1 - epoch) & 0xFFFFFFFFFFFF)
-            self._perms[epoch] = torch.randperm(self.num_items, generator=g).tolist()
+            n = len(self.draws) if self.draws else self.num_items
+            self._perms[epoch] = torch.randperm(n, generator=g).tolist()
         return self._perms[epoch]
 
     def index_of(self, k: int) -> int:
-        if self.class_lists:
-            rng = random.Random(draw_seed(self.seed, self.stream, k))
-            members = self.class_lists[rng.randrange(len(self.class_lists))]
-            return int(members[rng.randrange(len(members))])
+        """The data set index of global draw ``k``."""
+        if self.draws:
+            it, rest = divmod(k, self.batch_size * self.world_size)
+            rank, j = divmod(rest, self.batch_size)
+            epoch, pos = divmod(rank + self.world_size * (it * self.batch_size + j), len(self.draws))
+            return int(self.draws[self._perm(epoch)[pos]])
         epoch, pos = divmod(k, self.num_items)
         return self._perm(epoch)[pos]
 

@@ -88,13 +88,12 @@ def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float) -> floa
 
 
 def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill empty data roots with E1's synthetic data (generated once, by rank 0)."""
+    """Check the data roots; with none given at all, the synthetic data (generated once, by rank 0)."""
+    from ..data.roots import announce_synthetic, uses_synthetic_data
+
     ds = cfg["datasets"]
-    if ds["source_root"] and ds["target_root"]:
+    if not uses_synthetic_data(ds):  # raises naming the key of a missing/empty root
         return cfg
-    if ds["source_root"] or ds["target_root"]:
-        missing = "datasets.target_root" if ds["source_root"] else "datasets.source_root"
-        raise ValueError(f"{missing} is empty: give both data roots (or neither, for the synthetic data)")
     from ..data import make_synthetic_data
 
     syn_dir = ds["synthetic_dir"] or os.path.join(os.path.dirname(os.path.abspath(cfg["output_dir"])),
@@ -103,6 +102,7 @@ def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(num_source=syn["num_source"], num_target_train=syn["num_target_train"],
                   num_target_val=syn["num_target_val"], size=tuple(syn["size"]), seed=syn["seed"])
     if D.is_main():
+        announce_synthetic(syn_dir)
         paths = make_synthetic_data(syn_dir, **kwargs)
     D.barrier()
     if not D.is_main():
@@ -187,30 +187,21 @@ def _target_dataset(cfg: Dict[str, Any]):
     return _unlabelled_target(cfg, _train_transform(cfg, "target"))
 
 
-def _class_lists(cfg: Dict[str, Any], dataset) -> Optional[List[List[int]]]:
-    path = cfg["datasets"]["class_balanced_lists"]
-    if not path:
-        return None
-    from ..data import load_class_lists
+def _class_lists(cfg: Dict[str, Any], dataset) -> Optional[List[int]]:
+    """The official class-balanced source list (GTA5/SYNTHIA), or None (see data.sampling)."""
+    from ..data.sampling import source_draw_list
 
-    lists = load_class_lists(path)
-    names = list(getattr(dataset, "names", []))
-    position = {n: i for i, n in enumerate(names)}
-    per_class = [[position[f] for f in files if f in position] for files in lists["label_to_files"]]
-    per_class = [c for c in per_class if c]
-    if not per_class:
-        raise ValueError(f"no image of the class lists {path!r} is in the source data set")
-    # The draw is over distinct samples; the data set must index them directly.
-    if len(dataset) != len(names):
-        raise ValueError("class-balanced sampling needs a data set without repeated indices")
-    return per_class
+    ds, solver = cfg["datasets"], cfg["solver"]
+    return source_draw_list(ds["class_balanced_lists"], dataset, solver["max_iter"] * solver["batch_size"],
+                            cfg["seed"], progress=D.is_main(), num_workers=solver["num_workers"],
+                            cache_dirs=[ds["source_root"], os.path.dirname(os.path.abspath(cfg["output_dir"]))])
 
 
 def _loader(dataset, batch: int, cfg: Dict[str, Any], stream: int, start: int, stop: int,
-            class_lists=None) -> DataLoader:
+            draws=None) -> DataLoader:
     sampler = IterationBatchSampler(len(dataset), batch, seed=cfg["seed"], stream=stream, start_iter=start,
                                     stop_iter=stop, rank=D.rank(), world_size=D.world_size(),
-                                    class_lists=class_lists)
+                                    draws=draws)
     workers = cfg["solver"]["num_workers"]
     return DataLoader(SeededSampleDataset(dataset, cfg["seed"], stream), batch_sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
@@ -221,7 +212,8 @@ def _build_models(cfg: Dict[str, Any], device: torch.device, with_weights: bool 
     m = cfg["model"]
     torch.manual_seed(cfg["seed"])
     features, classifier = M.build_segmentor(m["backbone"], m["num_classes"],
-                                             m["weights"] if with_weights else None, m["freeze_bn"])
+                                             m["weights"] if with_weights else None, m["freeze_bn"],
+                                             bgr255=cfg["input"]["to_bgr255"])
     return features.to(device), classifier.to(device)
 
 
@@ -338,7 +330,7 @@ def _ensure_pseudo_labels(cfg: Dict[str, Any], stage_dir: str, device: torch.dev
         raise FileNotFoundError(
             f"stage 'sd' needs pseudo labels in {out_dir!r}: pass teacher=<stage-2 checkpoint> "
             f"(or --teacher) to generate them, or set datasets.pseudo_label_dir to a folder of train-ID PNGs")
-    features, classifier, _ = M.load_checkpoint_models(teacher, device)
+    features, classifier, _ = M.load_checkpoint_models(teacher, device, cfg)  # cfg: for official ones
     generate_pseudo_labels(features, classifier, cfg, out_dir, device, progress, os.path.abspath(teacher))
     del features, classifier
     return out_dir
@@ -416,9 +408,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None
     features, classifier = _build_models(cfg, device, with_weights=fresh_init)
     if ckpt is None and stage == "adv":
         if cfg["init_from"]:
-            init = load_checkpoint(cfg["init_from"])
-            features.load_state_dict(M.strip_module_prefix(init["feature_extractor"]))
-            classifier.load_state_dict(M.strip_module_prefix(init["classifier"]))
+            init = load_checkpoint(cfg["init_from"])  # this project's or an official FADA checkpoint
+            M.load_model_states(init, features, classifier, backbone=cfg["model"]["backbone"],
+                                source=repr(cfg["init_from"]))
         elif main:
             warnings.warn("stage 'adv' without init_from (a stage-1 checkpoint): starting from model.weights "
                           "(ImageNet, or random when empty)")
