@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from . import _reference
@@ -460,7 +461,7 @@ def merge_class_center_stats(a: ClassCenterStats, b: ClassCenterStats) -> ClassC
     return ClassCenterStats(n, means, m2)
 
 
-@dataclass
+@dataclass(repr=False)
 class CCDResult:
     """Class Center Distance of a data set (FADA paper, section 4).
 
@@ -479,6 +480,11 @@ class CCDResult:
     mean: float
     present: Tensor
     counts: Tensor
+
+    def __repr__(self) -> str:
+        # the K x K matrix is the attribute to print; the repr stays one line
+        k = self.per_class.shape[0]
+        return f"CCDResult(mean={self.mean:.6g}, present={int(self.present.sum())}/{k} classes)"
 
 
 def class_center_distance(stats: ClassCenterStats) -> CCDResult:
@@ -500,7 +506,8 @@ def class_center_distance(stats: ClassCenterStats) -> CCDResult:
     k = counts.shape[0]
     variance = stats.m2.double() / counts.clamp(min=1)
     # squared distances from explicit differences (cdist's matmul form cancels)
-    diff = stats.means.double()[:, None, :] - stats.means.double()[None, :, :]
+    means = stats.means.double()
+    diff = rearrange(means, "i c -> i 1 c") - rearrange(means, "j c -> 1 j c")
     distance = (diff * diff).sum(dim=-1)
     matrix = variance[:, None] / distance
     pair_ok = present[:, None] & present[None, :] & ~torch.eye(k, dtype=torch.bool, device=counts.device)
