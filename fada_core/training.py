@@ -34,8 +34,10 @@ class AdversarialStep:
 
     With a :class:`torch.amp.GradScaler`, every backward is scaled, every
     optimizer steps through the scaler and ``scaler.update()`` runs once at the
-    end (torch's recipe for several losses and optimizers). ``autocast_dtype``
-    runs the forwards and losses (not the backwards) under :func:`torch.autocast`.
+    end (torch's recipe for several losses and optimizers); with a separate
+    ``discriminator_scaler``, each scaler scales and updates its own step.
+    ``autocast_dtype`` runs the forwards and losses (not the backwards) under
+    :func:`torch.autocast`.
 
     Args:
         model: images :math:`(B, 3, H, W)` → ``(features, low-resolution logits)``:
@@ -49,6 +51,12 @@ class AdversarialStep:
             temperature (1.8, as FADA's adversarial stage), backend and ``align_corners``.
         scaler: optional ``torch.amp.GradScaler``.
         autocast_dtype: optional ``torch.float16`` / ``torch.bfloat16``.
+        discriminator_scaler: optional scaler of the discriminator's step
+            (default: ``scaler``).
+        on_discriminator_gradients: optional callable run after the
+            discriminator's backward, before its optimizer step (e.g. to
+            all-reduce its gradients when it is not wrapped in
+            ``DistributedDataParallel``).
 
     Example:
         >>> from fada_core import FineGrainedDiscriminator
@@ -73,6 +81,8 @@ class AdversarialStep:
         seg_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         scaler: Optional["torch.amp.GradScaler"] = None,
         autocast_dtype: Optional[torch.dtype] = None,
+        discriminator_scaler: Optional["torch.amp.GradScaler"] = None,
+        on_discriminator_gradients: Optional[Callable[[], None]] = None,
     ) -> None:
         if not isinstance(adversary, FineGrainedAdversary):
             raise TypeError(f"adversary must be a FineGrainedAdversary, got {type(adversary).__name__}")
@@ -95,21 +105,25 @@ class AdversarialStep:
         self.discriminator_optimizer = discriminator_optimizer
         self.seg_loss = seg_loss
         self.scaler = scaler
+        self.discriminator_scaler = scaler if discriminator_scaler is None else discriminator_scaler
         self.autocast_dtype = autocast_dtype
+        self.on_discriminator_gradients = on_discriminator_gradients
 
     def _autocast(self, like: Tensor):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(like.device.type, dtype=self.autocast_dtype)
 
-    def _backward(self, loss: Tensor) -> None:
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+    @staticmethod
+    def _backward(loss: Tensor, scaler) -> None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
 
-    def _step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, scaler) -> None:
+        if scaler is None:
             optimizer.step()
         else:
-            self.scaler.step(optimizer)
+            scaler.step(optimizer)
 
     def __call__(self, source_images: Tensor, source_labels: Tensor, target_images: Tensor) -> StepLosses:
         for opt in (*self.optimizers, self.discriminator_optimizer):
@@ -119,20 +133,25 @@ class AdversarialStep:
         with self._autocast(source_images):
             f_s, z_s = self.model(source_images)
             loss_seg = self.seg_loss(z_s, source_labels)
-        self._backward(loss_seg)  # frees the source graph before the target forward, as the official code
+        scaler, scaler_d = self.scaler, self.discriminator_scaler
+        self._backward(loss_seg, scaler)  # frees the source graph before the target forward, as the official code
 
         with self._autocast(target_images):
             f_t, z_t = self.model(target_images)
             loss_adv = self.adversary.generator_loss(f_t, z_t, size_t)
-        self._backward(loss_adv)
+        self._backward(loss_adv, scaler)
         for opt in self.optimizers:
-            self._step(opt)
+            self._step(opt, scaler)
+        if scaler is not None and scaler is not scaler_d:
+            scaler.update()
 
         self.discriminator_optimizer.zero_grad()  # the generator step's gradients on D are dropped
         with self._autocast(target_images):
             loss_d = self.adversary.discriminator_loss(f_s, z_s, size_s, f_t, z_t, size_t)
-        self._backward(loss_d)
-        self._step(self.discriminator_optimizer)
-        if self.scaler is not None:
-            self.scaler.update()
+        self._backward(loss_d, scaler_d)
+        if self.on_discriminator_gradients is not None:
+            self.on_discriminator_gradients()
+        self._step(self.discriminator_optimizer, scaler_d)
+        if scaler_d is not None:
+            scaler_d.update()
         return StepLosses(loss_seg.detach(), loss_adv.detach(), loss_d.detach())

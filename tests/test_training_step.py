@@ -101,6 +101,45 @@ def test_with_a_grad_scaler():
     assert scaler.get_scale() == ref_scaler.get_scale()
 
 
+def test_separate_discriminator_scaler_and_gradient_hook():
+    """Two scalers (as the examples' trainer), and a hook between D's backward and its step."""
+    model, D, opts, opt_D = _setup()
+    scaler, scaler_d = torch.amp.GradScaler("cpu", init_scale=2.0**8), torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    seen = []
+
+    def hook():  # e.g. an all-reduce; here one gradient zeroed, which Adam turns into no update
+        seen.append(all(p.grad is not None for p in D.parameters()))
+        D.source_head.weight.grad.zero_()
+
+    initial = D.source_head.weight.detach().clone()
+
+    step = AdversarialStep(model, FineGrainedAdversary(D, backend="eager"), opts, opt_D, scaler=scaler,
+                           discriminator_scaler=scaler_d, on_discriminator_gradients=hook)
+    step(*_batch(0))
+    assert seen == [True] and torch.equal(D.source_head.weight, initial)  # the hook ran before the step
+
+    ref_model, ref_D, ref_opts, ref_opt_D = _setup()
+    ref_g, ref_d = torch.amp.GradScaler("cpu", init_scale=2.0**8), torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    adv, seg_loss = FineGrainedAdversary(ref_D, backend="eager"), UpsampledCrossEntropy(1.8, backend="eager")
+    x_s, y_s, x_t = _batch(0)
+    for opt in (*ref_opts, ref_opt_D):
+        opt.zero_grad()
+    f_s, z_s = ref_model(x_s)
+    ref_g.scale(seg_loss(z_s, y_s)).backward()
+    f_t, z_t = ref_model(x_t)
+    ref_g.scale(adv.generator_loss(f_t, z_t, x_t.shape[-2:])).backward()
+    for opt in ref_opts:
+        ref_g.step(opt)
+    ref_g.update()
+    ref_opt_D.zero_grad()
+    ref_d.scale(adv.discriminator_loss(f_s, z_s, x_s.shape[-2:], f_t, z_t, x_t.shape[-2:])).backward()
+    ref_D.source_head.weight.grad.zero_()
+    ref_d.step(ref_opt_D)
+    ref_d.update()
+    for got, want in zip(_params(model, D), _params(ref_model, ref_D)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_autocast_runs_and_returns_float32_losses():
     model, D, opts, opt_D = _setup()
     before = _params(model, D)
