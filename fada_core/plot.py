@@ -49,13 +49,18 @@ def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _runs(results) -> dict:
-    """``{label: per-class values}`` from one result or a mapping of several (insertion order kept)."""
-    if not isinstance(results, Mapping):
-        results = {"": results}
-    if not results:
+def _runs(results, class_names: Optional[Sequence[str]]):
+    """``({label: result}, {label: (K,) values}, K class names)`` from one result or a mapping of
+    several (insertion order kept), every one checked to have K values."""
+    runs = dict(results) if isinstance(results, Mapping) else {"": results}
+    if not runs:
         raise ValueError("results is empty: give one result or a mapping {label: result}")
-    return dict(results)
+    data = {label: _values(r) for label, r in runs.items()}
+    k = len(next(iter(data.values())))
+    for label, v in data.items():
+        if len(v) != k:
+            raise ValueError(f"{label!r} has {len(v)} per-class values, the first result {k}")
+    return runs, data, _class_names(class_names, k)
 
 
 def _class_names(class_names: Optional[Sequence[str]], k: int) -> list:
@@ -145,13 +150,8 @@ def plot_ccd(
         log_scale: logarithmic y axis.
     """
     Figure, Canvas, _ = _matplotlib()
-    runs = _runs(results)
-    data = {label: _values(r) for label, r in runs.items()}
-    k = len(next(iter(data.values())))
-    names = _class_names(class_names, k) + ["mean"]
-    for label, v in data.items():
-        if len(v) != k:
-            raise ValueError(f"{label!r} has {len(v)} per-class values, the first result {k}")
+    runs, data, names = _runs(results, class_names)
+    names = names + ["mean"]
     if means is None:
         means = {label: (r.mean if isinstance(r, CCDResult) else _nanmean(data[label])) for label, r in runs.items()}
     x = np.arange(len(names))
@@ -188,13 +188,8 @@ def plot_ccd_grid(
     """One small panel per class, one bar per model (same colours everywhere), each class at its
     own scale; absent classes read "absent". Arguments as :func:`plot_ccd`."""
     Figure, Canvas, Patch = _matplotlib()
-    runs = _runs(results)
-    data = {label: _values(r) for label, r in runs.items()}
-    k = len(next(iter(data.values())))
-    names = _class_names(class_names, k)
-    for label, v in data.items():
-        if len(v) != k:
-            raise ValueError(f"{label!r} has {len(v)} per-class values, the first result {k}")
+    _, data, names = _runs(results, class_names)
+    k = len(names)
     labels = list(data)
     columns = max(1, min(columns, k))
     rows = (k + columns - 1) // columns
