@@ -25,7 +25,9 @@ class FineGrainedDiscriminator(nn.Module):
             1024 for VGG-16). ``None`` (the default): taken from the features
             at the first call (the first conv is a :class:`~torch.nn.LazyConv2d`;
             build optimizers before or after that call, both work, and loading a
-            ``state_dict`` sets it too).
+            ``state_dict`` sets it too). Save checkpoints after the first call:
+            before it the first conv's parameters are uninitialized, which
+            ``torch.load(weights_only=True)`` refuses.
         num_classes: :math:`K` (required).
         ndf: width of the first conv (256 in FADA).
         align_corners: of the bilinear upsampling when ``size`` is given
