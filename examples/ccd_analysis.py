@@ -29,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 
 from fada_examples import analysis as A  # noqa: E402
 from fada_examples import evaluation as E  # noqa: E402
-from fada_examples import plots  # noqa: E402
+from fada_core import plot  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -116,12 +116,9 @@ def main(argv=None):
     if rank == 0:
         print(A.format_ccd_comparison(results, names, counts_from=labels[0]))
         A.write_ccd_comparison_csv(results, names, os.path.join(args.output, "ccd_per_class.csv"))
-        per_class = {lab: r.per_class for lab, r in results.items()}
-        means = {lab: r.mean for lab, r in results.items()}
-        plots.plot_ccd_comparison(per_class, names, os.path.join(args.output, "ccd_per_class.png"),
-                                  means=means, log_scale=args.log_scale)
-        plots.plot_ccd_grid(per_class, names, os.path.join(args.output, "ccd_per_class_grid.png"),
-                            log_scale=args.log_scale)
+        plot.plot_ccd(results, names, os.path.join(args.output, "ccd_per_class.png"), log_scale=args.log_scale)
+        plot.plot_ccd_grid(results, names, os.path.join(args.output, "ccd_per_class_grid.png"),
+                           log_scale=args.log_scale)
         print(f"wrote {args.output}/ccd_per_class.csv, ccd_per_class.png, ccd_per_class_grid.png and "
               f"per-checkpoint ccd_<label>.csv / ccd_matrix_<label>.csv")
     if distributed:

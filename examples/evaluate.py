@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fada_examples import evaluation as E  # noqa: E402
-from fada_examples import plots  # noqa: E402
+from fada_core import plot  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -168,9 +168,9 @@ def main(argv=None):
             summary["cityscapesscripts_mIoU"] = result.extra["official"]["mIoU"]
         with open(os.path.join(args.output, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
-        plots.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
-                                 miou=result.miou, colors=E.default_palette(num_classes),
-                                 title=f"Per-class IoU — {os.path.basename(args.checkpoint)}")
+        plot.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
+                                miou=result.miou, colors=E.default_palette(num_classes),
+                                title=f"Per-class IoU — {os.path.basename(args.checkpoint)}")
         print(f"wrote {args.output}/results.csv, confusion.csv, summary.json, per_class_iou.png"
               + (f", predictions/ ({min(args.save_images, result.num_images)} images)" if args.save_images else "")
               + (", label_ids/" if label_id_dir else ""))

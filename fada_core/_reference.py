@@ -13,38 +13,63 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 (as torch's losses under autocast); others as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def opmath(x: Tensor) -> Tensor:
-    """float16/bfloat16 are computed in float32 (as torch's own losses do); others as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(opmath_dtype(x.dtype))
 
 
-def upsample(x: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Bilinear upsampling with ``align_corners=True``, as every FADA upsampling is."""
+def upsample(x: Tensor, size: Tuple[int, int], align_corners: bool = True) -> Tensor:
+    """Bilinear upsampling; ``align_corners=True`` is FADA's (every official upsampling)."""
     if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        return x  # identity for either corner convention
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
-def soft_labels(seg_logits: Tensor, temperature: float, cap: float, size: Optional[Tuple[int, int]] = None) -> Tensor:
+def _soft_labels_opmath(
+    seg_logits: Tensor, temperature: float, cap: float, size: Optional[Tuple[int, int]], align_corners: bool
+) -> Tensor:
+    # upsampled after the cast, so half inputs are interpolated in float32 as the kernels do
+    with torch.no_grad():
+        logits = opmath(seg_logits.detach())
+        if size is not None:
+            logits = upsample(logits, size, align_corners)
+        return torch.softmax(logits / temperature, dim=1).clamp(max=cap)
+
+
+def soft_labels(
+    seg_logits: Tensor,
+    temperature: float,
+    cap: float,
+    size: Optional[Tuple[int, int]] = None,
+    align_corners: bool = True,
+) -> Tensor:
     """softmax(logits / T) over classes, detached, entries above ``cap`` set to ``cap``.
 
     Not renormalised afterwards, exactly as the official code
     (``soft_label[soft_label > 0.9] = 0.9``). ``clamp`` keeps NaN as NaN, like
-    the masked assignment does.
+    the masked assignment does. Returned in the logits' dtype.
     """
-    with torch.no_grad():
-        logits = seg_logits if size is None else upsample(seg_logits, size)
-        return torch.softmax(opmath(logits) / temperature, dim=1).clamp(max=cap).to(seg_logits.dtype)
+    return _soft_labels_opmath(seg_logits, temperature, cap, size, align_corners).to(seg_logits.dtype)
 
 
 def domain_encoding(
-    seg_logits: Tensor, domain: str, temperature: float, cap: float, size: Optional[Tuple[int, int]] = None
+    seg_logits: Tensor,
+    domain: str,
+    temperature: float,
+    cap: float,
+    size: Optional[Tuple[int, int]] = None,
+    align_corners: bool = True,
 ) -> Tensor:
     """The 2K-channel generalised domain label: [a, 0] for source pixels, [0, a] for target."""
-    a = soft_labels(seg_logits, temperature, cap, size)
+    a = soft_labels(seg_logits, temperature, cap, size, align_corners)
     zeros = torch.zeros_like(a)
     return torch.cat((a, zeros) if domain == "source" else (zeros, a), dim=1)
 
@@ -63,13 +88,14 @@ def soft_label_cross_entropy(
     """Σ_c −y_c · log_softmax(z)_c per pixel, optionally weighted, then reduced.
 
     The official ``soft_label_cross_entropy``: with reduction "mean" the value
-    is ``mean(weight · Σ_c −y_c log p_c)`` over all B·H·W pixels.
+    is ``mean(weight · Σ_c −y_c log p_c)`` over all B·H·W pixels. Every loss
+    here is returned in the dtype it is computed in: float32 for half inputs.
     """
     log_p = F.log_softmax(opmath(logits), dim=1)
     per_pixel = -(soft_label.to(log_p.dtype) * log_p).sum(dim=1)
     if weight is not None:
         per_pixel = per_pixel * weight.to(per_pixel.dtype)
-    return _reduce(per_pixel, reduction).to(logits.dtype)
+    return _reduce(per_pixel, reduction)
 
 
 def fada_loss(
@@ -81,6 +107,7 @@ def fada_loss(
     size: Tuple[int, int],
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
+    align_corners: bool = True,
 ) -> Tensor:
     """soft_label_cross_entropy(upsample(disc_logits), domain_encoding(seg_logits)).
 
@@ -89,17 +116,22 @@ def fada_loss(
     building the 2K-channel encoding; the value is the same.
     """
     num_classes = seg_logits.shape[1]
-    log_p = F.log_softmax(opmath(upsample(disc_logits, size)), dim=1)
-    a = opmath(soft_labels(seg_logits, temperature, cap, size)).to(log_p.dtype)
+    log_p = F.log_softmax(upsample(opmath(disc_logits), size, align_corners), dim=1)
+    a = _soft_labels_opmath(seg_logits, temperature, cap, size, align_corners).to(log_p.dtype)
     half = log_p[:, :num_classes] if domain == "source" else log_p[:, num_classes:]
     per_pixel = -(a * half).sum(dim=1)
     if weight is not None:
         per_pixel = per_pixel * weight.to(per_pixel.dtype)
-    return _reduce(per_pixel, reduction).to(disc_logits.dtype)
+    return _reduce(per_pixel, reduction)
 
 
 def upsampled_cross_entropy(
-    logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, reduction: str = "mean"
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    reduction: str = "mean",
+    align_corners: bool = True,
 ) -> Tensor:
     """CrossEntropyLoss(upsample(logits, labels' size) / T, labels, ignore_index).
 
@@ -107,9 +139,8 @@ def upsampled_cross_entropy(
     every pixel is ignored); "none" returns the (B, H, W) map with 0 at
     ignored pixels.
     """
-    up = opmath(upsample(logits, tuple(labels.shape[-2:]))) / temperature
-    loss = F.cross_entropy(up, labels.long(), ignore_index=ignore_index, reduction=reduction)
-    return loss.to(logits.dtype)
+    up = upsample(opmath(logits), tuple(labels.shape[-2:]), align_corners) / temperature
+    return F.cross_entropy(up, labels.long(), ignore_index=ignore_index, reduction=reduction)
 
 
 def class_center_stats(
@@ -124,7 +155,7 @@ def class_center_stats(
     precision.
     """
     channels = features.shape[1]
-    x = features.detach().permute(0, 2, 3, 1).reshape(-1, channels).double()
+    x = rearrange(features.detach(), "b c h w -> (b h w) c").double()
     y = labels.reshape(-1).long()
     valid = y != ignore_index
     x, y = x[valid], y[valid]

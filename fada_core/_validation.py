@@ -152,3 +152,15 @@ def check_fada_inputs(
     check_weight(weight, disc_logits.shape[0], size)
     check_same_device(disc_logits=disc_logits, seg_logits=seg_logits, weight=weight)
     return k, size
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_channels(name: str, x, expected: int, what: str) -> None:
+    """A module's own channel count (``what``, e.g. "num_classes=19"); other checks are the functional's."""
+    if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] != expected:
+        raise ValueError(f"{name} must have {what} channels, got {x.shape[1]}")

@@ -21,6 +21,7 @@ class DomainEncoding(nn.Module):
         num_classes: :math:`K`.
         temperature: :math:`T` (1.8 in FADA).
         cap: soft-label cap (0.9 in FADA).
+        align_corners: of the bilinear upsampling to ``size`` (``True``, FADA's).
 
     Shape:
         - seg_logits: :math:`(B, K, h, w)`.
@@ -32,19 +33,23 @@ class DomainEncoding(nn.Module):
         torch.Size([2, 6, 8, 8])
     """
 
-    def __init__(self, num_classes: int, temperature: float = 1.8, cap: float = 0.9) -> None:
+    def __init__(
+        self, num_classes: int, temperature: float = 1.8, cap: float = 0.9, align_corners: bool = True
+    ) -> None:
         super().__init__()
         self.num_classes = V.check_num_classes(num_classes)
         self.temperature = V.check_temperature(temperature)
         self.cap = V.check_cap(cap)
+        self.align_corners = V.check_bool("align_corners", align_corners)
 
     def forward(
         self, seg_logits: Tensor, domain: str, size: Optional[Union[int, Tuple[int, int]]] = None
     ) -> Tensor:
-        V.check_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
-        if seg_logits.shape[1] != self.num_classes:
-            raise ValueError(f"seg_logits must have num_classes={self.num_classes} channels, got {seg_logits.shape[1]}")
-        return FF.domain_encoding(seg_logits, domain, self.temperature, self.cap, size)
+        V.check_channels("seg_logits", seg_logits, self.num_classes, f"num_classes={self.num_classes}")
+        return FF.domain_encoding(seg_logits, domain, self.temperature, self.cap, size, self.align_corners)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}"
+        return (
+            f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}, "
+            f"align_corners={self.align_corners}"
+        )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from . import _reference
@@ -78,14 +79,25 @@ def _cuda_shared_bytes(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
-def _use_kernel(backend: str, x: Tensor, op: str, backward_channels: Optional[int] = None) -> bool:
+def _use_kernel(
+    backend: str, x: Tensor, op: str, backward_channels: Optional[int] = None, align_corners: bool = True
+) -> bool:
     """Whether to run the compiled operator ``op`` for tensors like ``x``.
 
     ``backward_channels``: the channels the CUDA backward would take when a
     gradient is needed; beyond what it can hold, "auto" runs eager instead.
+    The kernels sample with ``align_corners=True`` only: ``False`` runs eager
+    under "auto" and is an error under "kernel".
     """
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "eager":
+        return False
+    if not align_corners:
+        if backend == "kernel":
+            raise ValueError(
+                f"backend='kernel': the fused {op} kernels support align_corners=True only; "
+                "use backend='auto' or 'eager' for align_corners=False"
+            )
         return False
     if _kernels_ready(x.device.type, op):
         if backward_channels is not None and x.device.type == "cuda" and x.requires_grad:
@@ -116,7 +128,9 @@ def _kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- soft labels
 
 
-def soft_labels(seg_logits: Tensor, temperature: float = 1.8, cap: float = 0.9, size: Size = None) -> Tensor:
+def soft_labels(
+    seg_logits: Tensor, temperature: float = 1.8, cap: float = 0.9, size: Size = None, align_corners: bool = True
+) -> Tensor:
     r"""FADA's soft labels: :math:`a = \min(\mathrm{softmax}(z / T), \mathrm{cap})`, detached.
 
     The softmax is over the K classes; entries above ``cap`` are set to ``cap``
@@ -128,7 +142,9 @@ def soft_labels(seg_logits: Tensor, temperature: float = 1.8, cap: float = 0.9, 
         temperature: :math:`T > 0` (FADA uses 1.8).
         cap: the upper bound in :math:`(0, 1]` (FADA uses 0.9).
         size: optional output size :math:`(H, W)`; the logits are upsampled
-            bilinearly (``align_corners=True``) first.
+            bilinearly first.
+        align_corners: of the bilinear upsampling (``True``, FADA's; ``False``
+            as Hugging Face and mmseg models upsample).
 
     Returns:
         :math:`(B, K, H, W)` soft labels with no gradient.
@@ -140,11 +156,22 @@ def soft_labels(seg_logits: Tensor, temperature: float = 1.8, cap: float = 0.9, 
     """
     V.check_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
     V.check_float("seg_logits", seg_logits)
-    return _reference.soft_labels(seg_logits, V.check_temperature(temperature), V.check_cap(cap), V.check_size(size))
+    return _reference.soft_labels(
+        seg_logits,
+        V.check_temperature(temperature),
+        V.check_cap(cap),
+        V.check_size(size),
+        V.check_bool("align_corners", align_corners),
+    )
 
 
 def domain_encoding(
-    seg_logits: Tensor, domain: str, temperature: float = 1.8, cap: float = 0.9, size: Size = None
+    seg_logits: Tensor,
+    domain: str,
+    temperature: float = 1.8,
+    cap: float = 0.9,
+    size: Size = None,
+    align_corners: bool = True,
 ) -> Tensor:
     r"""The generalised domain label of FADA, :math:`2K` channels.
 
@@ -155,7 +182,7 @@ def domain_encoding(
     Args:
         seg_logits: :math:`(B, K, h, w)`.
         domain: ``"source"`` or ``"target"``.
-        temperature, cap, size: as in :func:`soft_labels`.
+        temperature, cap, size, align_corners: as in :func:`soft_labels`.
 
     Returns:
         :math:`(B, 2K, H, W)`.
@@ -169,7 +196,12 @@ def domain_encoding(
     V.check_float("seg_logits", seg_logits)
     V.check_choice("domain", domain, V.DOMAINS)
     return _reference.domain_encoding(
-        seg_logits, domain, V.check_temperature(temperature), V.check_cap(cap), V.check_size(size)
+        seg_logits,
+        domain,
+        V.check_temperature(temperature),
+        V.check_cap(cap),
+        V.check_size(size),
+        V.check_bool("align_corners", align_corners),
     )
 
 
@@ -220,6 +252,7 @@ def fada_loss(
     weight: Optional[Tensor] = None,
     reduction: str = "mean",
     backend: str = "auto",
+    align_corners: bool = True,
 ) -> Tensor:
     r"""FADA's fine-grained adversarial loss, fused.
 
@@ -233,7 +266,9 @@ def fada_loss(
 
     The gradient flows into ``disc_logits`` only (soft labels are detached).
     Pass *low-resolution* logits: the kernel samples them bilinearly on the
-    fly and never builds a full-resolution tensor.
+    fly and never builds a full-resolution tensor. Half-precision inputs are
+    computed in float32 and the loss is returned in float32, as torch's
+    cross-entropy does under autocast.
 
     Args:
         disc_logits: discriminator logits :math:`(B, 2K, h, w)`.
@@ -246,6 +281,9 @@ def fada_loss(
         weight: optional pixel weights :math:`(B, H, W)`.
         reduction: ``"mean"`` (over :math:`B \cdot H \cdot W`), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+        align_corners: of the bilinear upsampling of both inputs (``True``,
+            FADA's). The kernels implement ``True`` only: with ``False``,
+            ``"auto"`` computes eagerly and ``"kernel"`` raises.
 
     Example:
         >>> d = torch.zeros(2, 6, 4, 4, requires_grad=True); s = torch.randn(2, 3, 4, 4)
@@ -257,8 +295,11 @@ def fada_loss(
     temperature = V.check_temperature(temperature)
     cap = V.check_cap(cap)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
-    if not _use_kernel(backend, disc_logits, "fada_loss", backward_channels=disc_logits.shape[1]):
-        return _reference.fada_loss(disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction)
+    V.check_bool("align_corners", align_corners)
+    if not _use_kernel(backend, disc_logits, "fada_loss", disc_logits.shape[1], align_corners):
+        return _reference.fada_loss(
+            disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction, align_corners
+        )
 
     dtype = _kernel_dtype(disc_logits.device, torch.promote_types(disc_logits.dtype, seg_logits.dtype))
     out = torch.ops.fada_core.fada_loss(
@@ -272,7 +313,7 @@ def fada_loss(
         None if weight is None else weight.detach().to(dtype),
         _REDUCTION_CODES[reduction],
     )
-    return out.to(disc_logits.dtype)
+    return out.to(_reference.opmath_dtype(disc_logits.dtype))
 
 
 def upsampled_cross_entropy(
@@ -282,13 +323,14 @@ def upsampled_cross_entropy(
     ignore_index: int = 255,
     reduction: str = "mean",
     backend: str = "auto",
+    align_corners: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of low-resolution logits against full-resolution labels.
 
     Equals ``CrossEntropyLoss(ignore_index)(upsample(logits, labels' size) / T, labels)``
-    with bilinear ``align_corners=True`` upsampling, as FADA's segmentation
-    losses (``T = 1.8`` in the adversarial stage, 1 elsewhere). The kernel
-    never builds the full-resolution logits.
+    with bilinear upsampling, as FADA's segmentation losses (``T = 1.8`` in
+    the adversarial stage, 1 elsewhere). The kernel never builds the
+    full-resolution logits. Half-precision logits give a float32 loss.
 
     Args:
         logits: :math:`(B, K, h, w)`.
@@ -298,6 +340,7 @@ def upsampled_cross_entropy(
         reduction: ``"mean"`` (over non-ignored pixels; NaN if there are none,
             like torch), ``"sum"`` or ``"none"`` (:math:`(B, H, W)`, 0 at ignored pixels).
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+        align_corners: as in :func:`fada_loss` (``True``; kernels ``True`` only).
 
     Example:
         >>> z = torch.zeros(1, 4, 2, 2, requires_grad=True)
@@ -317,13 +360,14 @@ def upsampled_cross_entropy(
     V.check_same_device(logits=logits, labels=labels)
     if not torch.compiler.is_compiling():
         V.check_label_range("labels", labels, logits.shape[1], ignore_index)
-    if not _use_kernel(backend, logits, "upsampled_cross_entropy", backward_channels=logits.shape[1]):
-        return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction)
+    V.check_bool("align_corners", align_corners)
+    if not _use_kernel(backend, logits, "upsampled_cross_entropy", logits.shape[1], align_corners):
+        return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners)
     dtype = _kernel_dtype(logits.device, logits.dtype)
     out = torch.ops.fada_core.upsampled_cross_entropy(
         logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction]
     )
-    return out.to(logits.dtype)
+    return out.to(_reference.opmath_dtype(logits.dtype))
 
 
 # --------------------------------------------------------------------------- class centers
@@ -417,7 +461,7 @@ def merge_class_center_stats(a: ClassCenterStats, b: ClassCenterStats) -> ClassC
     return ClassCenterStats(n, means, m2)
 
 
-@dataclass
+@dataclass(repr=False)
 class CCDResult:
     """Class Center Distance of a data set (FADA paper, section 4).
 
@@ -436,6 +480,11 @@ class CCDResult:
     mean: float
     present: Tensor
     counts: Tensor
+
+    def __repr__(self) -> str:
+        # the K x K matrix is the attribute to print; the repr stays one line
+        k = self.per_class.shape[0]
+        return f"CCDResult(mean={self.mean:.6g}, present={int(self.present.sum())}/{k} classes)"
 
 
 def class_center_distance(stats: ClassCenterStats) -> CCDResult:
@@ -457,7 +506,8 @@ def class_center_distance(stats: ClassCenterStats) -> CCDResult:
     k = counts.shape[0]
     variance = stats.m2.double() / counts.clamp(min=1)
     # squared distances from explicit differences (cdist's matmul form cancels)
-    diff = stats.means.double()[:, None, :] - stats.means.double()[None, :, :]
+    means = stats.means.double()
+    diff = rearrange(means, "i c -> i 1 c") - rearrange(means, "j c -> 1 j c")
     distance = (diff * diff).sum(dim=-1)
     matrix = variance[:, None] / distance
     pair_ok = present[:, None] & present[None, :] & ~torch.eye(k, dtype=torch.bool, device=counts.device)

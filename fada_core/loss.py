@@ -19,10 +19,10 @@ class FADALoss(nn.Module):
         -a_c(p)\, \log \mathrm{softmax}(z(p))_{o+c} \Big)
 
     with :math:`z` the discriminator logits and :math:`a` the capped soft
-    labels, both bilinearly upsampled (``align_corners=True``) to ``size``,
-    and :math:`o = 0` for ``"source"``, :math:`K` for ``"target"``. The value
-    equals the official ``soft_label_cross_entropy(D_up, cat(...))``; the
-    gradient flows into the discriminator logits only.
+    labels, both bilinearly upsampled to ``size``, and :math:`o = 0` for
+    ``"source"``, :math:`K` for ``"target"``. The value equals the official
+    ``soft_label_cross_entropy(D_up, cat(...))``; the gradient flows into the
+    discriminator logits only. Half-precision inputs (autocast) give a float32 loss.
 
     Args:
         num_classes: :math:`K`.
@@ -30,6 +30,8 @@ class FADALoss(nn.Module):
         cap: soft-label cap (0.9).
         reduction: ``"mean"`` (over :math:`B \cdot H \cdot W`), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` (fused kernels when available), ``"eager"`` or ``"kernel"``.
+        align_corners: of the upsampling (``True``, FADA's). The kernels take
+            ``True`` only: ``False`` runs eagerly under ``"auto"``, raises under ``"kernel"``.
 
     Shape:
         - disc_logits: :math:`(B, 2K, h, w)`; seg_logits: :math:`(B, K, h', w')`.
@@ -50,6 +52,7 @@ class FADALoss(nn.Module):
         cap: float = 0.9,
         reduction: str = "mean",
         backend: str = "auto",
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = V.check_num_classes(num_classes)
@@ -57,19 +60,29 @@ class FADALoss(nn.Module):
         self.cap = V.check_cap(cap)
         self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
         self.backend = V.check_choice("backend", backend, V.BACKENDS)
+        self.align_corners = V.check_bool("align_corners", align_corners)
 
     def forward(
         self, disc_logits: Tensor, seg_logits: Tensor, domain: str, size: Size = None, weight: Optional[Tensor] = None
     ) -> Tensor:
-        V.check_fada_inputs(disc_logits, seg_logits, domain, size, weight, self.num_classes)
+        V.check_channels("seg_logits", seg_logits, self.num_classes, f"num_classes={self.num_classes}")
         return FF.fada_loss(
-            disc_logits, seg_logits, domain, self.temperature, self.cap, size, weight, self.reduction, self.backend
+            disc_logits,
+            seg_logits,
+            domain,
+            self.temperature,
+            self.cap,
+            size,
+            weight,
+            self.reduction,
+            self.backend,
+            self.align_corners,
         )
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, align_corners={self.align_corners}"
         )
 
 
@@ -77,8 +90,8 @@ class UpsampledCrossEntropy(nn.Module):
     r"""Cross-entropy of low-resolution logits against full-resolution labels.
 
     Equals ``nn.CrossEntropyLoss(ignore_index=...)(upsample(logits) / T, labels)``
-    (bilinear, ``align_corners=True``), without building the upsampled logits
-    when the kernels are used.
+    (bilinear), without building the upsampled logits when the kernels are
+    used. Half-precision logits (autocast) give a float32 loss.
 
     Args:
         temperature: divides the logits (FADA's adversarial stage uses 1.8 for
@@ -86,6 +99,7 @@ class UpsampledCrossEntropy(nn.Module):
         ignore_index: label that contributes nothing (255).
         reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+        align_corners: as in :class:`FADALoss` (``True``; kernels ``True`` only).
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` integers.
@@ -98,23 +112,29 @@ class UpsampledCrossEntropy(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 1.0, ignore_index: int = 255, reduction: str = "mean", backend: str = "auto"
+        self,
+        temperature: float = 1.0,
+        ignore_index: int = 255,
+        reduction: str = "mean",
+        backend: str = "auto",
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature)
         self.ignore_index = V.check_ignore_index(ignore_index)
         self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
         self.backend = V.check_choice("backend", backend, V.BACKENDS)
+        self.align_corners = V.check_bool("align_corners", align_corners)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         return FF.upsampled_cross_entropy(
-            logits, labels, self.temperature, self.ignore_index, self.reduction, self.backend
+            logits, labels, self.temperature, self.ignore_index, self.reduction, self.backend, self.align_corners
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, align_corners={self.align_corners}"
         )
 
 
@@ -132,15 +152,18 @@ class FineGrainedAdversary(nn.Module):
 
     As in the official code, the generator loss also leaves gradients on the
     discriminator's parameters: clear them (``optimizer_D.zero_grad()``)
-    before the discriminator's backward.
+    before the discriminator's backward (:class:`~fada_core.AdversarialStep`
+    does both steps in that order).
 
     Args:
         discriminator: module mapping features to :math:`(B, 2K, h, w)` logits.
-        num_classes: :math:`K`.
+        num_classes: :math:`K`; ``None`` takes the discriminator's
+            ``num_classes`` attribute. When both are known they must agree.
         temperature, cap: soft-label parameters (1.8, 0.9).
         adversarial_weight: weight of the generator's loss (0.001).
         discriminator_weights: weights of the source and target terms (0.5, 0.5).
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
+        align_corners: of the loss's upsampling (``True``, FADA's).
 
     Example:
         >>> from fada_core import FineGrainedDiscriminator
@@ -157,25 +180,32 @@ class FineGrainedAdversary(nn.Module):
     def __init__(
         self,
         discriminator: nn.Module,
-        num_classes: int,
+        num_classes: Optional[int] = None,
         temperature: float = 1.8,
         cap: float = 0.9,
         adversarial_weight: float = 0.001,
         discriminator_weights: Tuple[float, float] = (0.5, 0.5),
         backend: str = "auto",
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(discriminator, nn.Module):
             raise TypeError(f"discriminator must be an nn.Module, got {type(discriminator).__name__}")
+        num_classes = _adversary_classes(discriminator, num_classes)
         self.discriminator = discriminator
-        self.criterion = FADALoss(num_classes, temperature, cap, "mean", backend)
+        self.criterion = FADALoss(num_classes, temperature, cap, "mean", backend, align_corners)
         self.adversarial_weight = float(adversarial_weight)
         if len(discriminator_weights) != 2:
             raise ValueError(f"discriminator_weights must be (source, target), got {discriminator_weights!r}")
         self.discriminator_weights = (float(discriminator_weights[0]), float(discriminator_weights[1]))
 
+    @property
+    def num_classes(self) -> int:
+        return self.criterion.num_classes
+
     def generator_loss(self, target_features: Tensor, target_seg_logits: Tensor, size: Size = None) -> Tensor:
         """Adversarial loss for the segmentation network (gradient reaches the features)."""
+        _check_features(target_features=target_features)
         disc_logits = self.discriminator(target_features)
         loss = self.criterion(disc_logits, target_seg_logits.detach(), "source", size)
         return self.adversarial_weight * loss
@@ -190,6 +220,7 @@ class FineGrainedAdversary(nn.Module):
         target_size: Size,
     ) -> Tensor:
         """Loss for the discriminator; features and logits are detached here."""
+        _check_features(source_features=source_features, target_features=target_features)
         w_src, w_tgt = self.discriminator_weights
         loss_src = self.criterion(
             self.discriminator(source_features.detach()), source_seg_logits.detach(), "source", source_size
@@ -204,3 +235,29 @@ class FineGrainedAdversary(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adversarial_weight={self.adversarial_weight}, discriminator_weights={self.discriminator_weights}"
+
+
+def _adversary_classes(discriminator: nn.Module, num_classes: Optional[int]) -> int:
+    """K from the argument and/or the discriminator's ``num_classes``; a mismatch is caught here, not at the first call."""
+    declared = getattr(discriminator, "num_classes", None)
+    if num_classes is None:
+        if declared is None:
+            raise ValueError(
+                f"num_classes is required: the discriminator ({type(discriminator).__name__}) "
+                "has no num_classes attribute to take it from"
+            )
+        return V.check_num_classes(declared)
+    num_classes = V.check_num_classes(num_classes)
+    if declared is not None and declared != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} does not match the discriminator's num_classes={declared} "
+            f"(it outputs 2K = {2 * declared} channels)"
+        )
+    return num_classes
+
+
+def _check_features(**features: Tensor) -> None:
+    # before the discriminator sees them, so the error names the caller's argument
+    for name, x in features.items():
+        if isinstance(x, Tensor):
+            V.check_float(name, x)

@@ -6,6 +6,7 @@ from typing import List
 
 import torch
 import torch.distributed as dist
+from einops import pack, unpack
 from torch import Tensor, nn
 
 from . import _validation as V
@@ -117,8 +118,18 @@ class ClassCenterDistance(nn.Module):
 
     @torch.no_grad()
     def compute(self) -> CCDResult:
-        """CCD over everything seen, on every rank when distributed."""
-        return FF.class_center_distance(self._synced_stats())
+        """CCD over everything seen, on every rank when distributed.
+
+        Raises ``RuntimeError`` when no pixel has been counted (no update since
+        construction or :meth:`reset`, or every label was ``ignore_index``).
+        """
+        stats = self._synced_stats()
+        if not bool((stats.counts > 0).any()):
+            raise RuntimeError(
+                "ClassCenterDistance.compute(): no data: no pixel has been counted since construction or reset() "
+                f"(call update(features, labels) first; labels equal to ignore_index={self.ignore_index} are skipped)"
+            )
+        return FF.class_center_distance(stats)
 
     def _synced_stats(self) -> ClassCenterStats:
         stats = self._stats()
@@ -131,12 +142,13 @@ class ClassCenterDistance(nn.Module):
         dist.all_gather(widths, width)
         channels = max(int(w) for w in widths)
         means = stats.means if stats.means.shape[1] == channels else stats.means.new_zeros(self.num_classes, channels)
-        packed = torch.cat([stats.counts[:, None], stats.m2[:, None], means], dim=1).contiguous()
+        packed, columns = pack([stats.counts, stats.m2, means], "k *")  # one (K, 2 + C) tensor, one collective
         gathered: List[Tensor] = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(gathered, packed)
         merged = None
         for part in gathered:
-            rank_stats = ClassCenterStats(part[:, 0], part[:, 2:], part[:, 1])
+            counts, m2, part_means = unpack(part, columns, "k *")
+            rank_stats = ClassCenterStats(counts, part_means, m2)
             merged = rank_stats if merged is None else FF.merge_class_center_stats(merged, rank_stats)
         return merged
 

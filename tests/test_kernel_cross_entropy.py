@@ -29,7 +29,10 @@ def poison(monkeypatch):
 
 def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None):
     def fn(x):
-        return _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction])
+        # the reference returns half losses in float32; the op in the inputs' dtype
+        return _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction]).to(
+            x.dtype
+        )
 
     return forward_backward(fn, logits, grad_out)
 

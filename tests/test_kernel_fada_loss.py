@@ -29,7 +29,8 @@ def poison(monkeypatch):
 
 def _eager(disc, seg, domain, size, weight, reduction, grad_out=None):
     def fn(d):
-        return _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction])
+        # the reference returns half losses in float32; the op in the inputs' dtype
+        return _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction]).to(d.dtype)
 
     return forward_backward(fn, disc, grad_out)
 

@@ -112,7 +112,18 @@ def test_reset_and_state_dict_round_trip():
     torch.testing.assert_close(restored.compute().matrix, metric.compute().matrix, equal_nan=True)
     metric.reset()
     assert metric.counts.sum() == 0 and metric.means.shape == (K, 0)
-    assert np.isnan(metric.compute().mean)
+    with pytest.raises(RuntimeError, match="no data"):
+        metric.compute()
+
+
+def test_result_repr_is_one_short_line():
+    feats, labels = make_batches(4, n_batches=1)
+    metric = ClassCenterDistance(K)
+    metric.update(feats[0], labels[0])
+    r = metric.compute()
+    text = repr(r)
+    assert text == f"CCDResult(mean={r.mean:.6g}, present={int(r.present.sum())}/{K} classes)"
+    assert "\n" not in text and len(text) < 80
 
 
 def test_batch_split_does_not_change_the_result():

@@ -1,4 +1,4 @@
-"""Evaluation, CCD analysis and plots of the examples (fada_examples.{evaluation,analysis,plots}).
+"""Evaluation and CCD analysis of the examples (fada_examples.{evaluation,analysis}); the plots are fada_core.plot's.
 
 Independent of the example models/training: tiny stand-in modules (a conv feature extractor and
 a 1x1 classifier) and tiny data written here.
@@ -20,7 +20,7 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
-from fada_examples import analysis, evaluation, plots  # noqa: E402
+from fada_examples import analysis, evaluation  # noqa: E402
 
 K = 5
 
@@ -428,28 +428,11 @@ def test_class_center_analysis_streams_exactly(tmp_path):
     assert "src" in table and "fada" in table and "mean CCD" in table and "n/a" in table
 
 
-# ------------------------------------------------------------------------------ plots
 def _nontrivial_png(path, min_size=(300, 200)):
     assert os.path.isfile(path) and os.path.getsize(path) > 5000
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape[1] >= min_size[0] and img.shape[0] >= min_size[1]
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20
-
-
-def test_plots_write_nontrivial_pngs(tmp_path):
-    names = [f"class {i}" for i in range(6)]
-    iou = np.array([0.9, 0.5, np.nan, 0.2, 0.0, 0.66])
-    p = plots.plot_per_class_iou(iou, names, str(tmp_path / "iou.png"), colors=evaluation.default_palette(6))
-    _nontrivial_png(p)
-    per = {"source only": np.array([1.0, 0.5, np.nan, 0.3, 0.2, 0.1]), "FADA": np.array([0.6, 0.3, np.nan, 0.2, 0.1, 0.1])}
-    q = plots.plot_ccd_comparison(per, names, str(tmp_path / "sub" / "ccd.png"))
-    _nontrivial_png(q)
-    r = plots.plot_ccd_comparison(per, names, str(tmp_path / "ccd_log.png"), log_scale=True)
-    _nontrivial_png(r)
-    grid = plots.plot_ccd_grid(per, names, str(tmp_path / "grid.png"), columns=3)
-    _nontrivial_png(grid)
-    with pytest.raises(ValueError):
-        plots.plot_ccd_comparison({"x": np.ones(3)}, names, str(tmp_path / "bad.png"))
 
 
 # ------------------------------------------------------------------------------ DDP (2 x gloo)

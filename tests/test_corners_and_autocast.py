@@ -1,0 +1,151 @@
+"""``align_corners`` held to F.interpolate's own convention, and half precision / autocast:
+inputs accepted, losses computed and returned in float32 (as torch's cross-entropy under autocast)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fada_core.functional as FF
+from fada_core import DomainEncoding, FADALoss, FineGrainedDiscriminator, UpsampledCrossEntropy
+from official_fada import official_encoding, official_fada_loss, official_seg_loss
+
+SIZE = (19, 23)  # not a multiple of the inputs: the two corner conventions differ everywhere
+
+
+def _inputs(dtype=torch.float64, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    disc = torch.randn(2, 2 * k, 5, 7, generator=g, dtype=dtype) * 2
+    seg = torch.randn(2, k, 4, 6, generator=g, dtype=dtype) * 2
+    labels = torch.randint(0, k, (2, *SIZE), generator=g)
+    labels[0, :3] = 255
+    return disc, seg, labels
+
+
+# ------------------------------------------------------------------ align_corners
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_fada_loss_eager_matches_official_for_both_corner_conventions(align_corners, domain):
+    disc, seg, _ = _inputs()
+    want = official_fada_loss(disc, seg, SIZE, domain, align_corners=align_corners)
+    got = FF.fada_loss(disc, seg, domain, size=SIZE, backend="eager", align_corners=align_corners)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    module = FADALoss(3, backend="eager", align_corners=align_corners)(disc, seg, domain, SIZE)
+    torch.testing.assert_close(module, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_encoding_and_cross_entropy_match_official(align_corners):
+    disc, seg, labels = _inputs()
+    want = official_encoding(seg, SIZE, "target", align_corners=align_corners)
+    assert torch.equal(FF.domain_encoding(seg, "target", size=SIZE, align_corners=align_corners), want)
+    assert torch.equal(DomainEncoding(3, align_corners=align_corners)(seg, "target", SIZE), want)
+    want_ce = official_seg_loss(seg, labels, 1.8, align_corners=align_corners)
+    got_ce = UpsampledCrossEntropy(1.8, backend="eager", align_corners=align_corners)(seg, labels)
+    torch.testing.assert_close(got_ce, want_ce, rtol=1e-12, atol=1e-12)
+
+
+def test_discriminator_upsamples_with_its_convention():
+    features = torch.randn(1, 4, 5, 6)
+    for align_corners in (True, False):
+        D = FineGrainedDiscriminator(4, 3, ndf=8, align_corners=align_corners)
+        want = F.interpolate(D(features), size=SIZE, mode="bilinear", align_corners=align_corners)
+        assert torch.equal(D(features, size=SIZE), want)
+
+
+def test_the_conventions_differ():
+    disc, seg, labels = _inputs()
+    a = FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager", align_corners=True)
+    b = FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager", align_corners=False)
+    assert (a - b).abs() > 1e-6
+
+
+def test_kernels_take_align_corners_true_only():
+    disc, seg, labels = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="align_corners=True only"):
+        FF.fada_loss(disc, seg, "source", size=SIZE, backend="kernel", align_corners=False)
+    with pytest.raises(ValueError, match="align_corners=True only"):
+        FF.upsampled_cross_entropy(seg, labels, backend="kernel", align_corners=False)
+    # "auto" computes eagerly instead, whether or not the kernels are loaded
+    got = FF.fada_loss(disc, seg, "source", size=SIZE, backend="auto", align_corners=False)
+    assert torch.equal(got, FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager", align_corners=False))
+    got = FF.upsampled_cross_entropy(seg, labels, backend="auto", align_corners=False)
+    assert torch.equal(got, FF.upsampled_cross_entropy(seg, labels, backend="eager", align_corners=False))
+
+
+def test_align_corners_must_be_a_bool():
+    disc, seg, _ = _inputs()
+    with pytest.raises(TypeError, match="align_corners must be a bool"):
+        FF.fada_loss(disc, seg, "source", size=SIZE, align_corners=1)
+    with pytest.raises(TypeError, match="align_corners must be a bool"):
+        FADALoss(3, align_corners="no")
+
+
+# ------------------------------------------------------------------ half precision and autocast
+
+
+def _autocast_case(device, dtype, backend):
+    """A conv discriminator and segmenter under autocast; the losses against the same
+    low-precision values computed in float32 outside autocast."""
+    torch.manual_seed(0)
+    k = 3
+    D = torch.nn.Conv2d(4, 2 * k, 3, padding=1).to(device)
+    head = torch.nn.Conv2d(4, k, 1).to(device)
+    features = torch.randn(2, 4, 5, 7, device=device)
+    labels = torch.randint(0, k, (2, *SIZE), device=device)
+    with torch.autocast(device, dtype=dtype):
+        disc, seg = D(features), head(features)
+        assert disc.dtype == seg.dtype == dtype  # the convs really ran in low precision
+        loss = FADALoss(k, backend=backend)(disc, seg, "target", SIZE)
+        ce = UpsampledCrossEntropy(1.8, backend=backend)(seg, labels)
+    want = FF.fada_loss(disc.float(), seg.float(), "target", size=SIZE, backend="eager")
+    want_ce = FF.upsampled_cross_entropy(seg.float(), labels, 1.8, backend="eager")
+    return disc, (loss, want), (ce, want_ce), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_cpu_autocast_losses_are_float32_and_match(dtype, backend):
+    disc, (loss, want), (ce, want_ce), labels = _autocast_case("cpu", dtype, backend)
+    assert loss.dtype == ce.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ce, want_ce, rtol=2e-6, atol=1e-6)
+    # torch's own loss under autocast: float32 as well, same value
+    with torch.autocast("cpu", dtype=dtype):
+        torch_ce = official_seg_loss(disc[:, :3], labels, 1.8)
+    assert torch_ce.dtype == torch.float32
+    mine = FF.upsampled_cross_entropy(disc[:, :3], labels, 1.8, backend=backend)
+    # float32 summation order only: a value rounded to bf16/fp16 would be off by ~1e-3
+    torch.testing.assert_close(mine, torch_ce, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_give_float32_losses_and_half_gradients(dtype):
+    disc, seg, labels = _inputs(dtype)
+    disc.requires_grad_(True)
+    loss = FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager")
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, disc)
+    assert grad.dtype == dtype
+    want = official_fada_loss(disc.detach().double(), seg.double(), SIZE, "source")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)  # no half rounding of the result
+
+
+def test_cpu_autocast_kernel_backend_matches_eager(kernel_ops):
+    _, (loss, want), (ce, want_ce), _ = _autocast_case("cpu", torch.bfloat16, "kernel")
+    assert loss.dtype == ce.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(ce, want_ce, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_cuda_autocast_losses_are_float32_and_match(dtype, backend):
+    _, (loss, want), (ce, want_ce), _ = _autocast_case("cuda", dtype, backend)
+    assert loss.dtype == ce.dtype == torch.float32
+    # the CUDA kernels take half inputs natively (float accumulators, half result)
+    tol = 2e-6 if backend == "eager" else 1e-2
+    torch.testing.assert_close(loss, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(ce, want_ce, rtol=tol, atol=tol)
