@@ -108,8 +108,10 @@ __global__ void __launch_bounds__(kReduceThreads)
 }
 
 // grad: the (B, H, W) map when grad_is_map, else a scalar divided by grad_div.
+// At most 128 threads (adjoint_config); min 4 blocks keeps it at <= 128
+// registers, the 16-warps-per-SM cliff it sits at (127 without the bound).
 template <typename scalar_t, typename acc_t>
-__global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
+__global__ void __launch_bounds__(128, 4) fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ grad,
                                      bool grad_is_map, acc_t grad_div, FadaGeometry<acc_t> g, int64_t tj,
                                      acc_t* __restrict__ part) {
