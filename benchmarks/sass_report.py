@@ -14,12 +14,15 @@ How the per-output figure is derived:
    is matched against the kernel's model (``MODELS``), which gives the source loop's trip count
    per execution of its enclosing loop at the benchmark shape (and its source step, e.g. 4 for
    ``y0 += kRows``).
-3. Unrolling: the loop's induction register is found (compared in the loop, incremented by an
-   immediate); increment / source step = unroll factor u. The most unrolled loop on a line runs
+3. Unrolling: the loop's induction register is found (compared in the loop, directly or through
+   one add, and incremented by an immediate); increment / source step = unroll factor u (taken as
+   1 above 16 or for loops that run at most once per thread: that step is a pointer's). The most unrolled loop on a line runs
    floor(trips / u) times, other loops on the line (remainders) take what is left in turn; a
    peeled remainder is straight code of the enclosing loop and counted with it.
 4. Per thread: sum of (instructions in loop x executions of its body); top-level code counts once
-   (both sides of every branch: an upper bound). Times the threads launched (the model's
+   (both sides of every branch: an upper bound), except the subroutines nvcc appends for slow
+   paths (64-bit division when an operand exceeds 32 bits); an outermost loop whose first
+   iteration was peeled into the code before it runs one iteration fewer. Times the threads launched (the model's
    ``threads``), divided by the outputs (``outputs``). Loops with no model are listed and left
    out (the figure is then a lower bound, marked "+").
 
@@ -79,10 +82,11 @@ class Function:
     name: str
     instructions: List[Instruction] = field(default_factory=list)
     loops: List[Loop] = field(default_factory=list)
+    subroutine_instructions: int = 0  # in CALL targets outside every loop
 
 
 _FILE_LINE = re.compile(r'\s*//## File "(.*)", line (\d+)')
-_LABEL = re.compile(r"^(\.L_x_\d+):")
+_LABEL = re.compile(r"^(\.L_x_\d+|\$\S+):")
 _INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _BACK_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\d+)")
@@ -110,8 +114,25 @@ def parse_sass(text: str) -> Dict[str, Function]:
             if m:
                 fn.instructions.append(Instruction(m.group(1), *where))
         _find_loops(fn, labels)
+        _find_subroutines(fn, labels)
         functions[name] = fn
     return functions
+
+
+def _find_subroutines(fn: Function, labels: Dict[str, int]) -> None:
+    """Counts the instructions of the called subroutines nvcc appends to a kernel (``$__internal_*``
+    labels, e.g. 64-bit division): from the first of them to the end."""
+    starts = [i for name, i in labels.items() if name.startswith("$")]
+    fn.subroutine_instructions = len(fn.instructions) - min(starts) if starts else 0
+
+
+def _peeled(fn: Function, k: int) -> bool:
+    """Whether an outermost loop's first iteration was peeled into the code before it: at least
+    half as many top-level instructions before the loop come from the loop body's source lines."""
+    lp = fn.loops[k]
+    body = {(i.file, i.line) for i in fn.instructions[lp.start : lp.end + 1]}
+    before = [i for i in fn.instructions[: lp.start] if (i.file, i.line) in body]
+    return lp.parent is None and len(before) >= (lp.end - lp.start + 1) / 2
 
 
 def _find_loops(fn: Function, labels: Dict[str, int]) -> None:
@@ -133,22 +154,33 @@ def _find_loops(fn: Function, labels: Dict[str, int]) -> None:
 
 
 def _induction_step(body: List[Instruction]) -> int:
-    """The immediate added to a register that the loop also compares (the counter); 1 if none."""
+    """The immediate added to the loop's counter: a register incremented by itself plus an
+    immediate that the loop compares, directly or through one add (``c + offset``); 1 if none."""
     compared = set()
     for ins in body:
         m = _COMPARE.search(ins.text)
         if m:
             compared.add(m.group(1))
-    for ins in reversed(body):
-        m = _INCREMENT.search(ins.text)
-        if m and m.group(1) == m.group(2) and m.group(1) in compared:
-            step = int(m.group(3), 0)
-            return abs(step) if step else 1
+    feeds = set()  # registers added into a compared one
+    for ins in body:
+        m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
+        if m and m.group(1) in compared:
+            feeds.update(r.lstrip("-") for r in m.group(2, 3))
+    for wanted in (compared, feeds):
+        for ins in reversed(body):
+            m = _INCREMENT.search(ins.text)
+            if m and m.group(1) == m.group(2) and m.group(1) in wanted:
+                step = int(m.group(3), 0)
+                step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
+                return abs(step) if step else 1
     return 1
 
 
 def top_level_count(fn: Function) -> int:
-    return len(fn.instructions) - sum(lp.end - lp.start + 1 for lp in fn.loops if lp.parent is None)
+    """Instructions outside every loop and every called subroutine (slow paths such as 64-bit
+    division, reached by CALL only when a fast path does not apply: each CALL counts as one)."""
+    outside = len(fn.instructions) - sum(lp.end - lp.start + 1 for lp in fn.loops if lp.parent is None)
+    return outside - fn.subroutine_instructions
 
 
 _PTXAS_ENTRY = re.compile(r"Function properties for (\S+)")
@@ -250,18 +282,17 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
             outputs=pixels,
             trips=common
             + [
-                (r"for \(int64_t e = tid; e < C \* 2 \* ns_max", math.ceil(C * 2 * ns / nx), 1),
+                (r"for \(int e = tid; e < static_cast<int>\(C \* 2 \* ns_max\)", math.ceil(C * 2 * ns / nx), 1),
                 (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
-                (r"e < channels \* per_channel", 1.5 * K * 2 * ns / nx, 1),  # disc (2K) and seg (K) rows
+                (r"for \(int e = threadIdx.x; e < total;", 1.5 * K * 2 * ns / nx, 1),  # disc (2K), seg (K) rows
                 (r"for \(int cx0 = xa", 1, 1),
-                (r"for \(int64_t c = 0; c < 3 \* K", 3 * K, 1),
+                (r"for \(int c = 0; c < 3 \* k", 3 * K, 1),
                 (r"for \(int y0 = ya", batches, 4),
-                (r"for \(int64_t c = 0; c < C; \+\+c\)", C, 1),
-                (r"for \(int64_t c = 0; c < K; \+\+c\)", K, 1),
-                (r"for \(int64_t c = other", K, 1),
-                (r"for \(int64_t e = threadIdx.x; e < channels \* t.ns", math.ceil(C * ns / nx), 1),
+                (r"for \(int c = 0; c < c2; \+\+c\)", C, 1),
+                (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
+                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(C * ns / nx), 1),
                 (r"for \(int x = lo; x < hi", cols_per_source, 1),
-                (r"for \(int64_t tb = 0; tb < 2", 2, 1),
+                (r"for \(int tb = 0; tb < 2", 2, 1),
             ],
         )
 
@@ -317,23 +348,24 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
 # The launches of one FADA loss forward + backward (reduction mean), float32.
 PATHS = {
     "FADA loss fwd+bwd, general kernels (fallback)": [
-        ("fada_forward_kernel", "float"),
-        ("reduce_partials_kernel", "float"),
-        ("fada_backward_kernel", "float"),
-        ("gather_partials_kernel", "float"),
+        ("fada_forward_kernel", "float, float"),
+        ("reduce_partials_kernel", "float, float, float"),
+        ("fada_backward_kernel", "float, float"),
+        ("gather_partials_kernel", "float, float"),
     ],
     "FADA loss fwd+bwd, fast path (one fused launch)": [
         ("fada_staged_kernel", "float, float, true, true"),
-        ("reduce_partials_kernel", "float"),
-        ("staged_gather_kernel", "float"),
+        ("reduce_partials_kernel", "float, float, float"),
+        ("staged_gather_kernel", "float, float"),
     ],
 }
 
 
 @dataclass
 class Cost:
-    per_output: Optional[float]
+    per_output: float
     unmodelled: List[str]
+    loops: List[str] = field(default_factory=list)  # per loop: source, size, unroll, runs, share
 
 
 def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
@@ -356,8 +388,11 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
         left = float(trips)
         for k in sorted(ids, key=lambda j: -fn.loops[j].step):
             u = max(1, fn.loops[k].step // source_step)
+            u = u if trips > 1 and u <= 16 else 1  # a once-per-thread loop is not unrolled: a pointer's step
             iterations[k] = math.floor(left / u) if u > 1 else left
             left -= iterations[k] * u
+            if _peeled(fn, k):  # its first iteration is straight code before it
+                iterations[k] = max(0.0, iterations[k] - 1)
     executions: Dict[int, float] = {}
 
     def body_runs(k: int) -> float:
@@ -367,7 +402,12 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
         return executions[k]
 
     per_thread = top_level_count(fn) + sum(lp.exclusive * body_runs(k) for k, lp in enumerate(fn.loops))
-    return Cost(per_thread * model.threads / model.outputs, unmodelled)
+    scale = model.threads / model.outputs
+    lines = [f"top level: {top_level_count(fn)} instructions, {top_level_count(fn) * scale:,.0f} per output"]
+    for k, lp in enumerate(fn.loops):
+        lines.append(f"{lp.file}:{lp.line}: {lp.exclusive} instructions (step {lp.step}) x {body_runs(k):.2f} runs "
+                     f"per thread = {lp.exclusive * body_runs(k) * scale:,.0f} per output")
+    return Cost(per_thread * scale, unmodelled, lines)
 
 
 # ----------------------------------------------------------------------------- compile, disassemble, report
@@ -419,8 +459,8 @@ def short_name(pretty: str) -> Tuple[str, str]:
     return (m.group(1), "") if m else (pretty, "")
 
 
-def report(csrc: str, arch: str) -> str:
-    models = fada_models()
+def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = False) -> str:
+    models = {"fada_loss_kernel.cu": fada_models()}  # per source file: kernels' trip-count models
     sources = {}
     for path in glob.glob(os.path.join(csrc, "**", "*.cu*"), recursive=True) + glob.glob(
         os.path.join(csrc, "**", "*.h"), recursive=True
@@ -432,6 +472,13 @@ def report(csrc: str, arch: str) -> str:
         for source in sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu"))):
             cubin, log = compile_cubin(source, csrc, arch, work)
             text = subprocess.run([_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True).stdout
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                stem = os.path.join(keep, os.path.basename(source))
+                with open(stem + ".sass", "w") as f:
+                    f.write(text)
+                with open(stem + ".ptxas.log", "w") as f:
+                    f.write(log)
             functions = parse_sass(text)
             ptxas = parse_ptxas(log)
             pretty = demangle(list(functions))
@@ -439,8 +486,9 @@ def report(csrc: str, arch: str) -> str:
                 kernel, targs = short_name(pretty[name])
                 regs, st, ld = ptxas.get(name, (-1, -1, -1))
                 cost = None
-                if kernel in models:
-                    cost = cost_of(fn, models[kernel](), sources)
+                file_models = models.get(os.path.basename(source), {})
+                if kernel in file_models:
+                    cost = cost_of(fn, file_models[kernel](), sources)
                     per_kernel[(kernel, targs)] = cost
                 rows.append((os.path.basename(source), kernel, targs, regs, st, ld, len(fn.instructions),
                              len(fn.loops), cost))
@@ -458,6 +506,9 @@ def report(csrc: str, arch: str) -> str:
             total = sum(c.per_output for c in costs)
             detail = " + ".join(f"{k} {c.per_output:,.0f}" for (k, _), c in zip(parts, costs))
             lines.append(f"{path}: {total:,.0f} SASS instructions per output pixel ({detail})")
+    if show_loops:
+        for (kernel, targs), cost in per_kernel.items():
+            lines += ["", f"{kernel}<{targs}>:"] + ["  " + x for x in cost.loops]
     unmodelled = sorted({u for c in per_kernel.values() for u in c.unmodelled})
     if unmodelled:
         lines.append("")
@@ -469,8 +520,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csrc", default=os.path.join(ROOT, "fada_core", "csrc"), help="fada_core/csrc to compile")
     parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--keep", help="save each file's SASS and ptxas log in this folder")
+    parser.add_argument("--loops", action="store_true", help="print each modelled kernel's loops and their shares")
     args = parser.parse_args()
-    print(report(os.path.abspath(args.csrc), args.arch))
+    print(report(os.path.abspath(args.csrc), args.arch, args.keep, args.loops))
 
 
 if __name__ == "__main__":

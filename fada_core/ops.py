@@ -53,6 +53,8 @@ def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, 
     # the CPU kernels, so that the op exists on every device with one meaning
     # and csrc/cpu needs no code for it; on CUDA a fast-path launch computes
     # both at once (csrc/cuda/fada_loss_kernel.cu).
+    if reduction == REDUCTIONS["none"]:
+        raise RuntimeError("fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)")
     args = (domain, temperature, cap, out_h, out_w, weight, reduction)
     loss = torch.ops.fada_core.fada_loss(disc_logits, seg_logits, *args)
     one = torch.ones((), dtype=disc_logits.dtype, device=disc_logits.device)

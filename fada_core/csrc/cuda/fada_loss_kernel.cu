@@ -107,11 +107,18 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// Blocks per SM the general backward is held to: its float version sits at
+// the 4-block (16 warps, <= 128 registers) cliff (127 without the bound); the
+// double version would spill under it, so it gets no minimum.
+template <typename acc_t>
+constexpr int backward_min_blocks() {
+  return sizeof(acc_t) == 4 ? 4 : 1;
+}
+
 // grad: the (B, H, W) map when grad_is_map, else a scalar divided by grad_div.
-// At most 128 threads (adjoint_config); min 4 blocks keeps it at <= 128
-// registers, the 16-warps-per-SM cliff it sits at (127 without the bound).
+// At most 128 threads (adjoint_config).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(128, 4) fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
+__global__ void __launch_bounds__(128, backward_min_blocks<acc_t>()) fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ grad,
                                      bool grad_is_map, acc_t grad_div, FadaGeometry<acc_t> g, int64_t tj,
                                      acc_t* __restrict__ part) {
@@ -181,32 +188,60 @@ struct StagedGeometry {
   acc_t cap;
 };
 
-// exp2 of x <= 0 (a value minus its row's maximum) or NaN. In float on the
-// device one MUFU.EX2 with denormal results flushed to 0 (ex2.approx.ftz:
-// about 2 ulp, like exp2f, which adds three instructions to keep denormals):
-// a term below 2^-126 next to the maximum's 1 changes no float sum, and a
-// probability below 2^-126 / sum becomes 0. No fast-math anywhere else.
+// The staged kernel's float math on the device: single MUFU instructions
+// (ex2/lg2.approx.ftz, about 2 ulp like exp2f/log2f, which add instructions to
+// keep denormals) and one correctly rounded reciprocal instead of divisions.
+// Their domains make the flush harmless: exp2 of x <= 0 (a value minus its
+// row's maximum; a term below 2^-126 next to the maximum's 1 changes no float
+// sum), log2 and 1/x of a sum of exps >= 1. No fast-math anywhere else; double
+// and the host (the emulation test) use the library functions.
 template <typename acc_t>
 __device__ __forceinline__ acc_t exp2_acc(acc_t x) {
   return ::exp2(x);
-}
-template <>
-__device__ __forceinline__ float exp2_acc<float>(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return ::exp2f(x);
-#endif
 }
 template <typename acc_t>
 __device__ __forceinline__ acc_t log2_acc(acc_t x) {
   return ::log2(x);
 }
+template <typename acc_t>
+__device__ __forceinline__ acc_t recip_acc(acc_t x) {
+  return static_cast<acc_t>(1) / x;
+}
+// max and min that may drop a NaN operand (one instruction): the callers
+// propagate NaN through the sums instead.
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_acc(acc_t a, acc_t b) {
+  return ::fmax(a, b);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t min_acc(acc_t a, acc_t b) {
+  return ::fmin(a, b);
+}
+#if defined(__CUDA_ARCH__)
+template <>
+__device__ __forceinline__ float exp2_acc<float>(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 template <>
 __device__ __forceinline__ float log2_acc<float>(float x) {
-  return ::log2f(x);
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <>
+__device__ __forceinline__ float recip_acc<float>(float x) {
+  return __frcp_rn(x);
+}
+#endif
+template <>
+__device__ __forceinline__ float max_acc<float>(float a, float b) {
+  return ::fmaxf(a, b);
+}
+template <>
+__device__ __forceinline__ float min_acc<float>(float a, float b) {
+  return ::fminf(a, b);
 }
 
 // Shared memory of a staged block, in bytes from the start: per-thread
@@ -230,6 +265,19 @@ __host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx
   l.rows = l.colstart + (ns + 1) * sizeof(int);
   l.bytes = l.rows + 2 * sizeof(int);
   return l;
+}
+
+// One pass's gradient of a (channel, column): sum over its rows of g and of
+// ly * g, kept as (top, bottom) weights: top = sum (1 - ly) g = sum - bottom.
+template <typename acc_t>
+__device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, acc_t bottom, bool first) {
+  if (first) {
+    slot.x = sum - bottom;
+    slot.y = bottom;
+  } else {
+    slot.x += sum - bottom;
+    slot.y += bottom;
+  }
 }
 
 // grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1) divided
@@ -257,7 +305,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   stage_rows(disc + t.b * C * plane, C, t, g.h, g.w, g.disc_scale, ns_max, raw);
   stage_rows(seg + t.b * K * plane, K, t, g.h, g.w, g.seg_scale, ns_max, raw + C * 2 * ns_max);
   if (kGrad) {
-    for (int64_t e = tid; e < C * 2 * ns_max; e += nx) hacc[e] = 0;
+    for (int e = tid; e < static_cast<int>(C * 2 * ns_max); e += nx) hacc[e] = 0;
   }
   staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
   __syncthreads();
@@ -265,7 +313,8 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   const int ya = rows[0], yb = rows[1], xa = colstart[0], xb = colstart[t.nj];
   acc_t gscalar = 0;
   if (kGrad && !grad_is_map) gscalar = (grad != nullptr ? grad[0] : static_cast<acc_t>(1)) / grad_div;
-  const acc_t one = 1, ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
+  const acc_t one = 1, zero = 0, ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
+  const int k = static_cast<int>(K), c2 = static_cast<int>(C), ns = static_cast<int>(ns_max);
   acc_t local = 0;  // this thread's loss sum (reductions)
 
   for (int cx0 = xa; cx0 < xb && ya < yb; cx0 += nx) {
@@ -274,34 +323,41 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
       const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
       if (kGrad) colw[tid] = ix.lambda;
-      for (int64_t c = 0; c < 3 * K; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns_max, ns_max, i0, i1, ix.lambda);
-      const TwoOf<acc_t>* tseg = td + C * nx + tid;
+      for (int c = 0; c < 3 * k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, i1, ix.lambda);
       const TwoOf<acc_t>* tdisc = td + tid;
+      const TwoOf<acc_t>* tseg = td + c2 * nx + tid;
+      const TwoOf<acc_t>* tdom = td + static_cast<int>(g.off) * nx + tid;  // the domain's disc channels
+      const TwoOf<acc_t>* toth = td + (g.off == 0 ? k : 0) * nx + tid;   // the other K
+      TwoOf<acc_t>* gdom = gacc + static_cast<int>(g.off) * nx + tid;
+      TwoOf<acc_t>* goth = gacc + (g.off == 0 ? k : 0) * nx + tid;
+      const int64_t row0 = (t.b * g.H) * g.W + x;  // output pixel (b, y, x) = row0 + y * W
 
       for (int y0 = ya; y0 < yb; y0 += kRows) {
+        const bool first = y0 == ya;
         acc_t ly[kRows], m[kRows], ms[kRows], s[kRows], ss[kRows];
 #pragma unroll
         for (int q = 0; q < kRows; ++q) {
-          ly[q] = y0 + q < yb ? source_index<acc_t>(g.sy, y0 + q, g.h).lambda : static_cast<acc_t>(0);
+          ly[q] = y0 + q < yb ? source_index<acc_t>(g.sy, y0 + q, g.h).lambda : zero;
           m[q] = ms[q] = -std::numeric_limits<acc_t>::infinity();
           s[q] = ss[q] = 0;
         }
-        for (int64_t c = 0; c < C; ++c) {
+        // maxima (NaN may be dropped here; the sums below pick it up)
+        for (int c = 0; c < c2; ++c) {
           const TwoOf<acc_t> v = tdisc[c * nx];
 #pragma unroll
-          for (int q = 0; q < kRows; ++q) m[q] = running_max(m[q], ly[q] * v.y + v.x);
+          for (int q = 0; q < kRows; ++q) m[q] = max_acc(m[q], ly[q] * v.y + v.x);
         }
-        for (int64_t c = 0; c < K; ++c) {
+        for (int c = 0; c < k; ++c) {
           const TwoOf<acc_t> v = tseg[c * nx];
 #pragma unroll
-          for (int q = 0; q < kRows; ++q) ms[q] = running_max(ms[q], ly[q] * v.y + v.x);
+          for (int q = 0; q < kRows; ++q) ms[q] = max_acc(ms[q], ly[q] * v.y + v.x);
         }
-        for (int64_t c = 0; c < C; ++c) {
+        for (int c = 0; c < c2; ++c) {
           const TwoOf<acc_t> v = tdisc[c * nx];
 #pragma unroll
           for (int q = 0; q < kRows; ++q) s[q] += exp2_acc(ly[q] * v.y + v.x - m[q]);
         }
-        for (int64_t c = 0; c < K; ++c) {
+        for (int c = 0; c < k; ++c) {
           const TwoOf<acc_t> v = tseg[c * nx];
 #pragma unroll
           for (int q = 0; q < kRows; ++q) ss[q] += exp2_acc(ly[q] * v.y + v.x - ms[q]);
@@ -311,26 +367,24 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
         acc_t gw[kRows], alpha[kRows], loss[kRows];
 #pragma unroll
         for (int q = 0; q < kRows; ++q) {
-          const bool valid = y0 + q < yb;
-          const int64_t pix = (t.b * g.H + y0 + q) * g.W + x;
           gw[q] = 0;
-          if (kGrad && valid) {
+          if (kGrad && y0 + q < yb) {
+            const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
             gw[q] = grad_is_map ? grad[pix] : gscalar;
             if (weight != nullptr) gw[q] *= weight[pix];
           }
-          ss[q] = one / ss[q];
-          const acc_t over = ss[q] - g.cap;  // p_max - cap
-          alpha[q] = gw[q] * (one - (over > 0 ? over : static_cast<acc_t>(0))) / s[q];
+          ss[q] = recip_acc(ss[q]);  // p_max: the argmax's exp2 is 1
+          alpha[q] = gw[q] * (one - max_acc(ss[q] - g.cap, zero)) * recip_acc(s[q]);
           s[q] = log2_acc(s[q]);
-          loss[q] = 0;
+          loss[q] = ss[q] - ss[q];  // 0, or NaN when the soft labels are (min_acc drops it)
         }
         // the domain's K channels: soft labels, loss, gradient
-        for (int64_t c = 0; c < K; ++c) {
-          const TwoOf<acc_t> sv = tseg[c * nx], dv = tdisc[(g.off + c) * nx];
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> sv = tseg[c * nx], dv = tdom[c * nx];
           acc_t sum = 0, bottom = 0;
 #pragma unroll
           for (int q = 0; q < kRows; ++q) {
-            const acc_t a = soft_label(exp2_acc(ly[q] * sv.y + sv.x - ms[q]), ss[q], g.cap);
+            const acc_t a = min_acc(exp2_acc(ly[q] * sv.y + sv.x - ms[q]) * ss[q], g.cap);
             const acc_t z = ly[q] * dv.y + dv.x - m[q];
             if (kLoss) loss[q] += a * (s[q] - z);
             if (kGrad) {
@@ -339,22 +393,12 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
               bottom += ly[q] * gc;
             }
           }
-          if (kGrad) {
-            TwoOf<acc_t>& slot = gacc[(g.off + c) * nx + tid];
-            if (y0 == ya) {
-              slot.x = sum - bottom;
-              slot.y = bottom;
-            } else {
-              slot.x += sum - bottom;
-              slot.y += bottom;
-            }
-          }
+          if (kGrad) accumulate_rows(gdom[c * nx], sum, bottom, first);
         }
         // the other K channels: gradient only (their soft label is 0)
         if (kGrad) {
-          const int64_t other = g.off == 0 ? K : 0;
-          for (int64_t c = other; c < other + K; ++c) {
-            const TwoOf<acc_t> dv = tdisc[c * nx];
+          for (int c = 0; c < k; ++c) {
+            const TwoOf<acc_t> dv = toth[c * nx];
             acc_t sum = 0, bottom = 0;
 #pragma unroll
             for (int q = 0; q < kRows; ++q) {
@@ -362,21 +406,14 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
               sum += gc;
               bottom += ly[q] * gc;
             }
-            TwoOf<acc_t>& slot = gacc[c * nx + tid];
-            if (y0 == ya) {
-              slot.x = sum - bottom;
-              slot.y = bottom;
-            } else {
-              slot.x += sum - bottom;
-              slot.y += bottom;
-            }
+            accumulate_rows(goth[c * nx], sum, bottom, first);
           }
         }
         if (kLoss) {
 #pragma unroll
           for (int q = 0; q < kRows; ++q) {
             if (y0 + q < yb) {
-              const int64_t pix = (t.b * g.H + y0 + q) * g.W + x;
+              const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
               acc_t l = loss[q] * ln2;
               if (weight != nullptr) l *= weight[pix];
               if (out_map != nullptr) {
@@ -455,13 +492,16 @@ FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int6
 
 // The staged fast path's configuration, or tiles == 0 when it does not apply:
 // seg logits at the disc logits' size, cap >= 0.5 (closed-form soft-label sum),
-// in-block indices within int, the block's shared memory within the device's.
+// in-block indices within int, the gather's grid (B * 2K <= 65535 planes), the
+// block's shared memory within the device's.
 template <typename acc_t>
 StagedConfig staged_config_for(const at::Tensor& disc, const at::Tensor& seg, double cap, int64_t out_h,
                                int64_t out_w) {
   const int64_t K = seg.size(1), w = disc.size(3);
   if (cap < 0.5 || seg.size(2) != disc.size(2) || seg.size(3) != w) return StagedConfig();
   if (out_h >= std::numeric_limits<int>::max() || out_w >= std::numeric_limits<int>::max()) return StagedConfig();
+  dim3 gather_grid;
+  if (!staged_gather_grid(disc.size(0) * disc.size(1), disc.size(2), w, gather_grid)) return StagedConfig();
   const size_t limit = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
   return choose_staged_config<acc_t>(align_corners_scale<acc_t>(w, out_w), w, out_w, limit,
                                      [K](int nx, int64_t tj) { return staged_layout<acc_t>(K, nx, tj).bytes; });
@@ -531,10 +571,13 @@ void staged_slots(const at::Tensor& disc, const StagedConfig& cfg, StagedRun<acc
 template <typename scalar_t, typename acc_t>
 void gather_staged(const StagedRun<acc_t>& run, const StagedConfig& cfg, const at::Tensor& grad_disc,
                    cudaStream_t stream) {
-  const int64_t n = grad_disc.numel();
-  FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
-      run.part_main.template data_ptr<acc_t>(), run.part_spill.template data_ptr<acc_t>(), grad_disc.size(0),
-      grad_disc.size(1), grad_disc.size(2), grad_disc.size(3), cfg.tj, cfg.tiles, grad_disc.data_ptr<scalar_t>());
+  dim3 grid;
+  const bool fits = staged_gather_grid(grad_disc.size(0) * grad_disc.size(1), grad_disc.size(2), grad_disc.size(3), grid);
+  TORCH_INTERNAL_ASSERT(fits, "staged_config_for admitted a plane the gather cannot take");
+  FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
+      run.part_main.template data_ptr<acc_t>(), run.part_spill.template data_ptr<acc_t>(), grad_disc.size(1),
+      static_cast<int>(grad_disc.size(2)), static_cast<int>(grad_disc.size(3)), static_cast<int>(cfg.tj), cfg.tiles,
+      grad_disc.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -132,16 +132,19 @@ __device__ __forceinline__ void staged_ranges(const StagedTile& t, acc_t sy, acc
 
 // Device: stages rows r and r1 of `channels` planes (each h x w, plane stride
 // h * w, starting at `planes`), columns [j0, j0 + ns), times `scale`, into
-// raw[(c * 2 + row) * ns_max + jj]. The caller synchronises.
+// raw[(c * 2 + row) * ns_max + jj]. In-block indices are ints (a block's
+// shared memory holds them). The caller synchronises.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, int64_t channels, const StagedTile& t,
                                            int64_t h, int64_t w, acc_t scale, int64_t ns_max, acc_t* raw) {
-  const int64_t per_channel = 2 * t.ns;
-  for (int64_t e = threadIdx.x; e < channels * per_channel; e += blockDim.x) {
-    const int64_t c = e / per_channel, rest = e - c * per_channel;
-    const int64_t row = rest / t.ns, jj = rest - row * t.ns;
-    const int64_t src = (c * h + (row == 0 ? t.r : t.r1)) * w + t.j0 + jj;
-    raw[(c * 2 + row) * ns_max + jj] = static_cast<acc_t>(planes[src]) * scale;
+  const int ns = static_cast<int>(t.ns), per_channel = 2 * ns, total = static_cast<int>(channels) * per_channel;
+  const scalar_t* top = planes + t.r * w + t.j0;
+  const int64_t bottom_offset = (t.r1 - t.r) * w, plane = h * w;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int c = e / per_channel, rest = e - c * per_channel;
+    const int row = rest >= ns ? 1 : 0, jj = rest - row * ns;
+    const scalar_t v = top[c * plane + (row ? bottom_offset : 0) + jj];
+    raw[(c * 2 + row) * static_cast<int>(ns_max) + jj] = static_cast<acc_t>(v) * scale;
   }
 }
 
@@ -151,11 +154,11 @@ __device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, 
 template <typename acc_t>
 __device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, int i1,
                                                       acc_t lx) {
+  const acc_t* bottom = raw_channel + static_cast<int>(ns_max);
   const acc_t top = lerp(raw_channel[i0], raw_channel[i1], lx);
-  const acc_t bot = lerp(raw_channel[ns_max + i0], raw_channel[ns_max + i1], lx);
   TwoOf<acc_t> v;
   v.x = top;
-  v.y = bot - top;
+  v.y = lerp(bottom[i0], bottom[i1], lx) - top;
   return v;
 }
 
@@ -169,8 +172,9 @@ template <typename acc_t>
 __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t channels, int64_t w, int cx0, int cx1,
                                                int nx, const int* colstart, const TwoOf<acc_t>* gacc,
                                                const acc_t* colw, int64_t ns_max, acc_t* hacc) {
-  for (int64_t e = threadIdx.x; e < channels * t.ns; e += blockDim.x) {
-    const int64_t c = e / t.ns, jj = e - c * t.ns;
+  const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
+  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
+    const int c = e / ns, jj = e - c * ns;
     const TwoOf<acc_t>* gc = gacc + c * nx - cx0;
     const acc_t* wc = colw - cx0;
     acc_t st = 0, sb = 0;
@@ -182,7 +186,7 @@ __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t chan
         sb += wc[x] * gc[x].y;
       }
     }
-    if (jj < t.nj) {
+    if (jj < nj) {
       const bool clamped = t.j0 + jj == w - 1;  // i1 == i0: both weights land here
       const int lo = colstart[jj] > cx0 ? colstart[jj] : cx0;
       const int hi = colstart[jj + 1] < cx1 ? colstart[jj + 1] : cx1;
@@ -192,8 +196,8 @@ __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t chan
         sb += wx * gc[x].y;
       }
     }
-    hacc[(c * 2 + 0) * ns_max + jj] += st;
-    hacc[(c * 2 + 1) * ns_max + jj] += sb;
+    hacc[(c * 2 + 0) * stride + jj] += st;
+    hacc[(c * 2 + 1) * stride + jj] += sb;
   }
 }
 
@@ -202,15 +206,17 @@ template <typename acc_t>
 __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t channels, int64_t h, int64_t w,
                                                    int64_t tiles, const acc_t* hacc, int64_t ns_max,
                                                    acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
-  for (int64_t e = threadIdx.x; e < channels * t.ns; e += blockDim.x) {
-    const int64_t c = e / t.ns, jj = e - c * t.ns;
-    for (int64_t tb = 0; tb < 2; ++tb) {
-      const int64_t slot = (t.b * h + t.r) * 2 + tb;
-      const acc_t v = hacc[(c * 2 + tb) * ns_max + jj];
-      if (jj < t.nj) {
-        part_main[(slot * channels + c) * w + t.j0 + jj] = v;
+  const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
+  acc_t* main_top = part_main + ((t.b * h + t.r) * 2) * channels * w + t.j0;  // then + tb * channels * w + c * w
+  acc_t* spill_top = part_spill + ((t.b * h + t.r) * 2) * channels * tiles + t.tile;
+  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
+    const int c = e / ns, jj = e - c * ns;
+    for (int tb = 0; tb < 2; ++tb) {
+      const acc_t v = hacc[(c * 2 + tb) * stride + jj];
+      if (jj < nj) {
+        main_top[(tb * channels + c) * w + jj] = v;
       } else {
-        part_spill[(slot * channels + c) * tiles + t.tile] = v;
+        spill_top[(tb * channels + c) * tiles] = v;
       }
     }
   }
@@ -219,32 +225,39 @@ __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t 
 // grad[b][c][i][j] from the slots: main top of row group i, main bottom of
 // group i - 1 (and of group h - 1 on the last row, whose i1 is itself), then
 // the same from the previous tile's spill when j starts a tile. Fixed order.
+// Grid: x = chunks of kGatherThreads columns, y = row i, z = plane b * C + c
+// (staged_gather_grid checks the limits), so no index needs a division but
+// the block's b = z / C.
+constexpr int kGatherThreads = 128;
+
 template <typename scalar_t, typename acc_t>
-__global__ void staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill,
-                                     int64_t B, int64_t C, int64_t h, int64_t w, int64_t tj, int64_t tiles,
-                                     scalar_t* __restrict__ grad) {
-  const int64_t total = B * C * h * w;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % w;
-    const int64_t i = (idx / w) % h;
-    const int64_t c = (idx / (w * h)) % C;
-    const int64_t b = idx / (w * h * C);
-    const auto main_at = [&](int64_t row, int64_t tb) { return part_main[(((b * h + row) * 2 + tb) * C + c) * w + j]; };
-    acc_t v = main_at(i, 0);
-    if (i > 0) v += main_at(i - 1, 1);
-    if (i == h - 1) v += main_at(i, 1);
-    if (j > 0 && j % tj == 0) {
-      const int64_t prev = j / tj - 1;
-      const auto spill_at = [&](int64_t row, int64_t tb) {
-        return part_spill[(((b * h + row) * 2 + tb) * C + c) * tiles + prev];
-      };
-      v += spill_at(i, 0);
-      if (i > 0) v += spill_at(i - 1, 1);
-      if (i == h - 1) v += spill_at(i, 1);
-    }
-    grad[idx] = static_cast<scalar_t>(v);
+__global__ void __launch_bounds__(kGatherThreads)
+    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int64_t C,
+                         int h, int w, int tj, int64_t tiles, scalar_t* __restrict__ grad) {
+  const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
+  if (j >= w) return;
+  const int i = blockIdx.y;
+  const int64_t plane = blockIdx.z, b = plane / C, c = plane - b * C;
+  // slot (row group, top|bottom) of this (b, c): ((b * h + row) * 2 + tb) * C + c
+  const int64_t top = ((b * h + i) * 2) * C + c, up = top - C;  // (i, top); (i - 1, bottom); (i, bottom) = top + C
+  acc_t v = part_main[top * w + j];
+  if (i > 0) v += part_main[up * w + j];
+  if (i == h - 1) v += part_main[(top + C) * w + j];
+  const int prev = j / tj - 1;
+  if (j > 0 && j == (prev + 1) * tj) {
+    v += part_spill[top * tiles + prev];
+    if (i > 0) v += part_spill[up * tiles + prev];
+    if (i == h - 1) v += part_spill[(top + C) * tiles + prev];
   }
+  grad[(plane * h + i) * w + j] = static_cast<scalar_t>(v);
+}
+
+// Host: the gather's grid, or false when the shape exceeds it.
+inline bool staged_gather_grid(int64_t planes, int64_t h, int64_t w, dim3& grid) {
+  if (planes > 65535 || h > 65535 || w >= (int64_t{1} << 30)) return false;
+  grid = dim3(static_cast<unsigned>(ceil_div(w, kGatherThreads)), static_cast<unsigned>(h),
+              static_cast<unsigned>(planes));
+  return true;
 }
 
 }  // namespace cuda
