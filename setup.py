@@ -8,7 +8,7 @@ By default the install is pure Python and the kernels are JIT-built on first use
 (``--no-build-isolation`` so the extension is compiled against the installed
 torch). The CUDA sources are included when a GPU is visible or
 ``FADA_CORE_FORCE_CUDA=1``; with no GPU visible ``TORCH_CUDA_ARCH_LIST``
-defaults to "8.0;9.0".
+defaults to "8.0;9.0+PTX".
 """
 
 import importlib.util

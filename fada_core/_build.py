@@ -15,7 +15,7 @@ Nothing is built or loaded at ``import fada_core``: the first call to
 :func:`load` or :func:`kernels_available` does it. Other environment variables:
 ``FADA_CORE_NO_NATIVE=1`` drops ``-march=native`` from JIT builds (for caches
 shared between machines); ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures
-(default ``"8.0;9.0"`` when no GPU is visible).
+(default ``"8.0;9.0+PTX"`` when no GPU is visible).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _NAMESPACE = "fada_core"
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # +PTX: newer GPUs JIT the sm_90 PTX
 
 _lock = threading.RLock()
 _loaded = False

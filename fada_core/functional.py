@@ -302,7 +302,11 @@ def fada_loss(
         )
 
     dtype = _kernel_dtype(disc_logits.device, torch.promote_types(disc_logits.dtype, seg_logits.dtype))
-    out = torch.ops.fada_core.fada_loss(
+    # Training with a mean or sum: the loss and its gradient in one pass (one
+    # launch on the CUDA fast path); the backward then only scales it.
+    with_grad = reduction != "none" and disc_logits.requires_grad and torch.is_grad_enabled()
+    op = torch.ops.fada_core.fada_loss_with_grad if with_grad else torch.ops.fada_core.fada_loss
+    out = op(
         disc_logits.to(dtype),
         seg_logits.detach().to(dtype),
         _DOMAIN_CODES[domain],
@@ -313,7 +317,7 @@ def fada_loss(
         None if weight is None else weight.detach().to(dtype),
         _REDUCTION_CODES[reduction],
     )
-    return out.to(_reference.opmath_dtype(disc_logits.dtype))
+    return (out[0] if with_grad else out).to(_reference.opmath_dtype(disc_logits.dtype))
 
 
 def upsampled_cross_entropy(

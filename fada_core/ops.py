@@ -41,6 +41,27 @@ def _fake_fada_loss_backward(grad, disc_logits, seg_logits, domain, temperature,
     return torch.empty_like(disc_logits)
 
 
+def _fake_fada_loss_with_grad(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+    torch._check(reduction != REDUCTIONS["none"], lambda: "fada_loss_with_grad needs reduction mean or sum")
+    loss = _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction)
+    return loss, torch.empty_like(disc_logits)
+
+
+def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+    # The CPU has no fused kernel: the forward and backward ops one after the
+    # other (the backward for an upstream gradient of 1). Composed here, above
+    # the CPU kernels, so that the op exists on every device with one meaning
+    # and csrc/cpu needs no code for it; on CUDA a fast-path launch computes
+    # both at once (csrc/cuda/fada_loss_kernel.cu).
+    if reduction == REDUCTIONS["none"]:
+        raise RuntimeError("fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)")
+    args = (domain, temperature, cap, out_h, out_w, weight, reduction)
+    loss = torch.ops.fada_core.fada_loss(disc_logits, seg_logits, *args)
+    one = torch.ones((), dtype=disc_logits.dtype, device=disc_logits.device)
+    grad = torch.ops.fada_core.fada_loss_backward(one, disc_logits.detach(), seg_logits, *args)
+    return loss, grad
+
+
 def _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction):
     torch._check(logits.dim() == 4, lambda: "logits must be (B, K, h, w)")
     torch._check(labels.dim() == 3, lambda: "labels must be (B, H, W)")
@@ -80,6 +101,19 @@ def _backward_fada_loss(ctx, grad):
     return grad_disc, None, None, None, None, None, None, None, None
 
 
+def _setup_fada_loss_with_grad(ctx, inputs, output):
+    _, grad_disc = output
+    ctx.save_for_backward(grad_disc)
+    ctx.mark_non_differentiable(grad_disc)
+
+
+def _backward_fada_loss_with_grad(ctx, grad, _grad_of_grad):
+    # The loss is a mean or sum, so its gradient is grad * (the gradient for 1).
+    (grad_disc,) = ctx.saved_tensors
+    grad_in = grad * grad_disc if ctx.needs_input_grad[0] else None
+    return grad_in, None, None, None, None, None, None, None, None
+
+
 def _setup_upsampled_ce(ctx, inputs, output):
     logits, labels, temperature, ignore_index, reduction = inputs
     ctx.save_for_backward(logits, labels)
@@ -105,10 +139,15 @@ def register() -> None:
     lib = torch.library
     lib.register_fake("fada_core::fada_loss")(_fake_fada_loss)
     lib.register_fake("fada_core::fada_loss_backward")(_fake_fada_loss_backward)
+    lib.register_fake("fada_core::fada_loss_with_grad")(_fake_fada_loss_with_grad)
+    lib.register_kernel("fada_core::fada_loss_with_grad", "cpu")(_fada_loss_with_grad_cpu)
     lib.register_fake("fada_core::upsampled_cross_entropy")(_fake_upsampled_ce)
     lib.register_fake("fada_core::upsampled_cross_entropy_backward")(_fake_upsampled_ce_backward)
     lib.register_fake("fada_core::class_center_stats")(_fake_class_center_stats)
     lib.register_autograd("fada_core::fada_loss", _backward_fada_loss, setup_context=_setup_fada_loss)
+    lib.register_autograd(
+        "fada_core::fada_loss_with_grad", _backward_fada_loss_with_grad, setup_context=_setup_fada_loss_with_grad
+    )
     lib.register_autograd(
         "fada_core::upsampled_cross_entropy", _backward_upsampled_ce, setup_context=_setup_upsampled_ce
     )

@@ -199,3 +199,122 @@ def test_class_stats_rejects_bad_labels(emulated_cuda_ops):
     labels[0, 1, 2] = 7
     with pytest.raises(RuntimeError, match="found 7"):
         emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+
+
+# ----------------------------------------------------------------------------- FADA loss fast path
+# Disc and seg logits at one size and cap >= 0.5 take the staged kernel (csrc/cuda/staged_rows.cuh);
+# cap < 0.5 or seg logits at another size the general kernels.
+
+FAST_SHAPES = [  # (h, w) -> (H, W)
+    ((1, 1), (5, 7)),
+    ((1, 6), (4, 13)),
+    ((5, 1), (11, 3)),
+    ((6, 5), (3, 9)),  # H < h: row groups without output rows
+    ((4, 9), (7, 4)),  # W < w: source columns no output column reaches
+    ((3, 40), (5, 300)),  # several tiles of source columns
+    ((2, 2), (3, 300)),  # 299 output columns on one source column: chunks of 128 threads
+]
+
+
+def _fused_pair(ops, disc, seg, domain, size, weight, reduction, cap=CAP):
+    """Reference (value, grad for an upstream 1) and the emulated fada_loss_with_grad."""
+    dtype = disc.dtype
+    w64 = None if weight is None else weight.double()
+    want, want_grad, _ = forward_backward(
+        lambda d: _reference.fada_loss(d, seg.double(), DOMAINS[domain], T, cap, size, w64, REDUCTIONS[reduction]),
+        disc.double(),
+        torch.tensor(1.0, dtype=torch.float64),
+    )
+    got, got_grad = ops.fada_loss_with_grad(disc, seg, domain, T, cap, size[0], size[1], weight, reduction)
+    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shapes", FAST_SHAPES)
+def test_fast_path_matches_reference(emulated_cuda_ops, shapes, dtype):
+    (h, w), (out_h, out_w) = shapes
+    disc, seg, weight = fada_loss_inputs(2, 3, h, w, h, w, out_h, out_w, dtype, h * 31 + w, True)
+    for domain, reduction in ((0, 0), (1, 1), (0, 2)):
+        (want, want_grad), (got, got_grad) = _loss_pair(
+            emulated_cuda_ops, disc, seg, domain, (out_h, out_w), weight, reduction
+        )
+        assert_close_scaled(got, want, dtype)
+        assert_close_scaled(got_grad, want_grad, dtype)
+        if reduction != 0:
+            (want, want_grad), (got, got_grad) = _fused_pair(
+                emulated_cuda_ops, disc, seg, domain, (out_h, out_w), weight, reduction
+            )
+            assert_close_scaled(got, want, dtype)
+            assert_close_scaled(got_grad, want_grad, dtype)
+        assert want_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("cap", [0.5, 0.3])  # 0.5: closed-form soft-label sum; 0.3: the general kernels
+def test_cap_around_one_half(emulated_cuda_ops, cap):
+    disc, seg, weight = fada_loss_inputs(1, 4, 5, 6, 5, 6, 13, 17, torch.float32, 11, False, scale=6.0)
+    (want, want_grad), (got, got_grad) = _fused_pair(emulated_cuda_ops, disc, seg, 1, (13, 17), weight, 1, cap)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+def test_logits_near_80(emulated_cuda_ops):
+    """+-80 logits: base-2 values near +-115, maxima subtracted before every exp2, nothing overflows."""
+    g = torch.Generator().manual_seed(12)
+    disc = (torch.randint(0, 2, (2, 6, 4, 5), generator=g) * 160.0 - 80.0 + torch.rand(2, 6, 4, 5, generator=g))
+    seg = torch.randint(0, 2, (2, 3, 4, 5), generator=g) * 160.0 - 80.0
+    for reduction in (1, 2):
+        (want, want_grad), (got, got_grad) = _fused_pair(emulated_cuda_ops, disc, seg, 0, (9, 14), None, reduction)
+        assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+        assert_close_scaled(got, want, torch.float32)
+        assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("sizes", [((64, 128), (512, 1024)), ((65, 129), (512, 1024))])
+def test_fast_path_benchmark_shapes(emulated_cuda_ops, sizes):
+    """K = 19 at the real sizes: 8x (and not quite 8x) upsampling, every tile and row group."""
+    (h, w), (out_h, out_w) = sizes
+    disc, seg, weight = fada_loss_inputs(1, 19, h, w, h, w, out_h, out_w, torch.float32, 13, True)
+    (want, want_grad), (got, got_grad) = _fused_pair(emulated_cuda_ops, disc, seg, 1, (out_h, out_w), weight, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 23, 29), (1, 3, 4, 9, 4, 9)])
+def test_fused_equals_separate_ops_bitwise(emulated_cuda_ops, shape):
+    """fada_loss_with_grad (one launch) gives the bits of fada_loss and of fada_loss_backward(1), every run."""
+    b, k, h, w, out_h, out_w = shape
+    disc, seg, weight = fada_loss_inputs(b, k, h, w, h, w, out_h, out_w, torch.float32, 14, True)
+    for reduction in (1, 2):
+        args = (1, T, CAP, out_h, out_w, weight, reduction)
+        fused = emulated_cuda_ops.fada_loss_with_grad(disc, seg, *args)
+        again = emulated_cuda_ops.fada_loss_with_grad(disc, seg, *args)
+        loss = emulated_cuda_ops.fada_loss(disc, seg, *args)
+        grad = emulated_cuda_ops.fada_loss_backward(torch.tensor(1.0), disc, seg, *args)
+        assert torch.equal(fused[0], loss) and torch.equal(fused[1], grad)
+        assert torch.equal(fused[0], again[0]) and torch.equal(fused[1], again[1])
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        emulated_cuda_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, out_h, out_w, weight, 0)
+
+
+@settings(max_examples=40)
+@given(
+    batch=st.integers(1, 2),
+    k=st.integers(1, 4),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    out_size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    domain=st.sampled_from([0, 1]),
+    reduction=st.sampled_from([1, 2]),
+    weighted=st.booleans(),
+    dtype=HALF_AND_FULL,
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, domain, reduction, weighted, dtype,
+                                 layout, seed):
+    disc, seg, weight = fada_loss_inputs(batch, k, h, w, h, w, *out_size, dtype, seed, weighted)
+    (want, want_grad), (got, got_grad) = _fused_pair(
+        emulated_cuda_ops, with_layout(disc, layout), seg, domain, out_size, weight, reduction
+    )
+    assert_close_scaled(got, want, dtype)
+    assert_close_scaled(got_grad, want_grad, dtype)

@@ -128,6 +128,61 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
     )
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_opcheck_with_grad(kernel_ops, requires_grad, reduction):
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 9, torch.float32, 4, True)
+    disc.requires_grad_(requires_grad)
+    torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 1, T, CAP, 7, 9, weight, reduction))
+    torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction))
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_with_grad_equals_forward_and_backward(kernel_ops, reduction):
+    """The fused op's loss is fada_loss's; its gradient, fada_loss_backward's for 1; autograd scales it."""
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 9, torch.float32, 8, True)
+    args = (1, T, CAP, 7, 9, weight, reduction)
+    loss, grad = kernel_ops.fada_loss_with_grad(disc, seg, *args)
+    assert torch.equal(loss, kernel_ops.fada_loss(disc, seg, *args))
+    assert torch.equal(grad, kernel_ops.fada_loss_backward(torch.tensor(1.0), disc, seg, *args))
+    leaf = disc.clone().requires_grad_(True)
+    (kernel_ops.fada_loss_with_grad(leaf, seg, *args)[0] * 0.25).backward()
+    torch.testing.assert_close(leaf.grad, 0.25 * grad)
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 0)
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_gradcheck_with_grad(kernel_ops, reduction):
+    disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 3, 4, 5, 7, torch.float64, 5, True)
+    disc.requires_grad_(True)
+    fn = lambda d: kernel_ops.fada_loss_with_grad(d, seg, 1, T, CAP, 5, 7, weight, reduction)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_functional(kernel_ops):
+    """functional.fada_loss under torch.compile: the fused op when a gradient is needed."""
+    from fada_core.functional import fada_loss
+
+    disc, seg, weight = fada_loss_inputs(2, 4, 5, 6, 5, 6, 11, 13, torch.float32, 6, True)
+
+    def f(d, s, wt):
+        return fada_loss(d, s, "target", size=(11, 13), weight=wt, backend="kernel") + fada_loss(
+            d, s, "source", size=(11, 13), reduction="sum", backend="kernel"
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    d1 = disc.clone().requires_grad_(True)
+    d2 = disc.clone().requires_grad_(True)
+    want = f(d1, seg, weight)
+    got = compiled(d2, seg, weight)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d2.grad, d1.grad, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_gradcheck(kernel_ops, reduction):
     disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
@@ -269,3 +324,38 @@ def test_cuda_torch_compile_and_opcheck(cuda_kernel_ops):
 
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(disc, seg), f(disc, seg))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [((64, 128), (512, 1024)), ((65, 129), (512, 1024)), ((1, 1), (5, 7)),
+                                   ((6, 5), (3, 9)), ((2, 2), (3, 300))])
+def test_cuda_fast_path_fused_matches_reference(cuda_kernel_ops, dtype, sizes):
+    """Disc and seg at one size, cap 0.9: the staged kernel; fada_loss_with_grad against eager and the separate ops."""
+    (h, w), (out_h, out_w) = sizes
+    k, b = (19, 2) if h >= 64 else (3, 2)
+    disc, seg, weight = fada_loss_inputs(b, k, h, w, h, w, out_h, out_w, dtype, 21, True, scale=2.0, device="cuda")
+    for domain, reduction in ((0, 1), (1, 2)):
+        want, want_grad, _ = _eager(disc, seg, domain, (out_h, out_w), weight, reduction,
+                                    torch.tensor(1.0, dtype=dtype, device="cuda"))
+        args = (domain, T, CAP, out_h, out_w, weight, reduction)
+        got, got_grad = cuda_kernel_ops.fada_loss_with_grad(disc, seg, *args)
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+        again = cuda_kernel_ops.fada_loss_with_grad(disc, seg, *args)
+        assert torch.equal(again[0], got) and torch.equal(again[1], got_grad)
+        one = torch.tensor(1.0, dtype=dtype, device="cuda")
+        _assert_close(cuda_kernel_ops.fada_loss_backward(one, disc, seg, *args), got_grad, dtype)
+        _assert_close(cuda_kernel_ops.fada_loss(disc, seg, *args), got, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cap", [0.5, 0.3])
+def test_cuda_fast_path_and_fallback_agree_with_cpu(cuda_kernel_ops, cap):
+    """cap 0.5 takes the staged kernel, 0.3 the general kernels; both match the CPU kernels."""
+    disc, seg, weight = fada_loss_inputs(2, 19, 9, 17, 9, 17, 65, 129, torch.float32, 22, True)
+    args = (1, T, cap, 65, 129, weight, 1)
+    cpu = cuda_kernel_ops.fada_loss_with_grad(disc, seg, *args)
+    gpu = cuda_kernel_ops.fada_loss_with_grad(disc.cuda(), seg.cuda(), 1, T, cap, 65, 129, weight.cuda(), 1)
+    _assert_close(gpu[0].cpu(), cpu[0], torch.float32)
+    _assert_close(gpu[1].cpu(), cpu[1], torch.float32)

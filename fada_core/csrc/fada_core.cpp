@@ -25,6 +25,13 @@ TORCH_LIBRARY(fada_core, m) {
       "fada_loss_backward(Tensor grad, Tensor disc_logits, Tensor seg_logits, "
       "int domain, float temperature, float cap, int out_h, int out_w, "
       "Tensor? weight, int reduction) -> Tensor");
+  // The loss and its gradient for an upstream gradient of 1 (reduction mean
+  // or sum): the autograd backward is grad_out * grad_disc, so training
+  // computes both in one pass (one launch on the CUDA fast path).
+  m.def(
+      "fada_loss_with_grad(Tensor disc_logits, Tensor seg_logits, int domain, "
+      "float temperature, float cap, int out_h, int out_w, Tensor? weight, "
+      "int reduction) -> (Tensor loss, Tensor grad_disc)");
   m.def(
       "upsampled_cross_entropy(Tensor logits, Tensor labels, float temperature, "
       "int ignore_index, int reduction) -> Tensor");

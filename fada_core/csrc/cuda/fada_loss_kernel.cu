@@ -13,8 +13,10 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../common/fada_math.h"
+#include "staged_rows.cuh"
 #include "upsample_common.cuh"
 
 namespace fada {
@@ -105,9 +107,18 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
 }
 
+// Blocks per SM the general backward is held to: its float version sits at
+// the 4-block (16 warps, <= 128 registers) cliff (127 without the bound); the
+// double version would spill under it, so it gets no minimum.
+template <typename acc_t>
+constexpr int backward_min_blocks() {
+  return sizeof(acc_t) == 4 ? 4 : 1;
+}
+
 // grad: the (B, H, W) map when grad_is_map, else a scalar divided by grad_div.
+// At most 128 threads (adjoint_config).
 template <typename scalar_t, typename acc_t>
-__global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
+__global__ void __launch_bounds__(128, backward_min_blocks<acc_t>()) fada_backward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                                      const acc_t* __restrict__ weight, const acc_t* __restrict__ grad,
                                      bool grad_is_map, acc_t grad_div, FadaGeometry<acc_t> g, int64_t tj,
                                      acc_t* __restrict__ part) {
@@ -151,6 +162,283 @@ __global__ void fada_backward_kernel(const scalar_t* __restrict__ disc, const sc
     finish_chunk(blk, cx0, g.sdx, g.w);
   }
   write_partial_slots(blk, g.h, g.w, part);
+}
+
+// ------------------------------------------------------------------ fast path
+// Disc and seg logits at the same h x w (the FADA case) and cap >= 0.5: the
+// staged tiling of staged_rows.cuh, all 3K channels of a block's two source
+// rows interpolated horizontally once, kRows output rows per pass. Values are
+// kept in base-2 units (disc * log2(e), seg * log2(e) / T), so every exp is one
+// exp2 and the logsumexp one log2. With cap >= 0.5 only the argmax can exceed
+// the cap, so sum_c a_c = 1 - max(0, p_max - cap) with p_max = 1 / sum: no
+// extra pass. The gradient of a pass is summed per (channel, column) in
+// registers over its rows and written to shared memory once; the horizontal
+// adjoint and the slots are staged_rows.cuh's. kLoss / kGrad: which of the loss
+// and dL/d(disc) the launch computes (both: the fused forward + backward).
+
+constexpr int kRows = 4;  // output rows per pass: per-row state stays in registers
+
+template <typename acc_t>
+struct StagedGeometry {
+  int64_t K, h, w, H, W, off, tj, tiles;
+  int nx;
+  acc_t sy, sx;           // align_corners scales (both inputs share h x w)
+  acc_t disc_scale;       // log2(e)
+  acc_t seg_scale;        // log2(e) / T
+  acc_t cap;
+};
+
+// The staged kernel's float math on the device: single MUFU instructions
+// (ex2/lg2.approx.ftz, about 2 ulp like exp2f/log2f, which add instructions to
+// keep denormals) and one correctly rounded reciprocal instead of divisions.
+// Their domains make the flush harmless: exp2 of x <= 0 (a value minus its
+// row's maximum; a term below 2^-126 next to the maximum's 1 changes no float
+// sum), log2 and 1/x of a sum of exps >= 1. No fast-math anywhere else; double
+// and the host (the emulation test) use the library functions.
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp2_acc(acc_t x) {
+  return ::exp2(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t log2_acc(acc_t x) {
+  return ::log2(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t recip_acc(acc_t x) {
+  return static_cast<acc_t>(1) / x;
+}
+// max and min that may drop a NaN operand (one instruction): the callers
+// propagate NaN through the sums instead.
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_acc(acc_t a, acc_t b) {
+  return ::fmax(a, b);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t min_acc(acc_t a, acc_t b) {
+  return ::fmin(a, b);
+}
+#if defined(__CUDA_ARCH__)
+template <>
+__device__ __forceinline__ float exp2_acc<float>(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <>
+__device__ __forceinline__ float log2_acc<float>(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <>
+__device__ __forceinline__ float recip_acc<float>(float x) {
+  return __frcp_rn(x);
+}
+#endif
+template <>
+__device__ __forceinline__ float max_acc<float>(float a, float b) {
+  return ::fmaxf(a, b);
+}
+template <>
+__device__ __forceinline__ float min_acc<float>(float a, float b) {
+  return ::fminf(a, b);
+}
+
+// Shared memory of a staged block, in bytes from the start: per-thread
+// columns td[3K][nx] (top, bottom - top) and gradient sums gacc[2K][nx] (top,
+// bottom), the staged rows raw[3K][2][tj + 1], the per-source-column sums
+// hacc[2K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
+struct StagedLayout {
+  size_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
+};
+
+template <typename acc_t>
+__host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx, int64_t tj) {
+  const size_t a = sizeof(acc_t), ns = static_cast<size_t>(tj + 1), k = static_cast<size_t>(K);
+  StagedLayout l;
+  l.td = 0;
+  l.gacc = l.td + 3 * k * nx * 2 * a;
+  l.raw = l.gacc + 2 * k * nx * 2 * a;
+  l.hacc = l.raw + 3 * k * 2 * ns * a;
+  l.colw = l.hacc + 2 * k * 2 * ns * a;
+  l.colstart = l.colw + nx * a;
+  l.rows = l.colstart + (ns + 1) * sizeof(int);
+  l.bytes = l.rows + 2 * sizeof(int);
+  return l;
+}
+
+// One pass's gradient of a (channel, column): sum over its rows of g and of
+// ly * g, kept as (top, bottom) weights: top = sum (1 - ly) g = sum - bottom.
+template <typename acc_t>
+__device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, acc_t bottom, bool first) {
+  if (first) {
+    slot.x = sum - bottom;
+    slot.y = bottom;
+  } else {
+    slot.x += sum - bottom;
+    slot.y += bottom;
+  }
+}
+
+// grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1) divided
+// by grad_div. The main slots cover part_main, the spills part_spill (kGrad).
+template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
+__global__ void __launch_bounds__(kStagedMaxThreads)
+    fada_staged_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
+                       const acc_t* __restrict__ weight, const acc_t* __restrict__ grad, bool grad_is_map,
+                       acc_t grad_div, StagedGeometry<acc_t> g, scalar_t* __restrict__ out_map,
+                       acc_t* __restrict__ partials, acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
+  FADA_DYNAMIC_SHARED(unsigned char, smem);
+  const StagedLayout lay = staged_layout<acc_t>(g.K, g.nx, g.tj);
+  TwoOf<acc_t>* td = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.td);
+  TwoOf<acc_t>* gacc = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.gacc);
+  acc_t* raw = reinterpret_cast<acc_t*>(smem + lay.raw);
+  acc_t* hacc = reinterpret_cast<acc_t*>(smem + lay.hacc);
+  acc_t* colw = reinterpret_cast<acc_t*>(smem + lay.colw);
+  int* colstart = reinterpret_cast<int*>(smem + lay.colstart);
+  int* rows = reinterpret_cast<int*>(smem + lay.rows);
+
+  const int64_t K = g.K, C = 2 * K, ns_max = g.tj + 1;
+  const int nx = g.nx, tid = threadIdx.x;
+  const StagedTile t = staged_tile(g.tj, g.h, g.w);
+  const int64_t plane = g.h * g.w;
+  stage_rows(disc + t.b * C * plane, C, t, g.h, g.w, g.disc_scale, ns_max, raw);
+  stage_rows(seg + t.b * K * plane, K, t, g.h, g.w, g.seg_scale, ns_max, raw + C * 2 * ns_max);
+  if (kGrad) {
+    for (int e = tid; e < static_cast<int>(C * 2 * ns_max); e += nx) hacc[e] = 0;
+  }
+  staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
+  __syncthreads();
+
+  const int ya = rows[0], yb = rows[1], xa = colstart[0], xb = colstart[t.nj];
+  acc_t gscalar = 0;
+  if (kGrad && !grad_is_map) gscalar = (grad != nullptr ? grad[0] : static_cast<acc_t>(1)) / grad_div;
+  const acc_t one = 1, zero = 0, ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
+  const int k = static_cast<int>(K), c2 = static_cast<int>(C), ns = static_cast<int>(ns_max);
+  acc_t local = 0;  // this thread's loss sum (reductions)
+
+  for (int cx0 = xa; cx0 < xb && ya < yb; cx0 += nx) {
+    const int x = cx0 + tid;
+    if (x < xb) {
+      const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
+      const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
+      if (kGrad) colw[tid] = ix.lambda;
+      for (int c = 0; c < 3 * k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, i1, ix.lambda);
+      const TwoOf<acc_t>* tdisc = td + tid;
+      const TwoOf<acc_t>* tseg = td + c2 * nx + tid;
+      const TwoOf<acc_t>* tdom = td + static_cast<int>(g.off) * nx + tid;  // the domain's disc channels
+      const TwoOf<acc_t>* toth = td + (g.off == 0 ? k : 0) * nx + tid;   // the other K
+      TwoOf<acc_t>* gdom = gacc + static_cast<int>(g.off) * nx + tid;
+      TwoOf<acc_t>* goth = gacc + (g.off == 0 ? k : 0) * nx + tid;
+      const int64_t row0 = (t.b * g.H) * g.W + x;  // output pixel (b, y, x) = row0 + y * W
+
+      for (int y0 = ya; y0 < yb; y0 += kRows) {
+        const bool first = y0 == ya;
+        acc_t ly[kRows], m[kRows], ms[kRows], s[kRows], ss[kRows];
+#pragma unroll
+        for (int q = 0; q < kRows; ++q) {
+          ly[q] = y0 + q < yb ? source_index<acc_t>(g.sy, y0 + q, g.h).lambda : zero;
+          m[q] = ms[q] = -std::numeric_limits<acc_t>::infinity();
+          s[q] = ss[q] = 0;
+        }
+        // maxima (NaN may be dropped here; the sums below pick it up)
+        for (int c = 0; c < c2; ++c) {
+          const TwoOf<acc_t> v = tdisc[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) m[q] = max_acc(m[q], ly[q] * v.y + v.x);
+        }
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> v = tseg[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) ms[q] = max_acc(ms[q], ly[q] * v.y + v.x);
+        }
+        for (int c = 0; c < c2; ++c) {
+          const TwoOf<acc_t> v = tdisc[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) s[q] += exp2_acc(ly[q] * v.y + v.x - m[q]);
+        }
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> v = tseg[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) ss[q] += exp2_acc(ly[q] * v.y + v.x - ms[q]);
+        }
+        // per row: log2 of the disc sum (in s), 1 / seg sum (in ss), the
+        // gradient weight gw and alpha = gw * (sum_c a_c) / disc sum
+        acc_t gw[kRows], alpha[kRows], loss[kRows];
+#pragma unroll
+        for (int q = 0; q < kRows; ++q) {
+          gw[q] = 0;
+          if (kGrad && y0 + q < yb) {
+            const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
+            gw[q] = grad_is_map ? grad[pix] : gscalar;
+            if (weight != nullptr) gw[q] *= weight[pix];
+          }
+          ss[q] = recip_acc(ss[q]);  // p_max: the argmax's exp2 is 1
+          alpha[q] = gw[q] * (one - max_acc(ss[q] - g.cap, zero)) * recip_acc(s[q]);
+          s[q] = log2_acc(s[q]);
+          loss[q] = ss[q] - ss[q];  // 0, or NaN when the soft labels are (min_acc drops it)
+        }
+        // the domain's K channels: soft labels, loss, gradient
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> sv = tseg[c * nx], dv = tdom[c * nx];
+          acc_t sum = 0, bottom = 0;
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) {
+            const acc_t a = min_acc(exp2_acc(ly[q] * sv.y + sv.x - ms[q]) * ss[q], g.cap);
+            const acc_t z = ly[q] * dv.y + dv.x - m[q];
+            if (kLoss) loss[q] += a * (s[q] - z);
+            if (kGrad) {
+              const acc_t gc = alpha[q] * exp2_acc(z) - gw[q] * a;
+              sum += gc;
+              bottom += ly[q] * gc;
+            }
+          }
+          if (kGrad) accumulate_rows(gdom[c * nx], sum, bottom, first);
+        }
+        // the other K channels: gradient only (their soft label is 0)
+        if (kGrad) {
+          for (int c = 0; c < k; ++c) {
+            const TwoOf<acc_t> dv = toth[c * nx];
+            acc_t sum = 0, bottom = 0;
+#pragma unroll
+            for (int q = 0; q < kRows; ++q) {
+              const acc_t gc = alpha[q] * exp2_acc(ly[q] * dv.y + dv.x - m[q]);
+              sum += gc;
+              bottom += ly[q] * gc;
+            }
+            accumulate_rows(goth[c * nx], sum, bottom, first);
+          }
+        }
+        if (kLoss) {
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) {
+            if (y0 + q < yb) {
+              const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
+              acc_t l = loss[q] * ln2;
+              if (weight != nullptr) l *= weight[pix];
+              if (out_map != nullptr) {
+                out_map[pix] = static_cast<scalar_t>(l);
+              } else {
+                local += l;
+              }
+            }
+          }
+        }
+      }
+    }
+    if (kGrad) {
+      __syncthreads();
+      const int cx1 = cx0 + nx < xb ? cx0 + nx : xb;
+      staged_adjoint(t, C, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc);
+      __syncthreads();
+    }
+  }
+  if (kGrad) staged_write_slots(t, C, g.h, g.w, g.tiles, hacc, ns_max, part_main, part_spill);
+  if (kLoss && partials != nullptr) {
+    __shared__ acc_t shared[kStagedMaxThreads];
+    const acc_t block_total = block_sum(local, shared);
+    if (tid == 0) partials[(static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = block_total;
+  }
 }
 
 void check_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, int64_t out_h,
@@ -202,6 +490,176 @@ FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int6
   return g;
 }
 
+// The staged fast path's configuration, or tiles == 0 when it does not apply:
+// seg logits at the disc logits' size, cap >= 0.5 (closed-form soft-label sum),
+// in-block indices within int, the gather's grid (B * 2K <= 65535 planes), the
+// block's shared memory within the device's.
+template <typename acc_t>
+StagedConfig staged_config_for(const at::Tensor& disc, const at::Tensor& seg, double cap, int64_t out_h,
+                               int64_t out_w) {
+  const int64_t K = seg.size(1), w = disc.size(3);
+  if (cap < 0.5 || seg.size(2) != disc.size(2) || seg.size(3) != w) return StagedConfig();
+  if (out_h >= std::numeric_limits<int>::max() || out_w >= std::numeric_limits<int>::max()) return StagedConfig();
+  dim3 gather_grid;
+  if (!staged_gather_grid(disc.size(0) * disc.size(1), disc.size(2), w, gather_grid)) return StagedConfig();
+  const size_t limit = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
+  return choose_staged_config<acc_t>(align_corners_scale<acc_t>(w, out_w), w, out_w, limit,
+                                     [K](int nx, int64_t tj) { return staged_layout<acc_t>(K, nx, tj).bytes; });
+}
+
+template <typename acc_t>
+StagedGeometry<acc_t> staged_geometry(const FadaGeometry<acc_t>& f, const StagedConfig& cfg) {
+  StagedGeometry<acc_t> g;
+  g.K = f.K;
+  g.h = f.h;
+  g.w = f.w;
+  g.H = f.H;
+  g.W = f.W;
+  g.off = f.off;
+  g.tj = cfg.tj;
+  g.tiles = cfg.tiles;
+  g.nx = cfg.nx;
+  g.sy = f.sdy;
+  g.sx = f.sdx;
+  const acc_t log2e = static_cast<acc_t>(1.44269504088896340735992468100189214);
+  g.disc_scale = log2e;
+  g.seg_scale = log2e * f.inv_t;
+  g.cap = f.cap;
+  return g;
+}
+
+// What one staged launch reads and writes; unused outputs are nullptr / undefined.
+template <typename acc_t>
+struct StagedRun {
+  const acc_t* weight = nullptr;
+  const acc_t* grad = nullptr;
+  bool grad_is_map = false;
+  acc_t grad_div = 1;
+  at::Tensor out_map, partials, part_main, part_spill;
+};
+
+template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
+void launch_staged(const at::Tensor& disc, const at::Tensor& seg, const StagedGeometry<acc_t>& g,
+                   const StagedConfig& cfg, const StagedRun<acc_t>& run, cudaStream_t stream) {
+  if (cfg.smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(cfg.tiles), static_cast<unsigned>(g.h), static_cast<unsigned>(disc.size(0)));
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
+  FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
+      disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), run.weight, run.grad, run.grad_is_map, run.grad_div, g,
+      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials), ptr(run.part_main),
+      ptr(run.part_spill));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Slots of the staged backward (staged_rows.cuh). Under the emulation test
+// they start as NaN, so that a slot the kernel fails to write shows.
+template <typename acc_t>
+void staged_slots(const at::Tensor& disc, const StagedConfig& cfg, StagedRun<acc_t>& run) {
+  const int64_t B = disc.size(0), C = disc.size(1), h = disc.size(2), w = disc.size(3);
+  const auto opts = disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  run.part_main = at::empty({B * h * 2 * C * w}, opts);
+  run.part_spill = at::empty({B * h * 2 * C * cfg.tiles}, opts);
+#ifdef FADA_CUDA_EMULATION
+  run.part_main.fill_(std::numeric_limits<double>::quiet_NaN());
+  run.part_spill.fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+}
+
+template <typename scalar_t, typename acc_t>
+void gather_staged(const StagedRun<acc_t>& run, const StagedConfig& cfg, const at::Tensor& grad_disc,
+                   cudaStream_t stream) {
+  dim3 grid;
+  const bool fits = staged_gather_grid(grad_disc.size(0) * grad_disc.size(1), grad_disc.size(2), grad_disc.size(3), grid);
+  TORCH_INTERNAL_ASSERT(fits, "staged_config_for admitted a plane the gather cannot take");
+  FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
+      run.part_main.template data_ptr<acc_t>(), run.part_spill.template data_ptr<acc_t>(), grad_disc.size(1),
+      static_cast<int>(grad_disc.size(2)), static_cast<int>(grad_disc.size(3)), static_cast<int>(cfg.tj), cfg.tiles,
+      grad_disc.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out[0] = sum of the partials / divisor, in a fixed order.
+template <typename scalar_t, typename acc_t>
+void reduce_loss(const at::Tensor& partials, acc_t divisor, const at::Tensor& out, cudaStream_t stream) {
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, acc_t>)(
+      partials.data_ptr<acc_t>(), partials.numel(), nullptr, divisor, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The loss into `out` ((B, H, W) for reduction none, else a scalar).
+template <typename scalar_t, typename acc_t>
+void forward_into(const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, const FadaGeometry<acc_t>& g,
+                  const StagedConfig& cfg, int64_t reduction, const at::Tensor& out, cudaStream_t stream) {
+  const int64_t B = disc.size(0), total = B * g.H * g.W;
+  const acc_t* wptr = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
+  const acc_t divisor = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
+  const auto acc_opts = disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  if (cfg.tiles > 0) {
+    StagedRun<acc_t> run;
+    run.weight = wptr;
+    if (reduction == 0) run.out_map = out;
+    else run.partials = at::empty({cfg.tiles * g.h * B}, acc_opts);
+    launch_staged<scalar_t, acc_t, true, false>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
+    if (reduction != 0) reduce_loss<scalar_t, acc_t>(run.partials, divisor, out, stream);
+    return;
+  }
+  const int64_t blocks = pixel_blocks(total);
+  if (reduction == 0) {
+    FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
+        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<scalar_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    at::Tensor partials = at::empty({blocks}, acc_opts);
+    FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
+        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, nullptr, partials.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    reduce_loss<scalar_t, acc_t>(partials, divisor, out, stream);
+  }
+}
+
+// dL/d(disc) into grad_disc (contiguous); g_acc: the (B, H, W) map for
+// reduction none, else the scalar upstream gradient.
+template <typename scalar_t, typename acc_t>
+void backward_into(const at::Tensor& g_acc, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
+                   const FadaGeometry<acc_t>& g, const StagedConfig& cfg, int64_t reduction,
+                   const at::Tensor& grad_disc, cudaStream_t stream) {
+  const int64_t B = disc.size(0), C = 2 * g.K;
+  const acc_t grad_div = reduction == 1 ? static_cast<acc_t>(B * g.H * g.W) : static_cast<acc_t>(1);
+  const acc_t* wptr = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
+  if (cfg.tiles > 0) {
+    StagedRun<acc_t> run;
+    run.weight = wptr;
+    run.grad = g_acc.data_ptr<acc_t>();
+    run.grad_is_map = reduction == 0;
+    run.grad_div = grad_div;
+    staged_slots(disc, cfg, run);
+    launch_staged<scalar_t, acc_t, false, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
+    gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
+    return;
+  }
+  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.w, g.W, fada_backward_kernel<scalar_t, acc_t>);
+  at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
+  FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
+      disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g_acc.data_ptr<acc_t>(), reduction == 0, grad_div, g,
+      acfg.tj, part.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t n = grad_disc.numel();
+  FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
+      part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_disc.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor loss_output(const at::Tensor& disc, int64_t out_h, int64_t out_w, int64_t reduction) {
+  const int64_t B = disc.size(0);
+  at::Tensor out = reduction == 0 ? at::empty({B, out_h, out_w}, disc.options()) : at::empty({}, disc.options());
+  if (B == 0 && reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+  return out;
+}
+
 at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
                           double temperature, double cap, int64_t out_h, int64_t out_w,
                           const c10::optional<at::Tensor>& weight, int64_t reduction) {
@@ -209,35 +667,16 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
   c10::cuda::CUDAGuard guard(disc_logits.device());
   const at::Tensor disc = disc_logits.contiguous();
   const at::Tensor seg = seg_logits.contiguous();
-  const int64_t B = disc.size(0);
-  at::Tensor out = reduction == 0 ? at::empty({B, out_h, out_w}, disc.options()) : at::empty({}, disc.options());
-  if (B == 0) {
-    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return out;
-  }
+  at::Tensor out = loss_output(disc, out_h, out_w, reduction);
+  if (disc.size(0) == 0) return out;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+    const at::Tensor wt = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
+                                             : at::Tensor();
     const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
-    const int64_t total = B * out_h * out_w;
-    const int64_t blocks = pixel_blocks(total);
-    const acc_t* wptr = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
-    if (reduction == 0) {
-      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
-          disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<scalar_t>(), nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      at::Tensor partials = at::empty({blocks}, disc.options().dtype(acc_type));
-      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
-          disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, nullptr, partials.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const acc_t divisor = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
-      FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, acc_t>)(
-          partials.data_ptr<acc_t>(), blocks, nullptr, divisor, out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
   });
   return out;
 }
@@ -267,22 +706,56 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
     const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
     const at::Tensor g_acc = grad.to(acc_type).contiguous();
     const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
-    const int64_t C = 2 * g.K;
-    const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, fada_backward_kernel<scalar_t, acc_t>);
-    at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, disc.options().dtype(acc_type));
-    const acc_t grad_div = reduction == 1 ? static_cast<acc_t>(B * out_h * out_w) : static_cast<acc_t>(1);
-    const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-    FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
-        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wt.defined() ? wt.data_ptr<acc_t>() : nullptr,
-        g_acc.data_ptr<acc_t>(), reduction == 0, grad_div, g, cfg.tj, part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t n = grad_disc.numel();
-    FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
-        part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_disc.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    backward_into<scalar_t, acc_t>(g_acc, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
   });
   if (!grad_disc.is_same(result)) result.copy_(grad_disc);
   return result;
+}
+
+// The loss and G = dL/d(disc) for an upstream gradient of 1 (reduction mean or
+// sum; the autograd backward is grad_out * G). On the fast path one launch
+// computes both (then the fixed-order loss sum and the gradient gather); else
+// the forward and backward kernels run one after the other.
+std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& disc_logits,
+                                                            const at::Tensor& seg_logits, int64_t domain,
+                                                            double temperature, double cap, int64_t out_h,
+                                                            int64_t out_w, const c10::optional<at::Tensor>& weight,
+                                                            int64_t reduction) {
+  check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
+  TORCH_CHECK(reduction != 0, "fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)");
+  c10::cuda::CUDAGuard guard(disc_logits.device());
+  const at::Tensor disc = disc_logits.contiguous();
+  const at::Tensor seg = seg_logits.contiguous();
+  at::Tensor out = loss_output(disc, out_h, out_w, reduction);
+  at::Tensor result = at::empty_like(disc_logits);
+  if (disc.size(0) == 0) return {out, result};
+  at::Tensor grad_disc = disc_logits.is_contiguous() ? result : at::empty_like(disc);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    if (cfg.tiles == 0) {
+      forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
+      backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg, reduction,
+                                     grad_disc, stream);
+      return;
+    }
+    const int64_t B = disc.size(0), total = B * out_h * out_w;
+    StagedRun<acc_t> run;
+    run.weight = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
+    run.grad_div = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
+    run.partials = at::empty({cfg.tiles * g.h * B}, disc.options().dtype(acc_type));
+    staged_slots(disc, cfg, run);
+    launch_staged<scalar_t, acc_t, true, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
+    reduce_loss<scalar_t, acc_t>(run.partials, run.grad_div, out, stream);
+    gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
+  });
+  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
+  return {out, result};
 }
 
 }  // namespace
@@ -293,5 +766,6 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
 TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
   m.impl("fada_loss", &fada::cuda::fada_loss_cuda);
   m.impl("fada_loss_backward", &fada::cuda::fada_loss_backward_cuda);
+  m.impl("fada_loss_with_grad", &fada::cuda::fada_loss_with_grad_cuda);
 }
 #endif

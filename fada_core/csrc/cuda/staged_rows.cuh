@@ -1,0 +1,264 @@
+// Staged separable interpolation for the CUDA fast paths (inputs and output
+// aligned by bilinear align_corners upsampling, every low-resolution input at
+// one h x w): reusable device and host pieces. The FADA loss fast path
+// (fada_loss_kernel.cu) uses them; the upsampled cross-entropy can use the
+// same tiling.
+//
+// Tiling, and why it needs no float atomics: a block owns batch item b, the
+// output rows whose lower source row i0(y) is r (blockIdx.y), and the output
+// columns whose lower source column i0(x) lies in the tile [j0, j0 + nj) of
+// source columns (blockIdx.x; a partition of the output, no halo). It stages
+// the two source rows r and i1(r) of every channel for the columns
+// [j0, j0 + ns), ns = nj + 1 unless the tile ends at the last column, in
+// shared memory; one thread per output column interpolates them horizontally
+// once (top value and bottom - top per channel), so each output row's value is
+// one FMA. The gradient of a block lands on source rows r ("top") and i1(r)
+// ("bottom") and on columns [j0, j0 + ns): the first nj into its slots of
+// part_main[b][r][top|bottom][c][j], column j0 + nj (reached only through
+// i1(x)) into part_spill[b][r][top|bottom][c][tile]. staged_gather_kernel then
+// adds the slots of each low-resolution element in a fixed order.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../common/fada_math.h"
+#include "device_support.cuh"
+#include "upsample_common.cuh"
+
+namespace fada {
+namespace cuda {
+
+// Values read with one 64-bit (float) or 128-bit (double) shared-memory access.
+template <typename T>
+struct alignas(2 * sizeof(T)) TwoOf {
+  T x, y;
+};
+
+// Largest block of the staged kernels: one thread per output column, blocks of
+// 32, 64 or 128 threads (powers of two, for block_sum).
+constexpr int kStagedMaxThreads = 128;
+
+// A staged tile: tj source columns per block (the last tile may hold fewer),
+// nx threads, output columns of a tile in ceil(columns / nx) chunks.
+struct StagedConfig {
+  int64_t tj = 0;
+  int nx = 0;
+  int64_t tiles = 0;
+  size_t smem = 0;
+};
+
+// Host: first output index whose lower source index is >= j, for j = 0..in
+// (the last entry is out). The same float arithmetic as source_index on the
+// device, so host and device agree on every boundary.
+template <typename acc_t>
+std::vector<int64_t> first_output_at_or_beyond(acc_t scale, int64_t in, int64_t out) {
+  std::vector<int64_t> first(static_cast<size_t>(in + 1), out);
+  int64_t j = 0;
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t i0 = source_index<acc_t>(scale, o, in).i0;
+    while (j <= i0) first[static_cast<size_t>(j++)] = o;
+  }
+  return first;
+}
+
+// Host: the tile width and block size that waste the fewest thread-chunk slots
+// on the widest tile (idle lanes), among those whose shared memory fits in
+// `limit` (smem_of(nx, tj) bytes). Ties go to the wider tile (fewer staged
+// halo columns). tiles == 0 when nothing fits. Depends only on the shapes and
+// `limit`, so the summation order is the same on every run.
+template <typename acc_t, typename SmemOf>
+StagedConfig choose_staged_config(acc_t sx, int64_t w, int64_t W, size_t limit, SmemOf smem_of) {
+  const std::vector<int64_t> first = first_output_at_or_beyond<acc_t>(sx, w, W);
+  StagedConfig best;
+  int64_t best_cost = -1;
+  for (int64_t tj = 1; tj <= 32 && tj <= w; ++tj) {
+    int64_t widest = 0;
+    for (int64_t j0 = 0; j0 < w; j0 += tj) {
+      const int64_t j1 = j0 + tj < w ? j0 + tj : w;
+      const int64_t cols = first[static_cast<size_t>(j1)] - first[static_cast<size_t>(j0)];
+      widest = cols > widest ? cols : widest;
+    }
+    int nx = 32;
+    while (nx < kStagedMaxThreads && nx < widest) nx *= 2;
+    const size_t smem = smem_of(nx, tj);
+    if (smem > limit) continue;
+    const int64_t tiles = ceil_div(w, tj);
+    const int64_t chunks = widest > nx ? ceil_div(widest, nx) : 1;
+    const int64_t cost = tiles * nx * chunks;
+    if (best_cost < 0 || cost <= best_cost) {
+      best_cost = cost;
+      best.tj = tj;
+      best.nx = nx;
+      best.tiles = tiles;
+      best.smem = smem;
+    }
+  }
+  return best;
+}
+
+// Device: the block's place in the tiling (see the top comment).
+struct StagedTile {
+  int64_t b, r, r1;  // batch item, source rows r (top) and i1(r) (bottom)
+  int64_t tile, j0, nj, ns;
+};
+
+__device__ __forceinline__ StagedTile staged_tile(int64_t tj, int64_t h, int64_t w) {
+  StagedTile t;
+  t.b = blockIdx.z;
+  t.r = blockIdx.y;
+  t.r1 = t.r + 1 < h ? t.r + 1 : h - 1;
+  t.tile = blockIdx.x;
+  t.j0 = t.tile * tj;
+  t.nj = t.j0 + tj < w ? tj : w - t.j0;
+  t.ns = t.j0 + t.nj < w ? t.nj + 1 : t.nj;
+  return t;
+}
+
+// Device: colstart[jj] (jj = 0..nj) = first output column whose lower source
+// column is >= j0 + jj, rows[0..1] = the output rows of group r; each entry by
+// its own thread. The caller synchronises.
+template <typename acc_t>
+__device__ __forceinline__ void staged_ranges(const StagedTile& t, acc_t sy, acc_t sx, int64_t h, int64_t w, int64_t H,
+                                              int64_t W, int* colstart, int* rows) {
+  for (int64_t jj = threadIdx.x; jj <= t.nj; jj += blockDim.x) {
+    colstart[jj] = static_cast<int>(first_at_or_beyond<acc_t>(t.j0 + jj, sx, w, W));
+  }
+  if (threadIdx.x == blockDim.x - 1) rows[0] = static_cast<int>(first_at_or_beyond<acc_t>(t.r, sy, h, H));
+  if (threadIdx.x == blockDim.x - 2) rows[1] = static_cast<int>(first_at_or_beyond<acc_t>(t.r + 1, sy, h, H));
+}
+
+// Device: stages rows r and r1 of `channels` planes (each h x w, plane stride
+// h * w, starting at `planes`), columns [j0, j0 + ns), times `scale`, into
+// raw[(c * 2 + row) * ns_max + jj]. In-block indices are ints (a block's
+// shared memory holds them). The caller synchronises.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, int64_t channels, const StagedTile& t,
+                                           int64_t h, int64_t w, acc_t scale, int64_t ns_max, acc_t* raw) {
+  const int ns = static_cast<int>(t.ns), per_channel = 2 * ns, total = static_cast<int>(channels) * per_channel;
+  const scalar_t* top = planes + t.r * w + t.j0;
+  const int64_t bottom_offset = (t.r1 - t.r) * w, plane = h * w;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int c = e / per_channel, rest = e - c * per_channel;
+    const int row = rest >= ns ? 1 : 0, jj = rest - row * ns;
+    const scalar_t v = top[c * plane + (row ? bottom_offset : 0) + jj];
+    raw[(c * 2 + row) * static_cast<int>(ns_max) + jj] = static_cast<acc_t>(v) * scale;
+  }
+}
+
+// Device, one thread: the horizontal interpolation of one staged channel at an
+// output column with local source indices i0, i1 and weight lx: (top value,
+// bottom - top), so that row y's value is fma(ly, .y, .x).
+template <typename acc_t>
+__device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, int i1,
+                                                      acc_t lx) {
+  const acc_t* bottom = raw_channel + static_cast<int>(ns_max);
+  const acc_t top = lerp(raw_channel[i0], raw_channel[i1], lx);
+  TwoOf<acc_t> v;
+  v.x = top;
+  v.y = lerp(bottom[i0], bottom[i1], lx) - top;
+  return v;
+}
+
+// Device, after a barrier: the horizontal adjoint of one chunk of output
+// columns [cx0, cx1). gacc[c * nx + (x - cx0)] holds column x's gradient sums
+// (top row, bottom row) of channel c, colw[x - cx0] its lambda. Adds into
+// hacc[(c * 2 + top|bottom) * ns_max + jj] for the staged columns, each in a
+// fixed order: first the columns reaching j0 + jj through i1 (lambda), then
+// those whose i0 it is (1 - lambda, + lambda at the clamped last column).
+template <typename acc_t>
+__device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t channels, int64_t w, int cx0, int cx1,
+                                               int nx, const int* colstart, const TwoOf<acc_t>* gacc,
+                                               const acc_t* colw, int64_t ns_max, acc_t* hacc) {
+  const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
+  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
+    const int c = e / ns, jj = e - c * ns;
+    const TwoOf<acc_t>* gc = gacc + c * nx - cx0;
+    const acc_t* wc = colw - cx0;
+    acc_t st = 0, sb = 0;
+    if (jj > 0) {  // columns whose i0 is the previous source column
+      const int lo = colstart[jj - 1] > cx0 ? colstart[jj - 1] : cx0;
+      const int hi = colstart[jj] < cx1 ? colstart[jj] : cx1;
+      for (int x = lo; x < hi; ++x) {
+        st += wc[x] * gc[x].x;
+        sb += wc[x] * gc[x].y;
+      }
+    }
+    if (jj < nj) {
+      const bool clamped = t.j0 + jj == w - 1;  // i1 == i0: both weights land here
+      const int lo = colstart[jj] > cx0 ? colstart[jj] : cx0;
+      const int hi = colstart[jj + 1] < cx1 ? colstart[jj + 1] : cx1;
+      for (int x = lo; x < hi; ++x) {
+        const acc_t wx = clamped ? static_cast<acc_t>(1) : static_cast<acc_t>(1) - wc[x];
+        st += wx * gc[x].x;
+        sb += wx * gc[x].y;
+      }
+    }
+    hacc[(c * 2 + 0) * stride + jj] += st;
+    hacc[(c * 2 + 1) * stride + jj] += sb;
+  }
+}
+
+// Device: the block's sums into its main and spill slots (see the top comment).
+template <typename acc_t>
+__device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t channels, int64_t h, int64_t w,
+                                                   int64_t tiles, const acc_t* hacc, int64_t ns_max,
+                                                   acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
+  const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
+  acc_t* main_top = part_main + ((t.b * h + t.r) * 2) * channels * w + t.j0;  // then + tb * channels * w + c * w
+  acc_t* spill_top = part_spill + ((t.b * h + t.r) * 2) * channels * tiles + t.tile;
+  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
+    const int c = e / ns, jj = e - c * ns;
+    for (int tb = 0; tb < 2; ++tb) {
+      const acc_t v = hacc[(c * 2 + tb) * stride + jj];
+      if (jj < nj) {
+        main_top[(tb * channels + c) * w + jj] = v;
+      } else {
+        spill_top[(tb * channels + c) * tiles] = v;
+      }
+    }
+  }
+}
+
+// grad[b][c][i][j] from the slots: main top of row group i, main bottom of
+// group i - 1 (and of group h - 1 on the last row, whose i1 is itself), then
+// the same from the previous tile's spill when j starts a tile. Fixed order.
+// Grid: x = chunks of kGatherThreads columns, y = row i, z = plane b * C + c
+// (staged_gather_grid checks the limits), so no index needs a division but
+// the block's b = z / C.
+constexpr int kGatherThreads = 128;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kGatherThreads)
+    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int64_t C,
+                         int h, int w, int tj, int64_t tiles, scalar_t* __restrict__ grad) {
+  const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
+  if (j >= w) return;
+  const int i = blockIdx.y;
+  const int64_t plane = blockIdx.z, b = plane / C, c = plane - b * C;
+  // slot (row group, top|bottom) of this (b, c): ((b * h + row) * 2 + tb) * C + c
+  const int64_t top = ((b * h + i) * 2) * C + c, up = top - C;  // (i, top); (i - 1, bottom); (i, bottom) = top + C
+  acc_t v = part_main[top * w + j];
+  if (i > 0) v += part_main[up * w + j];
+  if (i == h - 1) v += part_main[(top + C) * w + j];
+  const int prev = j / tj - 1;
+  if (j > 0 && j == (prev + 1) * tj) {
+    v += part_spill[top * tiles + prev];
+    if (i > 0) v += part_spill[up * tiles + prev];
+    if (i == h - 1) v += part_spill[(top + C) * tiles + prev];
+  }
+  grad[(plane * h + i) * w + j] = static_cast<scalar_t>(v);
+}
+
+// Host: the gather's grid, or false when the shape exceeds it.
+inline bool staged_gather_grid(int64_t planes, int64_t h, int64_t w, dim3& grid) {
+  if (planes > 65535 || h > 65535 || w >= (int64_t{1} << 30)) return false;
+  grid = dim3(static_cast<unsigned>(ceil_div(w, kGatherThreads)), static_cast<unsigned>(h),
+              static_cast<unsigned>(planes));
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace fada
