@@ -150,7 +150,7 @@ def test_same_bits_every_run(emulated_cuda_ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_channel_limit_matches_python_guard(emulated_cuda_ops, dtype):
+def test_channel_limit_matches_python_guard(emulated_cuda_ops, kernel_ops, dtype):
     """functional._cuda_backward_fits mirrors adjoint_config: the largest channel count it allows
     runs (through the > 48 KB shared-memory path) and the next one is refused with the reason."""
     limit = max(c for c in range(1, 2000) if _cuda_backward_fits(c, dtype, H100_SHARED_BYTES))
@@ -240,3 +240,25 @@ def test_class_stats_bad_labels_reported_without_sync(emulated_cuda_ops):
         emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
     got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
     assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, 3, 255))
+
+
+def test_cross_entropy_bad_labels_reported_without_sync(emulated_cuda_ops):
+    """As for the statistics: NaN loss and gradient from the faulty call, a ValueError from the next
+    call (forward or backward) or check_label_errors(), then normal results again."""
+    logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float32, 2, 0.2)
+    bad = labels.clone()
+    bad[0, 2, 3] = 3
+    assert torch.isnan(emulated_cuda_ops.upsampled_cross_entropy(logits, bad, T, 255, 1))
+    with pytest.raises(ValueError, match=r"upsampled_cross_entropy: labels .*\[0, 3\) or ignore_index=255; found 3"):
+        emulated_cuda_ops.check_label_errors()
+    grad = emulated_cuda_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, bad, T, 255, 1)
+    assert grad.isnan().any()
+    with pytest.raises(ValueError, match="found 3"):
+        emulated_cuda_ops.upsampled_cross_entropy(logits, labels, T, 255, 0)
+    per_pixel = emulated_cuda_ops.upsampled_cross_entropy(logits, bad, T, 255, 0)
+    assert per_pixel[0, 2, 3].isnan() and per_pixel.isnan().sum() == 1  # only the bad pixel
+    with pytest.raises(ValueError, match="found 3"):
+        emulated_cuda_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, T, 255, 1)
+    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)

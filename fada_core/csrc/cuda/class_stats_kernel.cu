@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -150,9 +151,61 @@ __device__ __forceinline__ void accumulate_step(ClassRun& run, unsigned change, 
   }
 }
 
+// How partial_stats reads the features.
+enum class Layout : int {
+  kChannelsLast,  // lane = channel: a pixel's 32 channels are one coalesced load, straight into the lanes
+  kPlanes,        // NCHW: lane = pixel for the load (a channel's 32 pixels), a shared tile turns it around
+  kPlanesVec16,   // NCHW, planes 16-byte aligned: the tile filled with 16-byte loads
+};
+
+// NCHW: channels [c0, c0 + 32) x pixels [base, base + 32) of image plane
+// `x_c0` (channel c0, pixel 0) into tile[channel][pixel]; zeros past n pixels
+// or past the last channel. `full`: 32 pixels and 32 channels (no test per load).
+template <typename scalar_t, Layout kLayout>
+__device__ __forceinline__ void fill_tile(scalar_t* tile, const scalar_t* x_c0, int64_t stride_c, int64_t base,
+                                          int64_t n, int64_t channels_left, bool full, int lane) {
+  if (kLayout == Layout::kPlanesVec16) {
+    // kVec pixels per lane and load, 32 / kVec lanes per channel row, kVec
+    // rows per instruction. Tile stores of a load land in distinct banks.
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    constexpr int kLanesPerRow = kLanes / kVec;
+    const int q = lane % kLanesPerRow;  // which kVec pixels
+    const int r0 = lane / kLanesPerRow;  // first channel row
+    const bool in = q * kVec < n;  // n is a multiple of kVec (host: hw % kVec == 0)
+    const scalar_t* src = x_c0 + r0 * stride_c + base + q * kVec;
+#pragma unroll
+    for (int it = 0; it < kLanes / kVec; ++it) {
+      const int r = r0 + it * kVec;
+      uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+      if (full || (in && r < channels_left)) raw = *reinterpret_cast<const uint4*>(src);
+      scalar_t vals[kVec];
+      memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) tile[r * kTileStride + q * kVec + i] = vals[i];
+      src += kVec * stride_c;
+    }
+  } else {
+    const bool in = lane < n;
+    const scalar_t* src = x_c0 + base + lane;
+    if (full) {
+#pragma unroll
+      for (int r = 0; r < kLanes; ++r) {
+        tile[r * kTileStride + lane] = *src;
+        src += stride_c;
+      }
+      return;
+    }
+#pragma unroll
+    for (int r = 0; r < kLanes; ++r) {
+      tile[r * kTileStride + lane] = (in && r < channels_left) ? *src : scalar_t(0);
+      src += stride_c;
+    }
+  }
+}
+
 // Shared memory per warp: the NCHW tile [32][33] scalar_t (channels_last: none),
 // then, when they fit, the accumulators sum[K][32], sq[K][32].
-template <typename scalar_t, bool kChannelsLast>
+template <typename scalar_t, Layout kLayout>
 __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g, const int32_t* __restrict__ slot,
                                      const double* __restrict__ shifts, int num_classes, bool shared_acc,
                                      int64_t warp_smem_bytes, double* __restrict__ part1,
@@ -178,7 +231,8 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
   const int64_t slice = (split * num_classes) * g.channels;  // the unit's partials: [K][C] at column c
   Accumulators acc;
   if (shared_acc) {
-    const int64_t tile_bytes = kChannelsLast ? 0 : kLanes * kTileStride * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t tile_bytes =
+        kLayout == Layout::kChannelsLast ? 0 : kLanes * kTileStride * static_cast<int64_t>(sizeof(scalar_t));
     acc.sum = reinterpret_cast<double*>(warp_smem + ((tile_bytes + 7) / 8) * 8) + lane;
     acc.sq = acc.sum + static_cast<int64_t>(num_classes) * kLanes;
     acc.stride = kLanes;
@@ -196,6 +250,10 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
   const double* shifts_c = shifts + c;
   const int32_t* slot_b = slot + b * g.hw;
   const scalar_t* x_b = x + b * g.stride_b;
+  // channels_last: lanes past the last channel read the last one (never stored)
+  const scalar_t* x_lane = x_b + (active ? c : g.channels - 1) * g.stride_c;
+  const scalar_t* x_c0 = x_b + c0 * g.stride_c;
+  const int64_t channels_left = g.channels - c0;
   ClassRun run{num_classes, 0.0, 0.0, 0.0};
 
   for (int64_t base = p_begin; base < p_end; base += kLanes) {
@@ -204,21 +262,27 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
     int before = __shfl_up_sync(kFullMask, k, 1);
     if (lane == 0) before = run.k;
     const unsigned change = __ballot_sync(kFullMask, k != before);
-    if (kChannelsLast) {
-      // lane = channel: pixel j's 32 channels are one coalesced load
+    if (kLayout == Layout::kChannelsLast) {
       scalar_t v[kLanes];
-      const scalar_t* px = x_b + base * g.stride_p + c;
+      const scalar_t* src = x_lane + base * g.stride_p;
+      if (n >= kLanes) {  // a whole step: no test per pixel
 #pragma unroll
-      for (int j = 0; j < kLanes; ++j) v[j] = (active && j < n) ? px[j * g.stride_p] : scalar_t(0);
+        for (int j = 0; j < kLanes; ++j) {
+          v[j] = *src;
+          src += g.stride_p;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kLanes; ++j) {
+          v[j] = j < n ? *src : scalar_t(0);
+          src += g.stride_p;
+        }
+      }
       accumulate_step(run, change, k, acc, active, num_classes, shifts_c, g.channels,
                       [&](int j) { return to_double(v[j]); });
     } else {
-      // lane = pixel for the load (channel r's 32 pixels coalesced), then
-      // lane = channel for the sums: the tile's row `lane`
-      const scalar_t* px = x_b + c0 * g.stride_c + base + lane;
-#pragma unroll
-      for (int r = 0; r < kLanes; ++r)
-        tile[r * kTileStride + lane] = (lane < n && c0 + r < g.channels) ? px[r * g.stride_c] : scalar_t(0);
+      fill_tile<scalar_t, kLayout>(tile, x_c0, g.stride_c, base, n, channels_left, n >= kLanes && channels_left >= kLanes,
+                                   lane);
       __syncwarp();
       const scalar_t* row = tile + lane * kTileStride;
       accumulate_step(run, change, k, acc, active, num_classes, shifts_c, g.channels,
@@ -290,11 +354,11 @@ int64_t split_length(int64_t batch, int64_t hw) {
 }
 
 // The launch of partial_stats for one dtype and layout.
-template <typename scalar_t, bool kChannelsLast>
+template <typename scalar_t, Layout kLayout>
 void launch_partial_stats(const scalar_t* x, const Geometry& g, const at::Tensor& slot, const at::Tensor& shifts,
                           int64_t num_classes, at::Tensor& part1, at::Tensor& part2, cudaStream_t stream) {
   const int64_t units = (g.channels + kLanes - 1) / kLanes * g.batch * g.splits_per_image;
-  const int64_t tile_bytes = kChannelsLast ? 0 : (kLanes * kTileStride * static_cast<int64_t>(sizeof(scalar_t)) + 7) / 8 * 8;
+  const int64_t tile_bytes = kLayout == Layout::kChannelsLast ? 0 : (kLanes * kTileStride * static_cast<int64_t>(sizeof(scalar_t)) + 7) / 8 * 8;
   const int64_t acc_bytes = 2 * num_classes * kLanes * static_cast<int64_t>(sizeof(double));
   // Accumulators in shared memory when one warp's fit in the default 48 KB of a
   // block (K <= 85 with an fp32 NCHW tile; K = 19: 3 warps per block); beyond,
@@ -307,31 +371,19 @@ void launch_partial_stats(const scalar_t* x, const Geometry& g, const at::Tensor
   const int64_t blocks = (units + warps - 1) / warps;
   TORCH_CHECK(blocks <= 0x7fffffff, "class_center_stats: too many channels x pixels");
   FADA_LAUNCH(dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(warps * kLanes)),
-              static_cast<size_t>(warp_bytes * warps), stream, partial_stats_kernel<scalar_t, kChannelsLast>)(
+              static_cast<size_t>(warp_bytes * warps), stream, partial_stats_kernel<scalar_t, kLayout>)(
       x, g, slot.data_ptr<int32_t>(), shifts.data_ptr<double>(), static_cast<int>(num_classes), shared_acc,
       warp_bytes, part1.data_ptr<double>(), part2.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at::Tensor& features_in,
-                                                                       const at::Tensor& labels,
-                                                                       int64_t num_classes,
-                                                                       int64_t ignore_index) {
-  stats::check_class_stats_args(features_in, labels);
-  fada::cuda::raise_pending_label_errors();
-  // int32 slots, and a class index that fits the warp's int registers
-  TORCH_CHECK(num_classes > 0 && num_classes < (int64_t{1} << 30),
-              "class_center_stats (CUDA): num_classes must be in [1, 2^30), got ", num_classes);
-  TORCH_CHECK(labels.numel() < (int64_t{1} << 62), "class_center_stats (CUDA): too many pixels");
-
+// Fills (counts, means, m2) (float64 zeros) for B * h * w > 0 pixels.
+void launch_class_stats(const at::Tensor& features_in, const at::Tensor& labels, int64_t num_classes,
+                        int64_t ignore_index, at::Tensor& counts, at::Tensor& means, at::Tensor& m2) {
   const c10::cuda::CUDAGuard guard(features_in.device());
   const int64_t channels = features_in.size(1);
   const auto opts = features_in.options().dtype(at::kDouble);
-  at::Tensor counts = at::zeros({num_classes}, opts);
-  at::Tensor means = at::zeros({num_classes, channels}, opts);
-  at::Tensor m2 = at::zeros({num_classes}, opts);
   const int64_t num_pixels = labels.numel();
-  if (num_pixels == 0) return {counts, means, m2};
 
   // Pixels of an image must be one stride apart: NCHW or channels_last as
   // they are, anything else made NCHW.
@@ -371,10 +423,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
               x, g, reinterpret_cast<const u64*>(first.data_ptr<int64_t>()), num_classes,
               shifts.data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          constexpr int64_t kVec = 16 / sizeof(scalar_t);
+          const bool vec16 = hw % kVec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
           if (channels_last) {
-            launch_partial_stats<scalar_t, true>(x, g, slot, shifts, num_classes, part1, part2, stream);
+            launch_partial_stats<scalar_t, Layout::kChannelsLast>(x, g, slot, shifts, num_classes, part1, part2, stream);
+          } else if (vec16) {
+            launch_partial_stats<scalar_t, Layout::kPlanesVec16>(x, g, slot, shifts, num_classes, part1, part2, stream);
           } else {
-            launch_partial_stats<scalar_t, false>(x, g, slot, shifts, num_classes, part1, part2, stream);
+            launch_partial_stats<scalar_t, Layout::kPlanes>(x, g, slot, shifts, num_classes, part1, part2, stream);
           }
         });
     FADA_LAUNCH(blocks_for(num_classes * channels, 256), 256, 0, stream, reduce_splits_kernel)(
@@ -387,7 +443,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at:
       m2_channel.data_ptr<double>(), count_p, bad.data_ptr<int32_t>(), channels, counts.data_ptr<double>(),
       m2.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {counts, means, m2};
+}
+
+
+// The CUDA launch; checks and outputs: common/class_stats_checks.h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cuda(const at::Tensor& features_in,
+                                                                       const at::Tensor& labels,
+                                                                       int64_t num_classes,
+                                                                       int64_t ignore_index) {
+  fada::cuda::raise_pending_label_errors();
+  return stats::class_center_stats_host(
+      features_in, labels, num_classes, "CUDA kernel", fada::cuda::on_kernel_device(features_in),
+      [&](at::Tensor& counts, at::Tensor& means, at::Tensor& m2) {
+        launch_class_stats(features_in, labels, num_classes, ignore_index, counts, means, m2);
+      });
 }
 
 }  // namespace

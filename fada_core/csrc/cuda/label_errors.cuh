@@ -14,7 +14,10 @@
 //    synchronises and does the same check at once.
 // The CUDA context stays usable. When several pixels are bad, the record holds
 // one of them (plain stores, no atomics on host memory: the reported label is
-// one of the bad ones, whichever store lands last).
+// one of the bad ones, whichever store lands last). Replays of a captured CUDA
+// graph run no host code: what they record is raised by the next eager call or
+// check_label_errors(). The records are allocated by the first call of an op,
+// which must come before any capture (as torch's warm-up rule has it anyway).
 #pragma once
 
 #include <ATen/ATen.h>
