@@ -404,12 +404,22 @@ def op_names() -> List[str]:
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith(_NAMESPACE + "::"))
 
 
+def _is_composite(name: str) -> bool:
+    """Operators with one kernel for every device (no tensors: the limits, the label-error check)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+    except RuntimeError:
+        return False
+
+
 def _has_kernel(dispatch_key: str, op: Optional[str] = None) -> bool:
-    names = [op if "::" in op else f"{_NAMESPACE}::{op}"] if op else op_names()
+    names = [op if "::" in op else f"{_NAMESPACE}::{op}"] if op else [n for n in op_names() if not _is_composite(n)]
     if not names:
         return False
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names)
+        return all(
+            _is_composite(n) or torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names
+        )
     except RuntimeError:
         return False
 
@@ -471,7 +481,10 @@ def status() -> Dict[str, Any]:
     ops_devices: Dict[str, List[str]] = {}
     if _loaded:
         for name in op_names():
-            ops_devices[name] = [k.lower() for k in ("CPU", "CUDA") if _has_kernel(k, name)]
+            if _is_composite(name):
+                ops_devices[name] = ["any (device-independent)"]
+            else:
+                ops_devices[name] = [k.lower() for k in ("CPU", "CUDA") if _has_kernel(k, name)]
     cuda_kernels = any("cuda" in devices for devices in ops_devices.values())
     spec = _aot_spec()
     return {

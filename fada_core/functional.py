@@ -41,6 +41,7 @@ __all__ = [
     "merge_class_center_stats",
     "CCDResult",
     "class_center_distance",
+    "check_label_errors",
 ]
 
 # dtypes each backend's kernels take natively; others are computed in float32.
@@ -62,15 +63,19 @@ def _kernels_ready(device_type: str, op: str) -> bool:
 def _cuda_backward_fits(channels: int, dtype: torch.dtype, shared_bytes: int) -> bool:
     """Whether the CUDA backward kernels can take ``channels`` low-resolution channels.
 
-    They keep per-channel partial sums of one tile in shared memory: at the
-    least ``(2 * channels * 32 + 2 * channels)`` accumulators (float32, float64
-    for float64 inputs) and two indices (``adjoint_smem`` in
-    ``csrc/cuda/upsample_common.cuh``, with 32 threads and one source column),
-    within the device's opt-in limit ``shared_bytes`` (227 KB on an H100:
-    up to 880 float32 channels, i.e. K = 440 classes for the FADA loss).
+    They keep per-channel partial sums of one tile in shared memory, within the
+    device's opt-in limit ``shared_bytes`` (227 KB on an H100: up to 880 float32
+    channels, i.e. K = 440 classes for the FADA loss). The limit is the kernels'
+    own (``csrc/common/kernel_limits.h``, asked through an operator), so this
+    cannot drift from the launch code. Needs the compiled library loaded.
     """
     acc_bytes = 8 if dtype == torch.float64 else 4
-    return (2 * channels * 32 + 2 * channels) * acc_bytes + 2 * 8 <= shared_bytes
+    return channels <= _cuda_backward_max_channels(acc_bytes, shared_bytes)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_backward_max_channels(acc_bytes: int, shared_bytes: int) -> int:
+    return int(torch.ops.fada_core.cuda_backward_max_channels(acc_bytes, shared_bytes))
 
 
 @torch.compiler.assume_constant_result
@@ -123,6 +128,36 @@ def _kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype to hand the kernel: the input's own if supported, else float32."""
     supported = _KERNEL_DTYPES.get(device.type, (torch.float32, torch.float64))
     return dtype if dtype in supported else torch.float32
+
+
+def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Labels in [0, K) or ignore_index, checked on the host (one sync). The CUDA kernels check on
+    the device instead (no sync; see :func:`check_label_errors`)."""
+    if not torch.compiler.is_compiling():
+        V.check_label_range("labels", labels, num_classes, ignore_index)
+
+
+def check_label_errors(synchronize: bool = True) -> None:
+    """Raise now for an out-of-range label that a CUDA kernel met.
+
+    The CUDA kernels of :func:`upsampled_cross_entropy` and :func:`class_center_stats`
+    check labels on the device, without a host synchronisation: a label outside
+    ``[0, K)`` (and not ``ignore_index``) makes that call's result NaN and is
+    recorded in pinned host memory; the next call of either op raises a
+    ``ValueError`` naming the op and the label, and so does this function (after
+    synchronising all devices when ``synchronize``). The CUDA context stays usable.
+    On the CPU and the eager path labels are checked before computing, as always.
+    """
+    if not torch.cuda.is_available():
+        return
+    from . import _build
+
+    if not _build.kernels_available("cuda"):
+        return
+    if synchronize:
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+    torch.ops.fada_core.check_label_errors()
 
 
 # --------------------------------------------------------------------------- soft labels
@@ -362,11 +397,12 @@ def upsampled_cross_entropy(
     ignore_index = V.check_ignore_index(ignore_index)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_same_device(logits=logits, labels=labels)
-    if not torch.compiler.is_compiling():
-        V.check_label_range("labels", labels, logits.shape[1], ignore_index)
     V.check_bool("align_corners", align_corners)
     if not _use_kernel(backend, logits, "upsampled_cross_entropy", logits.shape[1], align_corners):
+        _check_label_range(labels, logits.shape[1], ignore_index)
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners)
+    if labels.device.type != "cuda":
+        _check_label_range(labels, logits.shape[1], ignore_index)
     dtype = _kernel_dtype(logits.device, logits.dtype)
     out = torch.ops.fada_core.upsampled_cross_entropy(
         logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction]
@@ -426,10 +462,11 @@ def class_center_stats(
         )
     V.check_same_device(features=features, labels=labels)
     labels = resize_labels(labels, tuple(features.shape[-2:]))
-    if not torch.compiler.is_compiling():
-        V.check_label_range("labels", labels, num_classes, ignore_index)
     features = features.detach()
-    if _use_kernel(backend, features, "class_center_stats"):
+    use_kernel = _use_kernel(backend, features, "class_center_stats")
+    if not (use_kernel and labels.device.type == "cuda"):
+        _check_label_range(labels, num_classes, ignore_index)
+    if use_kernel:
         counts, means, m2 = torch.ops.fada_core.class_center_stats(
             features.to(_kernel_dtype(features.device, features.dtype)), labels, num_classes, ignore_index
         )

@@ -123,3 +123,35 @@ def test_parse_shape_and_summary():
     assert s["median_ms"] == pytest.approx(3.0) and s["n"] == 5 and s["min_ms"] == pytest.approx(1.0)
     assert s["iqr_ms"] == pytest.approx(2.0)
     assert math.isclose(report.ratio(10.0, 2.0), 5.0) and report.ratio(1.0, None) is None
+
+
+def test_gpu_check_plan_names_every_stage():
+    """benchmarks/gpu_check.py: build, the CUDA tests with the kernels required, both benchmark stages,
+    within the 8-minute budget; --smoke plans the same stages at CPU scale."""
+    from benchmarks import gpu_check
+
+    plan = gpu_check.main(["--dry-run", "--out", "/nonexistent/out"])["plan"]
+    by_name = {s["name"]: s for s in plan}
+    assert list(by_name) == ["build", "tests", "bench_kernels", "bench_train_step"]
+    assert "--build" in by_name["build"]["argv"] and "--cuda" in by_name["build"]["argv"]
+    assert by_name["tests"]["env"]["FADA_CORE_REQUIRE_KERNELS"] == "1"
+    assert by_name["tests"]["argv"][-3:] == ["-m", "cuda", "tests"]
+    assert "loss,ce,stats" in by_name["bench_kernels"]["argv"] and "cuda" in by_name["bench_kernels"]["argv"]
+    assert "resnet101" in by_name["bench_train_step"]["argv"]
+    assert all(s["outputs"].get("json", "").startswith("/nonexistent/out") for s in plan if s["name"].startswith("bench"))
+    smoke = gpu_check.main(["--dry-run", "--smoke"])["plan"]
+    assert [s["name"] for s in smoke] == list(by_name) and all("cuda" not in s["argv"][-12:] for s in smoke[2:])
+
+
+def test_gpu_check_smoke_writes_json_and_markdown(tmp_path):
+    """One real stage of the smoke mode: the stage runs as a subprocess and the summary names the device."""
+    from benchmarks import gpu_check
+
+    result = gpu_check.main(["--smoke", "--only", "tests", "--out", str(tmp_path), "--budget", "300"])
+    (stage,) = result["stages"]
+    assert stage["status"] == "ok", stage["tail"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["device"]["device"] == result["device"]["device"] and saved["smoke"] is True
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert text.startswith(f"# gpu_check on {saved['device']['device']}") and "| tests | ok |" in text
+    assert (tmp_path / "tests.log").read_text().strip()

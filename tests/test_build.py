@@ -55,6 +55,9 @@ def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
     assert _build.kernels_available("cpu", "class_center_stats")
     assert _build.kernels_available(torch.device("cpu"), "fada_core::class_center_stats")
     assert _build.kernels_available(torch.zeros(1), "class_center_stats")
+    # device-independent operators (no tensors) count for every device
+    assert status["ops"]["fada_core::cuda_backward_max_channels"] == ["any (device-independent)"]
+    assert _build.kernels_available("cpu")
     if not torch.cuda.is_available() and not status["cuda_kernels"]:
         assert not _build.kernels_available("cuda", "class_center_stats")
         assert status["cuda_kernels_reason"]

@@ -150,7 +150,7 @@ def test_same_bits_every_run(emulated_cuda_ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_channel_limit_matches_python_guard(emulated_cuda_ops, dtype):
+def test_channel_limit_matches_python_guard(emulated_cuda_ops, kernel_ops, dtype):
     """functional._cuda_backward_fits mirrors adjoint_config: the largest channel count it allows
     runs (through the > 48 KB shared-memory path) and the next one is refused with the reason."""
     limit = max(c for c in range(1, 2000) if _cuda_backward_fits(c, dtype, H100_SHARED_BYTES))
@@ -185,20 +185,83 @@ def test_class_stats_kernels_match_reference(emulated_cuda_ops, batch, channels,
     assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, num_classes, 255), offset)
 
 
-def test_class_stats_several_splits(emulated_cuda_ops):
-    """More pixels than one split (4096): per-split partials, then their fixed-order sum."""
-    features, labels = class_stats_inputs(2, 2, 40, 60, 3, torch.float32, 10.0, 0.1, 5)
-    got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
-    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, 3, 255), 10.0)
-    again = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "channels, num_classes, h, w",
+    [
+        (40, 3, 40, 60),  # two channel groups (one partial), several splits of 1024 pixels
+        (33, 100, 9, 130),  # accumulators too large for shared memory: the partials themselves
+        (70, 19, 20, 30),  # K = 19: three warps per block (NCHW), warp_bytes apart
+        (1, 1, 1, 1),
+        (3, 2, 1, 37),  # h = 1, a 5-pixel last step
+        (5, 4, 37, 1),  # w = 1
+    ],
+)
+def test_class_stats_layouts_and_splits(emulated_cuda_ops, layout, channels, num_classes, h, w):
+    """NCHW (shared-memory tile) and channels_last (direct) reads, several splits per image, partial
+    channel groups and steps, both accumulator homes; the same bits on a second run."""
+    features, labels = class_stats_inputs(2, channels, h, w, num_classes, torch.float32, 10.0, 0.1, 5)
+    x = with_layout(features, layout)
+    got = emulated_cuda_ops.class_center_stats(x, labels, num_classes, 255)
+    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, num_classes, 255), 10.0)
+    again = emulated_cuda_ops.class_center_stats(x, labels, num_classes, 255)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
-def test_class_stats_rejects_bad_labels(emulated_cuda_ops):
+def test_class_stats_long_runs_and_changes(emulated_cuda_ops):
+    """Whole 32-pixel steps of one class (the no-change path) next to steps that change class at
+    every pixel, and runs that carry over from one step to the next."""
+    features, _ = class_stats_inputs(1, 34, 16, 16, 4, torch.float64, 0.0, 0.0, 11)
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    flat = labels.view(-1)
+    flat[:64] = 2  # two whole steps of class 2
+    flat[64:96] = torch.arange(32) % 4  # a change at every pixel
+    flat[96:150] = 1  # a run across a step boundary
+    flat[150:160] = 255
+    flat[160:] = 3
+    for layout in ("contiguous", "channels_last"):
+        got = emulated_cuda_ops.class_center_stats(with_layout(features, layout), labels, 4, 255)
+        assert_class_stats_close(got, _reference.class_center_stats(features, labels, 4, 255))
+
+
+def test_class_stats_bad_labels_reported_without_sync(emulated_cuda_ops):
+    """A bad label makes that call's result NaN and is raised (ValueError naming it) by the next
+    call or by check_label_errors(); the call after that runs normally."""
     features, labels = class_stats_inputs(1, 2, 3, 4, 3, torch.float32, 0.0, 0.0, 0)
-    labels[0, 1, 2] = 7
-    with pytest.raises(RuntimeError, match="found 7"):
+    bad = labels.clone()
+    bad[0, 1, 2] = 7
+    counts, means, m2 = emulated_cuda_ops.class_center_stats(features, bad, 3, 255)
+    assert counts.isnan().all() and means.isnan().all() and m2.isnan().all()
+    with pytest.raises(ValueError, match=r"class_center_stats: labels .*\[0, 3\) or ignore_index=255; found 7"):
+        emulated_cuda_ops.check_label_errors()
+    emulated_cuda_ops.check_label_errors()  # reported once
+    emulated_cuda_ops.class_center_stats(features, bad, 3, 255)
+    with pytest.raises(ValueError, match="found 7"):
         emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+    got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, 3, 255))
+
+
+def test_cross_entropy_bad_labels_reported_without_sync(emulated_cuda_ops):
+    """As for the statistics: NaN loss and gradient from the faulty call, a ValueError from the next
+    call (forward or backward) or check_label_errors(), then normal results again."""
+    logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float32, 2, 0.2)
+    bad = labels.clone()
+    bad[0, 2, 3] = 3
+    assert torch.isnan(emulated_cuda_ops.upsampled_cross_entropy(logits, bad, T, 255, 1))
+    with pytest.raises(ValueError, match=r"upsampled_cross_entropy: labels .*\[0, 3\) or ignore_index=255; found 3"):
+        emulated_cuda_ops.check_label_errors()
+    grad = emulated_cuda_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, bad, T, 255, 1)
+    assert grad.isnan().any()
+    with pytest.raises(ValueError, match="found 3"):
+        emulated_cuda_ops.upsampled_cross_entropy(logits, labels, T, 255, 0)
+    per_pixel = emulated_cuda_ops.upsampled_cross_entropy(logits, bad, T, 255, 0)
+    assert per_pixel[0, 2, 3].isnan() and per_pixel.isnan().sum() == 1  # only the bad pixel
+    with pytest.raises(ValueError, match="found 3"):
+        emulated_cuda_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, T, 255, 1)
+    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
 
 
 # ----------------------------------------------------------------------------- FADA loss fast path

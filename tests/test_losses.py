@@ -261,8 +261,9 @@ H100_SHARED_OPTIN = 232448  # bytes of opt-in shared memory per block
     [(880, torch.float32, True), (881, torch.float32, False), (880, torch.float16, True),
      (440, torch.float64, True), (441, torch.float64, False), (38, torch.float32, True)],
 )
-def test_cuda_backward_channel_limit(channels, dtype, fits):
+def test_cuda_backward_channel_limit(kernel_ops, channels, dtype, fits):
     # the smallest tile of csrc/cuda/upsample_common.cuh's adjoint_config: 32 threads, 1 column
+    # (csrc/common/kernel_limits.h, asked through fada_core::cuda_backward_max_channels)
     assert FF._cuda_backward_fits(channels, dtype, H100_SHARED_OPTIN) is fits
 
 

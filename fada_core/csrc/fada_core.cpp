@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/kernel_limits.h"
+
 // An empty module so the shared object can be imported as a Python extension
 // (AOT builds) just to run the static registrars below. No pybind.
 extern "C" {
@@ -42,4 +44,9 @@ TORCH_LIBRARY(fada_core, m) {
   m.def(
       "class_center_stats(Tensor features, Tensor labels, int num_classes, "
       "int ignore_index) -> (Tensor, Tensor, Tensor)");
+  // Capability limits (common/kernel_limits.h), for Python's backend choice.
+  m.def("cuda_backward_max_channels(int acc_bytes, int shared_bytes) -> int",
+        [](int64_t acc_bytes, int64_t shared_bytes) {
+          return fada::limits::cuda_backward_max_channels(acc_bytes, shared_bytes);
+        });
 }

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -174,6 +175,32 @@ template <typename T>
 T atomicExch(T* address, T value) {
   return __atomic_exchange_n(address, value, __ATOMIC_RELAXED);
 }
+
+// ---- shims for the class statistics and cross-entropy kernels v2 (lane = channel,
+// device-side label errors); kept in one block to ease merging with other additions.
+
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  // lanes below delta keep their own value, as on the GPU
+  return fada_emu::warp_exchange(value, [&](unsigned lane) { return lane >= delta ? lane - delta : lane; });
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned, T value, unsigned delta) {
+  return fada_emu::warp_exchange(value, [&](unsigned lane) { return lane + delta < 32 ? lane + delta : lane; });
+}
+
+inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); }
+
+// ---- end of the v2 shims
 
 #define FADA_LAUNCH(grid, block, smem, stream, ...) ::fada_emu::launch(grid, block, smem, &__VA_ARGS__)
 #define FADA_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::fada_emu::dynamic_shared())

@@ -244,31 +244,24 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
   }
 }
 
+// The CPU launch; checks and outputs: common/class_stats_checks.h.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cpu(const at::Tensor& features,
                                                                       const at::Tensor& labels,
                                                                       int64_t num_classes,
                                                                       int64_t ignore_index) {
-  stats::check_class_stats_args(features, labels);
-  TORCH_CHECK(num_classes > 0 && num_classes < std::numeric_limits<int32_t>::max(),
-              "class_center_stats: num_classes must be positive, got ", num_classes);
-
-  const int64_t channels = features.size(1);
-  const auto opts = features.options().dtype(at::kDouble);
-  at::Tensor counts = at::zeros({num_classes}, opts);
-  at::Tensor means = at::zeros({num_classes, channels}, opts);
-  at::Tensor m2 = at::zeros({num_classes}, opts);
-  if (labels.numel() == 0) return {counts, means, m2};
-
-  const Plan plan = make_plan(labels, num_classes, ignore_index);
-  if (channels == 0) {
-    for (int64_t k = 0; k < num_classes; ++k) counts.data_ptr<double>()[k] = static_cast<double>(plan.count[k]);
-    return {counts, means, m2};
-  }
-  // Channel planes must be contiguous (NCHW); channels_last and strided inputs are copied.
-  const at::Tensor x = features.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_center_stats_cpu",
-                                  [&] { class_stats_impl<scalar_t>(x, plan, num_classes, counts, means, m2); });
-  return {counts, means, m2};
+  return stats::class_center_stats_host(
+      features, labels, num_classes, "CPU kernel", features.device().is_cpu(),
+      [&](at::Tensor& counts, at::Tensor& means, at::Tensor& m2) {
+        const Plan plan = make_plan(labels, num_classes, ignore_index);
+        if (features.size(1) == 0) {
+          for (int64_t k = 0; k < num_classes; ++k) counts.data_ptr<double>()[k] = static_cast<double>(plan.count[k]);
+          return;
+        }
+        // Channel planes must be contiguous (NCHW); channels_last and strided inputs are copied.
+        const at::Tensor x = features.contiguous();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "class_center_stats_cpu",
+                                        [&] { class_stats_impl<scalar_t>(x, plan, num_classes, counts, means, m2); });
+      });
 }
 
 }  // namespace

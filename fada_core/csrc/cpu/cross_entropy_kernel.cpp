@@ -18,30 +18,13 @@
 #include <limits>
 #include <vector>
 
+#include "../common/cross_entropy_host.h"
 #include "../common/fada_math.h"
 #include "../common/upsample_rows.h"
 
 namespace fada {
 namespace cpu {
 namespace {
-
-void check_ce_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t reduction) {
-  TORCH_CHECK(logits.dim() == 4, "upsampled_cross_entropy: logits must be (B, K, h, w), got ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 3, "upsampled_cross_entropy: labels must be (B, H, W), got ", labels.sizes());
-  TORCH_CHECK(logits.device() == labels.device(), "upsampled_cross_entropy: logits and labels must be on the same device, got ",
-              logits.device(), " and ", labels.device());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "upsampled_cross_entropy: expected floating point logits, got ",
-              logits.scalar_type());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "upsampled_cross_entropy: labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(logits.size(0) == labels.size(0), "upsampled_cross_entropy: batch sizes differ: ", logits.size(0), " vs ",
-              labels.size(0));
-  TORCH_CHECK(logits.size(1) > 0, "upsampled_cross_entropy: logits need at least one class");
-  TORCH_CHECK(logits.size(2) > 0 && logits.size(3) > 0, "upsampled_cross_entropy: empty logits spatial size");
-  TORCH_CHECK(labels.size(1) > 0 && labels.size(2) > 0, "upsampled_cross_entropy: empty labels spatial size");
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "upsampled_cross_entropy: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive, got ", temperature);
-}
 
 // z <- z / T (in place); z_label += z where label == c.
 template <typename acc_t>
@@ -229,89 +212,72 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
 constexpr const char* kBadLabel =
     "upsampled_cross_entropy: labels must be in [0, num_classes) or equal to ignore_index";
 
+// The CPU launches; everything around them is common/cross_entropy_host.h.
 at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
                                        int64_t ignore_index, int64_t reduction) {
-  check_ce_inputs(logits_in, labels_in, temperature, reduction);
-  TORCH_CHECK(logits_in.device().is_cpu(), "upsampled_cross_entropy (CPU kernel): expected CPU tensors");
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, logits.options()) : at::empty({}, logits.options());
-  if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (B == 0) {
-    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
-    bool ok;
-    if (reduction == 0) {
-      ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr, nullptr);
-    } else {
-      std::vector<double> rows(B * H, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-      std::vector<int64_t> counts(B * H, 0);
-      ok = ce_forward_kernel<scalar_t>(p, nullptr, rows.data(), counts.data());
-      double total = 0;
-      int64_t count = 0;
-      for (int64_t i = 0; i < B * H; ++i) {  // fixed order
-        total += rows[i];
-        count += counts[i];
-      }
-      if (reduction == 1) total = count > 0 ? total / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
-      out.fill_(static_cast<acc_t>(total));
-    }
-    TORCH_CHECK(ok, kBadLabel);
-  });
-  return out;
+  return host::upsampled_cross_entropy_forward(
+      logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
+      [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
+        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+        const int64_t B = labels.size(0), H = labels.size(1);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
+          bool ok;
+          if (reduction == 0) {
+            ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr, nullptr);
+          } else {
+            std::vector<double> rows(B * H, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+            std::vector<int64_t> counts(B * H, 0);
+            ok = ce_forward_kernel<scalar_t>(p, nullptr, rows.data(), counts.data());
+            double total = 0;
+            int64_t count = 0;
+            for (int64_t i = 0; i < B * H; ++i) {  // fixed order
+              total += rows[i];
+              count += counts[i];
+            }
+            if (reduction == 1) total = count > 0 ? total / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
+            out.fill_(static_cast<acc_t>(total));
+          }
+          TORCH_CHECK(ok, kBadLabel);
+        });
+      });
 }
 
-at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_in,
+at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in,
                                                 const at::Tensor& labels_in, double temperature, int64_t ignore_index,
                                                 int64_t reduction) {
-  check_ce_inputs(logits_in, labels_in, temperature, reduction);
-  TORCH_CHECK(logits_in.device().is_cpu(), "upsampled_cross_entropy_backward (CPU kernel): expected CPU tensors");
-  TORCH_CHECK(grad.device() == logits_in.device(), "upsampled_cross_entropy_backward: grad must be on ", logits_in.device());
-  const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
-                "upsampled_cross_entropy_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "upsampled_cross_entropy_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  at::Tensor result = at::empty_like(logits_in);
-  if (B == 0) return result;
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_backward_cpu",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
-    at::Tensor g = grad.to(acc_type).contiguous();
-    acc_t grad_scale = 1;
-    const acc_t* grad_map = nullptr;
-    if (reduction == 0) {
-      grad_map = g.data_ptr<acc_t>();
-    } else {
-      grad_scale = g.data_ptr<acc_t>()[0];
-      if (reduction == 1) {
-        const int64_t count = labels.ne(ignore_index).sum().item<int64_t>();
-        // all ignored: every pixel's gradient is 0 anyway (torch gives zeros too)
-        if (count > 0) grad_scale /= static_cast<acc_t>(count);
-      }
-    }
-    const int64_t C = p.K;
-    at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, logits.options().dtype(acc_type));
-    if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
-    acc_t* part_ptr = part.data_ptr<acc_t>();
-    const bool ok = ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-    TORCH_CHECK(ok, kBadLabel);
-    write_gathered_partials(part_ptr, grad_logits.data_ptr<scalar_t>(), B, C, p.h, p.w);
-  });
-  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
-  return result;
+  return host::upsampled_cross_entropy_backward(
+      grad_in, logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
+      [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
+        const int64_t B = labels.size(0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                        "upsampled_cross_entropy_backward_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
+          at::Tensor g = grad.to(acc_type).contiguous();
+          acc_t grad_scale = 1;
+          const acc_t* grad_map = nullptr;
+          if (reduction == 0) {
+            grad_map = g.data_ptr<acc_t>();
+          } else {
+            grad_scale = g.data_ptr<acc_t>()[0];
+            if (reduction == 1) {
+              const int64_t count = labels.ne(ignore_index).sum().item<int64_t>();
+              // all ignored: every pixel's gradient is 0 anyway (torch gives zeros too)
+              if (count > 0) grad_scale /= static_cast<acc_t>(count);
+            }
+          }
+          const int64_t C = p.K;
+          at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, logits.options().dtype(acc_type));
+          if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+          acc_t* part_ptr = part.data_ptr<acc_t>();
+          const bool ok = ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
+          TORCH_CHECK(ok, kBadLabel);
+          write_gathered_partials(part_ptr, grad_logits.data_ptr<scalar_t>(), B, C, p.h, p.w);
+        });
+      });
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 // with the per-pixel math of fada_math.h and the deterministic backward of
 // upsample_common.cuh. "mean" divides by the number of non-ignored pixels,
 // counted on the device (integer atomics: exact, order-independent), so no
-// host synchronisation is needed.
+// host synchronisation is needed. Labels outside [0, K) are recorded for the
+// host (label_errors.cuh) and make the loss and gradient NaN.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,7 +13,9 @@
 
 #include <limits>
 
+#include "../common/cross_entropy_host.h"
 #include "../common/fada_math.h"
+#include "label_errors.cuh"
 #include "upsample_common.cuh"
 
 namespace fada {
@@ -23,14 +26,22 @@ template <typename acc_t>
 struct CeGeometry {
   int64_t K, h, w, H, W, ignore_index;
   acc_t sy, sx, inv_t;
+  LabelErrorRecord* label_error;  // mapped host memory (label_errors.cuh)
 };
 
-// The pixel's label, or -1 when ignored. Labels outside [0, K) trip a device
-// assertion (as torch's own CUDA cross-entropy does).
-__device__ __forceinline__ int64_t read_label(const int64_t* labels, int64_t idx, int64_t K, int64_t ignore_index) {
+constexpr int64_t kIgnored = -1;
+constexpr int64_t kBadLabel = -2;
+
+// The pixel's label, kIgnored, or kBadLabel for one outside [0, K) (recorded
+// for the host; the caller makes its loss and gradient NaN).
+template <typename acc_t>
+__device__ __forceinline__ int64_t read_label(const int64_t* labels, int64_t idx, const CeGeometry<acc_t>& g) {
   const int64_t l = labels[idx];
-  if (l == ignore_index) return -1;
-  CUDA_KERNEL_ASSERT(l >= 0 && l < K && "upsampled_cross_entropy: label out of range");
+  if (l == g.ignore_index) return kIgnored;
+  if (l < 0 || l >= g.K) {
+    record_bad_label(g.label_error, l, g.K, g.ignore_index);
+    return kBadLabel;
+  }
   return l;
 }
 
@@ -67,8 +78,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     const int64_t x = idx % g.W;
     const int64_t y = (idx / g.W) % g.H;
     const int64_t b = idx / (g.W * g.H);
-    const int64_t label = read_label(labels, idx, g.K, g.ignore_index);
-    acc_t loss = 0;
+    const int64_t label = read_label(labels, idx, g);
+    acc_t loss = label == kBadLabel ? std::numeric_limits<acc_t>::quiet_NaN() : static_cast<acc_t>(0);
     if (label >= 0) {
       const LinearIndex<acc_t> iy = source_index<acc_t>(g.sy, y, g.h), ix = source_index<acc_t>(g.sx, x, g.w);
       const scalar_t* plane0 = logits + b * g.K * g.h * g.w;
@@ -111,10 +122,14 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const in
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
       for (int64_t y = blk.ya; y < blk.yb; ++y) {
         const int64_t pix = (b * g.H + y) * g.W + x;
-        const int64_t label = read_label(labels, pix, g.K, g.ignore_index);
-        if (label < 0) continue;
+        int64_t label = read_label(labels, pix, g);
+        if (label == kIgnored) continue;
         const LinearIndex<acc_t> iy = source_index<acc_t>(g.sy, y, g.h);
-        const acc_t gw = (grad_is_map ? grad[pix] : gscalar) * g.inv_t;  // d(z / T) / dz = 1 / T
+        acc_t gw = (grad_is_map ? grad[pix] : gscalar) * g.inv_t;  // d(z / T) / dz = 1 / T
+        if (label == kBadLabel) {  // NaN into every gradient the pixel reaches
+          gw = std::numeric_limits<acc_t>::quiet_NaN();
+          label = 0;
+        }
         acc_t m, s;
         logit_stats(plane0, g, iy, ix, m, s);
         const acc_t inv_s = static_cast<acc_t>(1) / s;
@@ -132,22 +147,8 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const in
   write_partial_slots(blk, g.h, g.w, part);
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t reduction) {
-  TORCH_CHECK(logits.dim() == 4 && labels.dim() == 3,
-              "upsampled_cross_entropy: logits (B, K, h, w) and labels (B, H, W) expected, got ", logits.sizes(),
-              " and ", labels.sizes());
-  TORCH_CHECK(on_kernel_device(logits) && labels.device() == logits.device(),
-              "upsampled_cross_entropy (CUDA kernel): logits and labels must be on the same CUDA device, got ",
-              logits.device(), " and ", labels.device());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "upsampled_cross_entropy: expected floating point logits");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "upsampled_cross_entropy: labels must be int64, got ",
-              labels.scalar_type());
-  TORCH_CHECK(logits.size(0) == labels.size(0), "upsampled_cross_entropy: batch sizes differ");
-  TORCH_CHECK(logits.size(1) > 0 && logits.size(2) > 0 && logits.size(3) > 0 && labels.size(1) > 0 &&
-                  labels.size(2) > 0,
-              "upsampled_cross_entropy: empty class or spatial size");
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "upsampled_cross_entropy: reduction must be 0, 1 or 2");
-  TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive");
+// What only this backend limits (grid dimensions y and z).
+void check_cuda_limits(const at::Tensor& logits) {
   TORCH_CHECK(logits.size(0) <= 65535 && logits.size(2) <= 65535,
               "upsampled_cross_entropy (CUDA kernel): batch and height must be <= 65535");
 }
@@ -164,6 +165,7 @@ CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, d
   g.sy = align_corners_scale<acc_t>(g.h, g.H);
   g.sx = align_corners_scale<acc_t>(g.w, g.W);
   g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(temperature);
+  g.label_error = label_error_record(kCrossEntropyLabels);
   return g;
 }
 
@@ -176,94 +178,78 @@ at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStrea
   return count;
 }
 
+// The CUDA launches; everything around them is common/cross_entropy_host.h.
 at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
                                         int64_t ignore_index, int64_t reduction) {
-  check_inputs(logits_in, labels_in, temperature, reduction);
-  c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, logits.options()) : at::empty({}, logits.options());
-  if (B == 0) {
-    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return out;
-  }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-    const int64_t total = B * H * W;
-    const int64_t blocks = pixel_blocks(total);
-    if (reduction == 0) {
-      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
-      FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-          logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (reduction == 1) {
-        // 0 / 0 = NaN when every pixel is ignored, like torch
-        const at::Tensor count = count_valid(labels, ignore_index, stream);
-        FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
-            partials.data_ptr<acc_t>(), blocks, count.data_ptr<int64_t>(), static_cast<acc_t>(1),
-            out.data_ptr<scalar_t>());
-      } else {
-        FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
-            partials.data_ptr<acc_t>(), blocks, nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return out;
+  raise_pending_label_errors();
+  return host::upsampled_cross_entropy_forward(
+      logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
+      [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
+        check_cuda_limits(logits);
+        c10::cuda::CUDAGuard guard(logits.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
+          const int64_t total = B * H * W;
+          const int64_t blocks = pixel_blocks(total);
+          if (reduction == 0) {
+            FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
+                logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+          at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
+          FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
+              logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          // "mean": divided by the non-ignored pixels counted on the device (0 / 0 = NaN, like torch)
+          const at::Tensor count = reduction == 1 ? count_valid(labels, ignore_index, stream) : at::Tensor();
+          FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+              partials.data_ptr<acc_t>(), blocks, count.defined() ? count.data_ptr<int64_t>() : nullptr,
+              static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
-at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits_in,
+at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in,
                                                  const at::Tensor& labels_in, double temperature, int64_t ignore_index,
                                                  int64_t reduction) {
-  check_inputs(logits_in, labels_in, temperature, reduction);
-  TORCH_CHECK(grad.device() == logits_in.device(), "upsampled_cross_entropy_backward: grad must be on ",
-              logits_in.device());
-  const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
-                "upsampled_cross_entropy_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "upsampled_cross_entropy_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  c10::cuda::CUDAGuard guard(logits_in.device());
-  at::Tensor result = at::empty_like(logits_in);
-  if (B == 0) return result;
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                  "upsampled_cross_entropy_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-    const at::Tensor g_acc = grad.to(acc_type).contiguous();
-    at::Tensor count;
-    if (reduction == 1) count = count_valid(labels, ignore_index, stream);
-    const int64_t C = g.K;
-    const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
-    at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(acc_type));
-    const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-    FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
-        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
-        count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g, cfg.tj,
-        part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t n = grad_logits.numel();
-    FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
-        part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
-  return result;
+  raise_pending_label_errors();
+  return host::upsampled_cross_entropy_backward(
+      grad_in, logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
+      [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
+        check_cuda_limits(logits);
+        c10::cuda::CUDAGuard guard(logits.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        const int64_t B = labels.size(0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                        "upsampled_cross_entropy_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
+          const at::Tensor g_acc = grad.to(acc_type).contiguous();
+          at::Tensor count;
+          if (reduction == 1) count = count_valid(labels, ignore_index, stream);
+          const int64_t C = g.K;
+          const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
+          at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(acc_type));
+          const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h),
+                          static_cast<unsigned>(B));
+          FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
+              logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
+              count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g,
+              cfg.tj, part.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const int64_t n = grad_logits.numel();
+          FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
+              part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
 }
 
 }  // namespace

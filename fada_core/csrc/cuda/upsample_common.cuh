@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "../common/fada_math.h"
+#include "../common/kernel_limits.h"
 #include "device_support.cuh"
 
 namespace fada {
@@ -233,8 +234,7 @@ struct AdjointConfig {
 
 template <typename acc_t>
 size_t adjoint_smem(int64_t channels, int nx, int64_t tj) {
-  return static_cast<size_t>(2 * channels * nx + 2 * channels * tj) * sizeof(acc_t) +
-         static_cast<size_t>(2 * tj) * sizeof(int64_t);
+  return static_cast<size_t>(limits::adjoint_shared_bytes(channels, nx, tj, sizeof(acc_t)));
 }
 
 template <typename acc_t, typename Kernel>
