@@ -1,9 +1,7 @@
 // The float32 fast path of class_center_stats on x86: one block of 16 channels
-// (see class_stats_kernel.cpp for the plan it walks). Included twice by that
-// file, once per instruction set (AVX2, AVX-512), inside a
-// `#pragma GCC target` region and a namespace of its own that also defines
-// kRegisterSets, so one source gives both and the CPU picks at run time. No
-// include guard on purpose.
+// (see class_stats_kernel.cpp for the plan it walks). Included by that file in
+// its AVX2 and AVX-512 builds (isa/avx2.cpp, isa/avx512.cpp), which define
+// kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
 //
 // Per chunk of pixels, the block's 16 channel planes are transposed into a
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
