@@ -1,22 +1,13 @@
-"""Find, build and load the compiled ``torch.ops.fada_core`` kernels.
+"""Find, build and load the compiled ``torch.ops.fada_core`` kernels; nothing happens at import.
 
-Where the kernels come from, first match wins:
-
-1. nowhere: ``FADA_CORE_DISABLE_KERNELS=1`` (eager backend only);
-2. the ahead-of-time build ``fada_core._C`` (``FADA_CORE_BUILD_EXT=1 pip install
-   --no-build-isolation .``; setup.py takes :func:`extension` from here);
-3. a just-in-time build with :func:`torch.utils.cpp_extension.load` (needs ninja),
-   cached in ``TORCH_EXTENSIONS_DIR``; the first one announces itself on stderr.
-
-Both builds compile the same sources with the same flags, so both give the same
-library: the CPU kernels once per instruction set (``csrc/cpu/isa``), one picked
-when the library loads (``FADA_CORE_CPU_CAPABILITY=default|avx2|avx512``
-overrides; see :func:`cpu_capability`); the CUDA sources when a GPU is visible
-or ``FADA_CORE_FORCE_CUDA=1``, and nvcc is found. With no GPU visible
-``TORCH_CUDA_ARCH_LIST`` defaults to :data:`DEFAULT_CUDA_ARCH_LIST`.
-
-Nothing is built or loaded at ``import fada_core``: the first :func:`load` or
-:func:`kernels_available` does it.
+Where the kernels come from, first match wins: nowhere with ``FADA_CORE_DISABLE_KERNELS=1``; the
+ahead-of-time build ``fada_core._C`` (``FADA_CORE_BUILD_EXT=1 pip install --no-build-isolation .``,
+setup.py takes :func:`extension` from here); a just-in-time build (:func:`torch.utils.cpp_extension.load`,
+needs ninja) cached in ``TORCH_EXTENSIONS_DIR``, which announces itself on stderr when it compiles.
+Both compile the same sources with the same flags: the CPU kernels once per instruction set, one picked
+when the library loads (:func:`cpu_capability`; ``FADA_CORE_CPU_CAPABILITY=default|avx2|avx512``), and
+the CUDA sources when a GPU is visible or ``FADA_CORE_FORCE_CUDA=1`` and nvcc is found (with no GPU
+visible ``TORCH_CUDA_ARCH_LIST`` defaults to :data:`DEFAULT_CUDA_ARCH_LIST`).
 """
 
 from __future__ import annotations
@@ -30,6 +21,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -41,7 +33,6 @@ import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100, and PTX that later GPUs compile at load time
-CPU_CAPABILITIES = ("default", "avx2", "avx512")
 
 
 @dataclasses.dataclass
@@ -216,10 +207,13 @@ def _jit_build(with_cuda: bool, verbose: bool, ptxas_verbose: bool) -> str:
     directory = build_directory(with_cuda)
     announce = _needs_compile(with_cuda)
     if announce:
-        what = "CPU and CUDA kernels" if with_cuda else "CPU kernels"
-        print(f"fada_core: compiling its {what} for this torch ({len(sources(with_cuda))} files, once per "
-              f"instruction set; usually {'5-15' if with_cuda else '1-4'} minutes), because no up-to-date build "
-              f"is cached in {directory}. Later runs load it in about a second.", file=sys.stderr, flush=True)
+        what = "CPU kernels (default, AVX2, AVX-512 builds)" if platform.machine() in ("x86_64", "AMD64") \
+            else "CPU kernels"
+        what += " and CUDA kernels" if with_cuda else ""
+        print(f"fada_core: compiling its {what} for torch {torch.__version__}: no up-to-date build is cached in "
+              f"{directory}. This happens once and takes about 1-3 minutes on two cores"
+              f"{', several more for CUDA' if with_cuda else ''}; later runs load the build in a second.",
+              file=sys.stderr, flush=True)
     start = time.monotonic()
     os.makedirs(directory, exist_ok=True)
     with cuda_environment(with_cuda):

@@ -289,3 +289,26 @@ def test_setup_py_metadata_with_and_without_extension(build_ext):
         assert "fada_core.cpp" in proc.stdout and "dispatch.cpp" in proc.stdout and "avx512.cpp" in proc.stdout
     else:
         assert "EXT []" in proc.stdout and "TORCH_IMPORTED False" in proc.stdout
+
+
+def test_wide_instructions_only_in_their_builds(kernel_ops):
+    # Every function with AVX/AVX-512 instructions (VEX/EVEX-encoded, mnemonics starting with "v", or the
+    # AVX-512 mask ones) must belong to the AVX2 or AVX-512 build of the kernels. If an inline function
+    # from a shared header were first compiled inside one of those builds, the linker could keep that copy
+    # for every caller, and the default build would run AVX code on a CPU without it.
+    import platform
+    import re
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _build.status()["library"]],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    wide, name = set(), None
+    for line in listing.splitlines():
+        if re.match(r"^[0-9a-f]+ <.*>:$", line):
+            name = line
+        elif re.match(r"^ +[0-9a-f]+:\t(v[a-z0-9]+|k[a-z]+)[ \t]", line):
+            wide.add(name)
+    assert any("fada_cpu_avx512" in n for n in wide)  # the check sees AVX-512 code where it belongs
+    assert [n for n in wide if "fada_cpu_avx2" not in n and "fada_cpu_avx512" not in n] == []
