@@ -437,6 +437,7 @@ def environment(device: str, threads: int) -> Dict:
             "disabled": st.get("disabled"),
             "ops": st.get("ops"),
             "cuda_kernels_reason": st.get("cuda_kernels_reason"),
+            "cpu_capability": st.get("cpu_capability"),
             "sources_sha1": kernel_sources_digest(),
         }
     except Exception as exc:

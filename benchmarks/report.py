@@ -102,8 +102,59 @@ def markdown(result: Dict) -> str:
         if comp:
             lines += ["", "torch.compile time (first call minus steady-state forward+backward): "
                       + "; ".join(f"{r['case_name']}: {r['compile_s']:.1f} s" for r in comp)]
+    isa = isa_lines(result)
+    if isa:
+        lines += ["", "## CPU instruction sets side by side (same run, interleaved)", ""] + isa
     lines += ["", "## Targets of issue 3, judged from this run alone", ""] + target_lines(result)
     return "\n".join(lines) + "\n"
+
+
+ISAS = ("default", "avx2", "avx512")
+
+
+def isa_lines(result: Dict) -> List[str]:
+    """Per case, every instruction-set build of the CPU kernels against the official path (loss, ce:
+    fwd+bwd) or the read floor (stats), then the targets of issue 11 judged from these figures."""
+    records = result["records"]
+    if not any(r["variant"].startswith("fada_kernel_") and "time" in r for r in records):
+        return []
+    cpu = result["environment"].get("kernels", {}).get("cpu_capability") or {}
+    lines = [f"CPU kernel build picked at load time: {cpu.get('in_use', '?')} ({cpu.get('reason', '?')}). "
+             "Each cell: median ms, and the speedup over the official path (loss, ce; fwd+bwd) or the ratio "
+             "to the read floor `features.sum()` (stats).", "",
+             "| op | shape | reference ms | " + " | ".join(f"{i} build" for i in ISAS) + " |", "|" + "---|" * 6]
+    goals = []
+    for op, mode, ref_name in (("loss", "fwdbwd", "official"), ("ce", "fwdbwd", "official"),
+                               ("stats", "fwd", "read_floor")):
+        for name, rows in by_case(records, op).items():
+            ref = _find(rows, ref_name)
+            if ref is None or "time" not in ref:
+                continue
+            cells = []
+            for isa in ISAS:
+                k = _find(rows, f"fada_kernel_{isa}")
+                if k is None or "time" not in k:
+                    cells.append("-" if k is None else "not run on this CPU")
+                    continue
+                x = ratio(_median(ref, mode), _median(k, mode)) if op != "stats" else ratio(
+                    _median(k, mode), _median(ref, mode))
+                cells.append(f"{_median(k, mode):.2f} ({_fmt_ratio(x)})")
+                goals.append((op, name, isa, x))
+            lines.append(f"| {op} | {name} | {ref['label']}: {_median(ref, mode):.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets of issue 11 (B=1 K=19 65x129->512x1024; stats B=2 C=2048 65x129), from this run:", ""]
+    wanted = {("loss", "avx512"): 10, ("loss", "avx2"): 10, ("loss", "default"): 5,
+              ("ce", "avx512"): 5, ("ce", "avx2"): 5, ("ce", "default"): 5}
+    for (op, isa), goal in wanted.items():
+        x = next((x for o, n, i, x in goals if o == op and i == isa and n == "B=1 K=19 65x129->512x1024"), None)
+        ok = None if x is None else x >= goal
+        lines.append(f"- {op} fwd+bwd, {isa} build, >= {goal}x the official path: {_fmt_ratio(x)} -- "
+                     + ("not measured" if ok is None else "**met**" if ok else "**not met**"))
+    for isa in ("avx2", "avx512"):
+        x = next((x for o, n, i, x in goals if o == "stats" and i == isa and n.startswith("B=2 C=2048 65x129")), None)
+        ok = None if x is None else x <= 1.5
+        lines.append(f"- class statistics, {isa} build, within 1.5x of features.sum(): {_fmt_ratio(x)} -- "
+                     + ("not measured" if ok is None else "**met**" if ok else "**not met**"))
+    return lines
 
 
 def _env_lines(result: Dict) -> List[str]:

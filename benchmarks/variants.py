@@ -376,6 +376,7 @@ class Variant:
     build: Callable[[Case, str], Callable[[Dict[str, Tensor]], object]]
     baseline: bool = False  # the "official" row that speedups are measured against
     compiled: bool = False
+    cpu_isa: Optional[str] = None  # a kernel variant pinned to one instruction-set build (CPU only)
 
 
 def kernel_unavailable_reason(device: str, op: str) -> Optional[str]:
@@ -442,6 +443,50 @@ def _fada():
     return fada_core
 
 
+CPU_ISAS = ("default", "avx2", "avx512")  # the builds of the CPU kernels (fada_core._build.cpu_capability)
+_load_time_isa: List[str] = []  # the build the dispatcher picked when the kernels loaded
+
+
+def _on_cpu_isa(isa: Optional[str], build: Callable) -> Callable:
+    """Kernel variant ``build`` with the CPU kernels of build ``isa`` (None: the one picked at load time).
+
+    Every call selects its build, which then stays selected through the backward that follows it, until
+    another kernel variant's call: so all builds are timed interleaved, in one process, under the same
+    load. (FADA_CORE_CPU_CAPABILITY picks the same builds at load time; tests/test_build.py checks that.)
+    """
+
+    def wrapped(case, device):
+        fn = build(case, device)  # loads the kernels, or raises Unavailable
+        if device != "cpu":
+            if isa is not None:
+                raise Unavailable("instruction-set builds are of the CPU kernels")
+            return fn
+        from fada_core import _build
+
+        cpu = _build.cpu_capability()
+        if not _load_time_isa:
+            _load_time_isa.append(cpu["in_use"])
+        name = isa or _load_time_isa[0]
+        if name not in cpu["supported"]:
+            raise Unavailable(f"this CPU runs only the {', '.join(cpu['supported'])} builds")
+
+        def call(x):
+            _build.set_cpu_capability(name)
+            return fn(x)
+
+        return call
+
+    return wrapped
+
+
+def _kernel_variants(build: Callable) -> List[Variant]:
+    """``fada_kernel`` (the CPU build picked at load time) and ``fada_kernel_<isa>`` for every CPU build."""
+    return [Variant("fada_kernel", "fada_core kernel", _on_cpu_isa(None, build))] + [
+        Variant(f"fada_kernel_{isa}", f"fada_core kernel, {isa} build", _on_cpu_isa(isa, build), cpu_isa=isa)
+        for isa in CPU_ISAS
+    ]
+
+
 def _loss_variants() -> List[Variant]:
     def official(case, device):
         size = (case.H, case.W)
@@ -473,7 +518,7 @@ def _loss_variants() -> List[Variant]:
         Variant("careful", "careful eager (no cat/zeros)", careful),
         Variant("compile", "torch.compile(official)", compile_, compiled=True),
         Variant("fada_eager", "fada_core eager", fada("eager")),
-        Variant("fada_kernel", "fada_core kernel", fada("kernel")),
+        *_kernel_variants(fada("kernel")),
     ]
 
 
@@ -501,7 +546,7 @@ def _ce_variants() -> List[Variant]:
         Variant("official", "official (interpolate + CrossEntropyLoss)", official, baseline=True),
         Variant("compile", "torch.compile(official)", compile_, compiled=True),
         Variant("fada_eager", "fada_core eager", fada("eager")),
-        Variant("fada_kernel", "fada_core kernel", fada("kernel")),
+        *_kernel_variants(fada("kernel")),
     ]
 
 
@@ -526,7 +571,7 @@ def _stats_variants() -> List[Variant]:
         Variant("onehot_mm", "one-hot matmul", plain(stats_onehot)),
         Variant("read_floor", "read floor: features.sum()", plain(stats_floor)),
         Variant("fada_eager", "fada_core eager", fada("eager")),
-        Variant("fada_kernel", "fada_core kernel", fada("kernel")),
+        *_kernel_variants(fada("kernel")),
     ]
 
 

@@ -1,14 +1,17 @@
 """``python -m fada_core.info``: what fada_core has to work with, and whether its kernels load.
 
-Prints the torch/CUDA/nvcc/compiler versions, then tries to load the compiled
-kernels (building them on first use) and says which devices have them, or why
-not. Options:
+Prints the torch/CUDA/nvcc/compiler versions, then loads the compiled kernels if
+they are already built (installed ahead of time, or an up-to-date JIT build in
+the cache; it never compiles without --build) and says which devices have them,
+or why not, and which instruction-set build of the CPU kernels runs and why
+(``FADA_CORE_CPU_CAPABILITY=default|avx2|avx512`` picks one; by default the
+widest this CPU runs). Options:
 
-  --build      build ahead of time (JIT cache); exit status 1 with the reason on failure
+  --build      build now (JIT cache); exit status 1 with the reason on failure
   --cuda       include the CUDA sources even with no GPU visible, and print nvcc's
                register/spill report (-Xptxas -v); for build machines and CI, e.g.
                TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m fada_core.info --build --cuda
-  --no-load    only report versions; do not build or load anything
+  --no-load    only report versions; do not load anything
   --json       print the status as JSON
 """
 
@@ -40,14 +43,16 @@ def _print_status(status: Dict[str, Any]) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _print_kernels(status: Dict[str, Any]) -> None:
+def _print_kernels(status: Dict[str, Any], error: Optional[str]) -> None:
     if status["disabled"]:
         print("kernels: disabled (FADA_CORE_DISABLE_KERNELS=1); the eager backend is used")
         return
     if not status["loaded"]:
-        print(f"kernels: NOT loaded: {status['failure'] or 'not tried'}")
+        print(f"kernels: NOT loaded: {status['failure'] or error or 'not tried'}")
         return
     print(f"kernels: loaded ({status['origin']}) from {status['library']}")
+    cpu = status["cpu_capability"]
+    print(f"CPU kernels: {cpu['in_use']} build ({cpu['reason']}; this CPU runs: {', '.join(cpu['supported'])})")
     devices = sorted({d for ds in status["ops"].values() for d in ds})
     print(f"devices with kernels: {', '.join(devices) or 'none'}")
     for name, devs in status["ops"].items():
@@ -68,17 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fada_core import _build
 
     error: Optional[str] = None
-    if args.build or args.cuda or not args.no_load:
-        if not args.json:
-            print("building/loading the fada_core kernels (the first build takes a minute or more)...",
-                  flush=True)
+    build = args.build or args.cuda
+    if build or not args.no_load:
         try:
-            _build.load(
-                verbose=args.verbose or args.cuda,
-                force_cuda=args.cuda,
-                ptxas_verbose=args.cuda,
-                jit=args.build,
-            )
+            _build.load(verbose=args.verbose or args.cuda, force_cuda=args.cuda, ptxas_verbose=args.cuda,
+                        jit=args.build, build=build)
         except RuntimeError as exc:
             error = str(exc)
     status = _build.status()
@@ -86,9 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(status, indent=2, default=str))
     else:
         _print_status(status)
-        if args.build or args.cuda or not args.no_load:
-            _print_kernels(status)
-    if (args.build or args.cuda) and error is not None:
+        if build or not args.no_load:
+            _print_kernels(status, error)
+    if build and error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.cuda and not status["cuda_kernels"]:

@@ -3,6 +3,9 @@
 ``kernel_ops``: the compiled ``torch.ops.fada_core`` namespace. The extension is
 built/loaded on first use; if that fails the test is skipped, unless
 ``FADA_CORE_REQUIRE_KERNELS=1`` (CI), where it fails with the build error.
+``isa_kernel_ops``: the same, once per instruction-set build of the CPU kernels
+(default, avx2, avx512; those this CPU cannot run are skipped), so a dispatch
+bug cannot hide behind the widest one.
 
 ``@pytest.mark.cuda``: skipped when no CUDA device is visible.
 
@@ -49,6 +52,18 @@ def kernel_ops():
             pytest.fail(f"FADA_CORE_REQUIRE_KERNELS=1 but the kernels did not load: {exc}", pytrace=False)
         pytest.skip(f"fada_core kernels unavailable: {exc}")
     return torch.ops.fada_core
+
+
+@pytest.fixture(params=["default", "avx2", "avx512"])
+def isa_kernel_ops(request, kernel_ops):
+    """``kernel_ops`` with the CPU kernels of the instruction-set build ``request.param``."""
+    from fada_core import _build
+
+    supported = _build.cpu_capability()["supported"]
+    if request.param not in supported:
+        pytest.skip(f"this CPU runs only the {', '.join(supported)} builds")
+    with _build.use_cpu_capability(request.param):
+        yield kernel_ops
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 STATUS_KEYS = {
     "python", "torch", "torch_cuda", "cuda_available", "cuda_devices", "cuda_home", "nvcc", "cxx",
     "ninja", "torch_cuda_arch_list", "disabled", "aot_extension", "loaded", "origin", "library",
-    "failure", "cuda_kernels", "cuda_kernels_reason", "would_build_cuda", "build_dir", "ops",
+    "failure", "cpu_capability", "cuda_kernels", "cuda_kernels_reason", "would_build_cuda", "build_dir", "ops",
 }
 
 
@@ -58,6 +58,8 @@ def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
     # device-independent operators (no tensors) count for every device
     assert status["ops"]["fada_core::cuda_backward_max_channels"] == ["any (device-independent)"]
     assert _build.kernels_available("cpu")
+    cpu = status["cpu_capability"]
+    assert cpu["supported"][0] == "default" and cpu["in_use"] in cpu["supported"] and cpu["reason"]
     if not torch.cuda.is_available() and not status["cuda_kernels"]:
         assert not _build.kernels_available("cuda", "class_center_stats")
         assert status["cuda_kernels_reason"]
@@ -67,9 +69,13 @@ def test_sources_and_flags():
     cpu = _build.sources(with_cuda=False)
     cuda = _build.sources(with_cuda=True)
     assert cpu[0].endswith("fada_core.cpp")
-    assert any(s.endswith("class_stats_kernel.cpp") for s in cpu)
+    # the kernel sources are compiled through one wrapper per instruction set, not on their own
+    names = [os.path.relpath(s, _build.CSRC) for s in cpu]
+    assert {"cpu/dispatch.cpp", "cpu/isa/default.cpp", "cpu/isa/avx2.cpp", "cpu/isa/avx512.cpp"} <= set(names)
+    assert not any(s.endswith("_kernel.cpp") for s in cpu)
     assert not any(s.endswith(".cu") for s in cpu)
     assert any(s.endswith("class_stats_kernel.cu") for s in cuda) and set(cpu) <= set(cuda)
+    assert not any(f.startswith("-march") for f in _build.cflags())  # the same library for every CPU
     assert _build.build_name(False) != _build.build_name(True)
     assert "--use_fast_math" not in _build.cuda_cflags()
     assert "-v" in _build.cuda_cflags(ptxas_verbose=True)
@@ -177,6 +183,61 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+    # the build announced itself once (what and why), and did not claim to have finished
+    assert proc.stderr.count("fada_core: compiling") == 1 and "no up-to-date build" in proc.stderr
+    assert "compiled in" not in proc.stderr
+
+
+def test_info_does_not_build(tmp_path):
+    if _build._aot_spec() is not None:
+        pytest.skip("an ahead-of-time fada_core._C is installed")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env.pop("FADA_CORE_DISABLE_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-m", "fada_core.info"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "not built yet" in proc.stdout and "--build" in proc.stdout
+    assert "compiling" not in proc.stderr
+    assert not any(name.endswith(".so") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+@pytest.mark.parametrize("value", ["default", "sse9"])
+def test_cpu_capability_override_at_load(kernel_ops, value):
+    # FADA_CORE_CPU_CAPABILITY picks the instruction-set build when the library loads; a value that
+    # is not a build name is reported (and warned about), and the widest build runs.
+    proc = _run_python(
+        """
+        import warnings
+        from fada_core import _build
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _build.load(build=False)
+        cpu = _build.cpu_capability()
+        print("IN_USE", cpu["in_use"], "WIDEST", cpu["supported"][-1])
+        print("REASON", cpu["reason"])
+        print("WARNED", [str(w.message) for w in caught if "fada_core" in str(w.message)])
+        """,
+        FADA_CORE_CPU_CAPABILITY=value,
+    )
+    assert proc.returncode == 0, proc.stderr
+    if value == "default":
+        assert "IN_USE default" in proc.stdout and "REASON FADA_CORE_CPU_CAPABILITY=default" in proc.stdout
+        assert "WARNED []" in proc.stdout
+    else:
+        in_use, widest = proc.stdout.split("IN_USE ")[1].split()[0::2][:2]
+        assert in_use == widest
+        assert "sse9 ignored" in proc.stdout and "WARNED ['fada_core" in proc.stdout
+
+
+def test_use_cpu_capability_switches_and_restores(kernel_ops):
+    before = _build.cpu_capability()["in_use"]
+    with _build.use_cpu_capability("default"):
+        assert _build.cpu_capability()["in_use"] == "default"
+    assert _build.cpu_capability()["in_use"] == before
+    with pytest.raises(ValueError, match="cpu capability"):
+        with _build.use_cpu_capability("sse9"):
+            pass
+    assert _build.cpu_capability()["in_use"] == before
 
 
 def test_info_command_prints_versions():
@@ -228,6 +289,29 @@ def test_setup_py_metadata_with_and_without_extension(build_ext):
     assert proc.returncode == 0, proc.stderr
     if build_ext:
         assert "EXT ['fada_core._C']" in proc.stdout
-        assert "class_stats_kernel.cpp" in proc.stdout and "fada_core.cpp" in proc.stdout
+        assert "fada_core.cpp" in proc.stdout and "dispatch.cpp" in proc.stdout and "avx512.cpp" in proc.stdout
     else:
         assert "EXT []" in proc.stdout and "TORCH_IMPORTED False" in proc.stdout
+
+
+def test_wide_instructions_only_in_their_builds(kernel_ops):
+    # Every function with AVX/AVX-512 instructions (VEX/EVEX-encoded, mnemonics starting with "v", or the
+    # AVX-512 mask ones) must belong to the AVX2 or AVX-512 build of the kernels. If an inline function
+    # from a shared header were first compiled inside one of those builds, the linker could keep that copy
+    # for every caller, and the default build would run AVX code on a CPU without it.
+    import platform
+    import re
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _build.status()["library"]],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    wide, name = set(), None
+    for line in listing.splitlines():
+        if re.match(r"^[0-9a-f]+ <.*>:$", line):
+            name = line
+        elif re.match(r"^ +[0-9a-f]+:\t(v[a-z0-9]+|k[a-z]+)[ \t]", line):
+            wide.add(name)
+    assert any("fada_cpu_avx512" in n for n in wide)  # the check sees AVX-512 code where it belongs
+    assert [n for n in wide if "fada_cpu_avx2" not in n and "fada_cpu_avx512" not in n] == []

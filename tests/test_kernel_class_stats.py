@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -48,9 +43,9 @@ def _sample(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference(kernel_ops, batch, channels, h, w, num_classes, dtype, offset, ignore_frac, layout, seed):
+def test_matches_reference(isa_kernel_ops, batch, channels, h, w, num_classes, dtype, offset, ignore_frac, layout, seed):
     features, labels = _sample(batch, channels, h, w, num_classes, dtype, offset, ignore_frac, seed, layout)
-    got = kernel_ops.class_center_stats(features, labels, num_classes, IGNORE)
+    got = isa_kernel_ops.class_center_stats(features, labels, num_classes, IGNORE)
     want = _reference.class_center_stats(features, labels, num_classes, IGNORE)
     assert_class_stats_close(got, want, offset)
 
@@ -73,13 +68,13 @@ def test_absent_classes_are_zero(kernel_ops):
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_large_offset_stays_exact(kernel_ops, offset):
+def test_large_offset_stays_exact(isa_kernel_ops, offset):
     # A naive Σx² − (Σx)²/n in float64 loses ~all digits of a spread of 1e-3 at
     # an offset of 1e4; the shifted accumulation must not.
     g = torch.Generator().manual_seed(0)
     features = offset + 1e-3 * torch.randn(2, 24, 9, 10, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 4, (2, 9, 10), generator=g)
-    got = kernel_ops.class_center_stats(features, labels, 4, IGNORE)
+    got = isa_kernel_ops.class_center_stats(features, labels, 4, IGNORE)
     want = _reference.class_center_stats(features, labels, 4, IGNORE)
     torch.testing.assert_close(got[2], want[2], rtol=1e-8, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=1e-14, atol=0)
@@ -94,9 +89,9 @@ def test_float32_features_with_offset_match_float64(kernel_ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(kernel_ops, dtype):
+def test_half_precision_inputs(isa_kernel_ops, dtype):
     features, labels = _sample(2, 19, 6, 5, 4, dtype, 0.0, 0.2, seed=5)
-    got = kernel_ops.class_center_stats(features, labels, 4, IGNORE)
+    got = isa_kernel_ops.class_center_stats(features, labels, 4, IGNORE)
     # the kernel reads the half values exactly and accumulates in float64
     want = _reference.class_center_stats(features.double(), labels, 4, IGNORE)
     assert_class_stats_close(got, want)
@@ -120,65 +115,37 @@ def test_negative_ignore_index(kernel_ops):
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 @pytest.mark.parametrize("batch, channels, h, w", [(3, 35, 37, 41), (1, 16, 40, 13), (2, 48, 23, 23), (2, 32, 32, 64)])
-def test_many_chunks_match_reference(kernel_ops, batch, channels, h, w, offset):
+def test_many_chunks_match_reference(isa_kernel_ops, batch, channels, h, w, offset):
     # The hypothesis shapes fit in one chunk of the CPU kernel's plan (512
     # pixels); these span several per image, with a partial last chunk, and
     # both the 16-channel SIMD blocks and a scalar tail block.
     features, labels = _sample(batch, channels, h, w, 19, torch.float32, offset, 0.1, seed=12)
-    got = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+    got = isa_kernel_ops.class_center_stats(features, labels, 19, IGNORE)
     want = _reference.class_center_stats(features, labels, 19, IGNORE)
     assert_class_stats_close(got, want, offset)
-
-
-_ISA_SCRIPT = """
-import torch
-from fada_core import _build, _reference
-_build.load()
-g = torch.Generator().manual_seed(13)
-x = (torch.randn(2, 40, 31, 29, generator=g, dtype=torch.float64) + 1e3).float()
-y = torch.randint(0, 7, (2, 31, 29), generator=g)
-y[torch.rand(2, 31, 29, generator=g) < 0.2] = 255
-got = torch.ops.fada_core.class_center_stats(x, y, 7, 255)
-want = _reference.class_center_stats(x, y, 7, 255)
-torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
-torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-6)
-torch.testing.assert_close(got[2], want[2], rtol=1e-9, atol=1e-9)
-print("ok")
-"""
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set paths")
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_narrower_instruction_sets_match_reference(kernel_ops, capability):
-    # The float32 path is picked once per process from the CPU's features, so
-    # the narrower ones (scalar, AVX2) run in a child process capped by
-    # ATEN_CPU_CAPABILITY, as torch's own kernels are.
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 def _big_case():
     return _sample(2, 70, 33, 65, 19, torch.float32, 100.0, 0.1, seed=11)
 
 
-def test_deterministic_bits_repeated(kernel_ops):
+def test_deterministic_bits_repeated(isa_kernel_ops):
     features, labels = _big_case()
-    first = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+    first = isa_kernel_ops.class_center_stats(features, labels, 19, IGNORE)
     for _ in range(3):
-        again = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+        again = isa_kernel_ops.class_center_stats(features, labels, 19, IGNORE)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
 
-def test_deterministic_across_thread_counts(kernel_ops):
+def test_deterministic_across_thread_counts(isa_kernel_ops):
     features, labels = _big_case()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+        one = isa_kernel_ops.class_center_stats(features, labels, 19, IGNORE)
         torch.set_num_threads(2)
-        two = kernel_ops.class_center_stats(features, labels, 19, IGNORE)
+        two = isa_kernel_ops.class_center_stats(features, labels, 19, IGNORE)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, two):

@@ -63,12 +63,12 @@ def _assert_close(got, want, dtype):
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ignore_index, ignore_frac, reduction,
+def test_matches_reference(isa_kernel_ops, batch, k, h, w, out_size, temperature, ignore_index, ignore_frac, reduction,
                            dtype, layout, seed):
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     logits, labels = cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
     want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction)
-    got, got_grad = _kernel(kernel_ops, with_layout(logits, layout), with_layout(labels, layout), temperature, ignore_index,
+    got, got_grad = _kernel(isa_kernel_ops, with_layout(logits, layout), with_layout(labels, layout), temperature, ignore_index,
                             reduction, grad_out)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
@@ -76,29 +76,29 @@ def test_matches_reference(kernel_ops, batch, k, h, w, out_size, temperature, ig
         assert want_grad.abs().max() > 0  # the comparison is not between zeros
 
 
-def test_realistic_shapes_and_official_formula(kernel_ops):
+def test_realistic_shapes_and_official_formula(isa_kernel_ops):
     logits, labels = cross_entropy_inputs(2, 19, 9, 17, 65, 129, torch.float32, 0, 0.2)
     x = logits.clone().requires_grad_(True)
     up = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=True)
     want = torch.nn.CrossEntropyLoss(ignore_index=255)(up / 1.8, labels)
     want.backward()
-    got, got_grad = _kernel(kernel_ops, logits, labels, 1.8, 255, 1, torch.tensor(1.0))
+    got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, 1, torch.tensor(1.0))
     _assert_close(got, want.detach(), torch.float32)
     _assert_close(got_grad, x.grad, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_cpu(kernel_ops, dtype):
+def test_half_precision_cpu(isa_kernel_ops, dtype):
     logits, labels = cross_entropy_inputs(2, 5, 6, 7, 23, 17, dtype, 1, 0.2, scale=2.0)
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
-        got, got_grad = _kernel(kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
+        got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
         assert got.dtype == dtype and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
 
 
-def test_same_bits_twice_and_across_thread_counts(kernel_ops):
+def test_same_bits_twice_and_across_thread_counts(isa_kernel_ops):
     logits, labels = cross_entropy_inputs(2, 19, 9, 17, 70, 130, torch.float32, 3, 0.1)
     g = torch.tensor(1.0)
     threads = torch.get_num_threads()
@@ -106,8 +106,8 @@ def test_same_bits_twice_and_across_thread_counts(kernel_ops):
     try:
         for n in (threads, 1, threads, max(threads, 3)):
             torch.set_num_threads(n)
-            out = kernel_ops.upsampled_cross_entropy(logits, labels, 1.8, 255, 1)
-            grad = kernel_ops.upsampled_cross_entropy_backward(g, logits, labels, 1.8, 255, 1)
+            out = isa_kernel_ops.upsampled_cross_entropy(logits, labels, 1.8, 255, 1)
+            grad = isa_kernel_ops.upsampled_cross_entropy_backward(g, logits, labels, 1.8, 255, 1)
             results.append((out, grad))
     finally:
         torch.set_num_threads(threads)
@@ -129,10 +129,10 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_gradcheck(kernel_ops, reduction):
+def test_gradcheck(isa_kernel_ops, reduction):
     logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
     logits.requires_grad_(True)
-    fn = lambda x: kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction)  # noqa: E731
+    fn = lambda x: isa_kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
 
 
@@ -170,14 +170,14 @@ def test_all_ignored_and_empty_batch(kernel_ops):
     assert grad.shape == empty_logits.shape
 
 
-def test_nan_propagates(kernel_ops):
+def test_nan_propagates(isa_kernel_ops):
     logits, labels = cross_entropy_inputs(1, 3, 4, 5, 10, 13, torch.float32, 8, 0.0)
     bad = logits.clone()
     bad[0, 1, 2, 3] = float("nan")
-    assert torch.isnan(kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 1))
-    per_pixel = kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 0)
+    assert torch.isnan(isa_kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 1))
+    per_pixel = isa_kernel_ops.upsampled_cross_entropy(bad, labels, 1.8, 255, 0)
     assert torch.isnan(per_pixel[0, 6, 9]) and torch.isfinite(per_pixel[0, 0, 0])
-    assert torch.isfinite(kernel_ops.upsampled_cross_entropy(logits * 1e4, labels, 1.0, 255, 1))
+    assert torch.isfinite(isa_kernel_ops.upsampled_cross_entropy(logits * 1e4, labels, 1.0, 255, 1))
 
 
 def test_bad_inputs_raise(kernel_ops):

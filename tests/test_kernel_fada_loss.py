@@ -61,13 +61,13 @@ def _assert_close(got, want, dtype):
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted, dtype,
+def test_matches_reference(isa_kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted, dtype,
                            layout, seed):
     hs, ws = seg_size if seg_size is not None else (h, w)
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
     want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
-    got, got_grad = _kernel(kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
+    got, got_grad = _kernel(isa_kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
                             weight, reduction, grad_out)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
@@ -76,28 +76,28 @@ def test_matches_reference(kernel_ops, batch, k, h, w, seg_size, out_size, domai
 
 @pytest.mark.parametrize("domain", [0, 1])
 @pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128)), ((7, 11), (40, 24))])
-def test_realistic_shapes(kernel_ops, domain, sizes):
+def test_realistic_shapes(isa_kernel_ops, domain, sizes):
     (h, w), (out_h, out_w) = sizes
     disc, seg, _ = fada_loss_inputs(2, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
     for reduction in (0, 1):
         want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), None, reduction)
-        got, got_grad = _kernel(kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out)
+        got, got_grad = _kernel(isa_kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out)
         _assert_close(got, want, torch.float32)
         _assert_close(got_grad, want_grad, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_cpu(kernel_ops, dtype):
+def test_half_precision_cpu(isa_kernel_ops, dtype):
     disc, seg, weight = fada_loss_inputs(2, 5, 6, 7, 6, 7, 23, 17, dtype, 1, True, scale=2.0)
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction)
-        got, got_grad = _kernel(kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out)
+        got, got_grad = _kernel(isa_kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out)
         assert got.dtype == dtype and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
 
 
-def test_same_bits_twice_and_across_thread_counts(kernel_ops):
+def test_same_bits_twice_and_across_thread_counts(isa_kernel_ops):
     disc, seg, weight = fada_loss_inputs(2, 19, 9, 17, 9, 17, 70, 130, torch.float32, 3, True)
     g = torch.tensor(1.0)
     threads = torch.get_num_threads()
@@ -105,8 +105,8 @@ def test_same_bits_twice_and_across_thread_counts(kernel_ops):
     try:
         for n in (threads, 1, threads, max(threads, 3)):
             torch.set_num_threads(n)
-            out = kernel_ops.fada_loss(disc, seg, 0, T, CAP, 70, 130, weight, 1)
-            grad = kernel_ops.fada_loss_backward(g, disc, seg, 0, T, CAP, 70, 130, weight, 1)
+            out = isa_kernel_ops.fada_loss(disc, seg, 0, T, CAP, 70, 130, weight, 1)
+            grad = isa_kernel_ops.fada_loss_backward(g, disc, seg, 0, T, CAP, 70, 130, weight, 1)
             results.append((out, grad))
     finally:
         torch.set_num_threads(threads)
@@ -184,10 +184,10 @@ def test_torch_compile_fullgraph_functional(kernel_ops):
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_gradcheck(kernel_ops, reduction):
+def test_gradcheck(isa_kernel_ops, reduction):
     disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
     disc.requires_grad_(True)
-    fn = lambda d: kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction)  # noqa: E731
+    fn = lambda d: isa_kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
 
 
@@ -232,23 +232,23 @@ def test_empty_batch(kernel_ops):
     assert grad.shape == disc.shape
 
 
-def test_nan_propagates(kernel_ops):
+def test_nan_propagates(isa_kernel_ops):
     disc, seg, _ = fada_loss_inputs(1, 3, 4, 5, 4, 5, 10, 13, torch.float32, 8, False)
     disc_nan = disc.clone()
     disc_nan[0, 1, 2, 3] = float("nan")
-    assert torch.isnan(kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 1))
-    assert torch.isnan(kernel_ops.fada_loss(disc_nan, seg, 1, T, CAP, 10, 13, None, 2))
-    per_pixel = kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 0)
+    assert torch.isnan(isa_kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 1))
+    assert torch.isnan(isa_kernel_ops.fada_loss(disc_nan, seg, 1, T, CAP, 10, 13, None, 2))
+    per_pixel = isa_kernel_ops.fada_loss(disc_nan, seg, 0, T, CAP, 10, 13, None, 0)
     # the output pixel sitting exactly on source pixel (2, 3): scale 3 in both axes
     assert torch.isnan(per_pixel[0, 6, 9])
     assert torch.isfinite(per_pixel[0, 0, 0])
-    grad = kernel_ops.fada_loss_backward(torch.tensor(1.0), disc_nan, seg, 0, T, CAP, 10, 13, None, 1)
+    grad = isa_kernel_ops.fada_loss_backward(torch.tensor(1.0), disc_nan, seg, 0, T, CAP, 10, 13, None, 1)
     assert torch.isnan(grad).any()
     seg_nan = seg.clone()
     seg_nan[0, 0, 1, 1] = float("nan")
-    assert torch.isnan(kernel_ops.fada_loss(disc, seg_nan, 1, T, CAP, 10, 13, None, 1))
+    assert torch.isnan(isa_kernel_ops.fada_loss(disc, seg_nan, 1, T, CAP, 10, 13, None, 1))
     big = disc * 1e4  # large logits: finite, no overflow in the exp
-    assert torch.isfinite(kernel_ops.fada_loss(big, seg, 0, T, CAP, 10, 13, None, 1))
+    assert torch.isfinite(isa_kernel_ops.fada_loss(big, seg, 0, T, CAP, 10, 13, None, 1))
 
 
 def test_bad_inputs_raise(kernel_ops):

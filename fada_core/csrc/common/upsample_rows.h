@@ -102,6 +102,13 @@ struct Axis {
   }
 };
 
+// sum[x] += exp(z[x] - m[x]) for x < n, m[x] >= z[x] (vectorised): the
+// softmax denominator, one channel at a time.
+template <typename acc_t>
+inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
+}
+
 // o[x] = lerp(a[x], b[x], l) for x < n (vectorised).
 template <typename acc_t>
 inline void lerp_n(const acc_t* __restrict a, const acc_t* __restrict b, acc_t l, int64_t n, acc_t* __restrict o) {

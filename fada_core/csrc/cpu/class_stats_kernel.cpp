@@ -11,10 +11,10 @@
 // the per-block results are combined in block order, so the result does not
 // depend on the number of threads.
 //
-// float32 on x86 takes a vectorised path (class_stats_tile.h, built for AVX2
-// and for AVX-512 and picked at run time); other dtypes, other CPUs and the
-// last partial block of channels walk the same plan with scalar code
-// (stats::accumulate, as the CUDA kernel).
+// Compiled once per instruction set (isa/*.cpp). In the AVX2 and AVX-512
+// builds float32 takes a vectorised path (class_stats_tile.h); other dtypes,
+// the default build and the last partial block of channels walk the same plan
+// with scalar code (stats::accumulate, as the CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,10 +22,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
 #include <limits>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -33,7 +31,7 @@
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(FADA_CPU_ISA_AVX2) || defined(FADA_CPU_ISA_AVX512)
 #define FADA_CLASS_STATS_SIMD 1
 #include <immintrin.h>
 // The SIMD helpers pass 64-byte vectors by value between inline functions of
@@ -140,37 +138,12 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 }
 
 #ifdef FADA_CLASS_STATS_SIMD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kRegisterSets = 1;  // 16 ymm registers: room for one set of sums
-#include "cpu/class_stats_tile.h"
-}  // namespace avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
+#ifdef FADA_CPU_ISA_AVX512
 constexpr int kRegisterSets = 2;  // 32 zmm registers: two sets hide the add latency
+#else
+constexpr int kRegisterSets = 1;  // 16 ymm registers: room for one set of sums
+#endif
 #include "cpu/class_stats_tile.h"
-}  // namespace avx512
-#pragma GCC pop_options
-
-using Block16 = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const Plan&, const double*, double*,
-                         double*);
-
-// The widest instruction set this CPU has, or null. ATEN_CPU_CAPABILITY
-// (default / avx2 / avx512) caps it, as it caps torch's own CPU kernels.
-Block16 simd_block16() {
-  static const Block16 fn = [] {
-    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-    const std::string cap = env ? env : "";
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cap != "default";
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && cap != "avx2";
-    return avx512 ? &avx512::run : avx2 ? &avx2::run : static_cast<Block16>(nullptr);
-  }();
-  return fn;
-}
 #endif
 
 template <typename scalar_t>
@@ -212,10 +185,8 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
       bool done = false;
 #ifdef FADA_CLASS_STATS_SIMD
       if (std::is_same<scalar_t, float>::value && width == kBlock) {
-        if (const Block16 simd = simd_block16()) {
-          simd(reinterpret_cast<const float*>(x), channels, hw, c0, next_c0, plan, shift.data(), sum.data(), sq.data());
-          done = true;
-        }
+        run(reinterpret_cast<const float*>(x), channels, hw, c0, next_c0, plan, shift.data(), sum.data(), sq.data());
+        done = true;
       }
 #endif
       if (!done) block_scalar(x, channels, hw, c0, width, plan, shift.data(), sum.data(), sq.data());
@@ -265,9 +236,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats_cpu(const at::
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
-  m.impl("class_center_stats", &class_center_stats_cpu);
-}
 
 }  // namespace fada_core

@@ -1,9 +1,7 @@
 // The float32 fast path of class_center_stats on x86: one block of 16 channels
-// (see class_stats_kernel.cpp for the plan it walks). Included twice by that
-// file, once per instruction set (AVX2, AVX-512), inside a
-// `#pragma GCC target` region and a namespace of its own that also defines
-// kRegisterSets, so one source gives both and the CPU picks at run time. No
-// include guard on purpose.
+// (see class_stats_kernel.cpp for the plan it walks). Included by that file in
+// its AVX2 and AVX-512 builds (isa/avx2.cpp, isa/avx512.cpp), which define
+// kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
 //
 // Per chunk of pixels, the block's 16 channel planes are transposed into a
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
@@ -126,9 +124,12 @@ inline d8 load_d8(const double* p) {
 
 inline void store_d8(double* p, d8 v) { __builtin_memcpy(p, &v, sizeof v); }
 
+// The build is told by FADA_CPU_ISA_AVX512 (isa/avx512.cpp), not by __AVX512F__: GCC does not
+// define that macro inside a `#pragma GCC target` region, and the AVX2 code below is ~3x slower
+// with 32 zmm registers at hand.
 // (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsics.)
 inline d8 widen(const float* p) {
-#ifdef __AVX512F__
+#ifdef FADA_CPU_ISA_AVX512
   return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p)));
 #else
   const __m256d lo = _mm256_cvtps_pd(_mm_load_ps(p)), hi = _mm256_cvtps_pd(_mm_load_ps(p + 4));
@@ -141,7 +142,7 @@ inline d8 widen(const float* p) {
 
 // a * b + c in one rounding.
 inline d8 fma_d8(d8 a, d8 b, d8 c) {
-#ifdef __AVX512F__
+#ifdef FADA_CPU_ISA_AVX512
   return reinterpret_cast<d8>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                               reinterpret_cast<__m512d>(c)));
 #else

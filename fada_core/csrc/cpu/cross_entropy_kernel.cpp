@@ -7,6 +7,7 @@
 // Same structure as fada_loss_kernel.cpp: tasks are (batch item, group of
 // output rows sharing the lower source row), rows are processed in column
 // tiles, and the backward reduces per-group partials in a fixed order.
+// Compiled once per instruction set, like it (isa/*.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,11 +36,6 @@ inline void scale_pick(acc_t* __restrict z, acc_t* __restrict zl, const int32_t*
     z[x] = v;
     zl[x] = lab[x] == c ? v : zl[x];
   }
-}
-
-template <typename acc_t>
-inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
 }
 
 // g = gw * (softmax_c - [label == c]) / T; top += (1 - ly) g; bottom += ly g.
@@ -283,8 +279,3 @@ at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const
 }  // namespace
 }  // namespace cpu
 }  // namespace fada
-
-TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
-  m.impl("upsampled_cross_entropy", &fada::cpu::upsampled_cross_entropy_cpu);
-  m.impl("upsampled_cross_entropy_backward", &fada::cpu::upsampled_cross_entropy_backward_cpu);
-}

@@ -12,6 +12,9 @@
 // loop over pixels vectorises. The backward accumulates each group's
 // contribution into its own partial slot and reduces the slots in a fixed
 // order: results are bitwise independent of the number of threads.
+//
+// Compiled once per instruction set through isa/*.cpp (registered by
+// dispatch.cpp); the loops are plain C++ that the compiler vectorises for each.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -62,12 +65,6 @@ void check_fada_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t do
 
 // Per-channel passes over a tile's pixels. Each is a free function on
 // __restrict pointers so that GCC vectorises the loop over x.
-// sum += exp((z - m) * scale), z untouched.
-template <typename acc_t>
-inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const acc_t* __restrict m, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
-}
-
 // z <- exp((z - m) * scale); sum += z.
 template <typename acc_t>
 inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
@@ -396,8 +393,3 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc
 }  // namespace
 }  // namespace cpu
 }  // namespace fada
-
-TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
-  m.impl("fada_loss", &fada::cpu::fada_loss_cpu);
-  m.impl("fada_loss_backward", &fada::cpu::fada_loss_backward_cpu);
-}
