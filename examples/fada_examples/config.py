@@ -259,7 +259,8 @@ def validate(cfg: Dict[str, Any]) -> None:
         if len(cfg["input"][key]) != 2:
             raise ConfigError(f"input.{key} must be [W, H], got {cfg['input'][key]!r}")
     if len(cfg["datasets"]["pseudo_label_size"]) not in (0, 2):
-        raise ConfigError(f"datasets.pseudo_label_size must be [W, H] or [], got {cfg['datasets']['pseudo_label_size']!r}")
+        raise ConfigError("datasets.pseudo_label_size must be [W, H] or [] (the teacher's size), "
+                          f"got {cfg['datasets']['pseudo_label_size']!r}")
 
 
 def to_yaml(cfg: Dict[str, Any]) -> str:

@@ -371,7 +371,7 @@ def test_pseudo_labels_are_made_at_the_teacher_test_size(synthetic_dir, tmp_path
     torch.save(state, teacher.checkpoint)
     sd_cfg = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"), f"teacher={teacher.checkpoint}")
     assert sd_cfg["input"]["size_test"] == [96, 64]
-    out = T._ensure_pseudo_labels(sd_cfg, str(tmp_path / "sd"), torch.device("cpu"), False)
+    out = T._ensure_pseudo_labels(sd_cfg, torch.device("cpu"), False)
     with open(os.path.join(out, ".done")) as fh:
         assert json.load(fh)["size"] == [48, 32]
 
@@ -391,7 +391,7 @@ def test_pseudo_labels_are_made_at_the_teacher_test_size(synthetic_dir, tmp_path
 
     override = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"), f"teacher={teacher.checkpoint}",
                         "datasets.pseudo_label_size=[96,64]")
-    T._ensure_pseudo_labels(override, str(tmp_path / "sd"), torch.device("cpu"), False)
+    T._ensure_pseudo_labels(override, torch.device("cpu"), False)
     with open(os.path.join(out, ".done")) as fh:
         assert json.load(fh)["size"] == [96, 64]  # relabelled at the asked size
     with pytest.raises(ValueError, match="datasets.pseudo_label_size"):

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "resolve_device", "setup_device", "init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "average_gradients", "broadcast_module", "reduce_mean", "unwrap", "cleanup"]
+__all__ = ["DistInfo", "resolve_device", "setup_device", "init_distributed", "is_distributed", "rank",
+           "world_size", "is_main", "barrier", "average_gradients", "broadcast_module", "reduce_mean", "unwrap",
+           "cleanup"]
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint
-from .trainer import StageResult, evaluate_models, train_stage
+from .trainer import (StageResult, evaluate_models, pseudo_label_dir, score_pseudo_labels, train_stage,
+                      uses_synthetic_data)
 
 __all__ = ["STAGE_TITLES", "run_pipeline", "format_summary", "write_summary_csv"]
 
@@ -74,6 +75,10 @@ def run_pipeline(stages: Sequence[str], configs: Dict[str, Dict[str, Any]], *, r
                 log(format_table(metrics["eval"], metrics["class_names"]))
                 write_results_csv(metrics["eval"], metrics["class_names"],
                                   os.path.join(cfg["output_dir"], "eval", "results.csv"))
+                if stage == "sd" and uses_synthetic_data(cfg):
+                    row["pseudo_label_miou"] = float(score_pseudo_labels(cfg, pseudo_label_dir(cfg)).miou)
+                    log(f"[sd] its pseudo labels: mIoU {100 * row['pseudo_label_miou']:.2f} against the "
+                        "synthetic target-train labels (which training never reads)")
             del features, classifier
         rows.append(row)
     return rows

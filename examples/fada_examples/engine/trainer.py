@@ -51,6 +51,7 @@ from .schedule import PolyLR, poly_lr
 
 __all__ = ["StageResult", "Training", "STEPS", "prepare_data", "poly_lr", "train_stage", "build_loaders",
            "build_training", "supervised_step", "adversarial_step", "generate_pseudo_labels",
+           "pseudo_label_dir", "score_pseudo_labels", "uses_synthetic_data",
            "evaluate_models", "set_determinism"]
 
 LOSS_COLUMNS = {"src": ["loss_seg"], "adv": ["loss_seg", "loss_adv", "loss_D"], "sd": ["loss_seg"]}
@@ -577,8 +578,20 @@ def _pseudo_labels_ready(out_dir: str, teacher: str, size: Optional[List[int]] =
     return info.get("teacher") == os.path.abspath(teacher) and (size is None or info.get("size") == list(size))
 
 
-def _ensure_pseudo_labels(cfg: Dict[str, Any], stage_dir: str, device: torch.device, progress: bool) -> str:
-    out_dir = cfg["datasets"]["pseudo_label_dir"] or os.path.join(stage_dir, "pseudo_labels")
+def pseudo_label_dir(cfg: Dict[str, Any]) -> str:
+    """Where stage 3 reads (and makes) its pseudo labels: ``datasets.pseudo_label_dir`` or
+    ``<output_dir>/pseudo_labels``."""
+    return cfg["datasets"]["pseudo_label_dir"] or os.path.join(cfg["output_dir"], "pseudo_labels")
+
+
+def uses_synthetic_data(cfg: Dict[str, Any]) -> bool:
+    """Whether the target data is the generated synthetic set (whose training labels exist)."""
+    syn, target = cfg["datasets"]["synthetic_dir"], cfg["datasets"]["target_root"]
+    return bool(syn and target) and os.path.abspath(target).startswith(os.path.abspath(syn) + os.sep)
+
+
+def _ensure_pseudo_labels(cfg: Dict[str, Any], device: torch.device, progress: bool) -> str:
+    out_dir = pseudo_label_dir(cfg)
     teacher = cfg["teacher"]
     if not teacher:
         # A folder filled elsewhere (no marker) is used as it is: PseudoLabelDataset looks each target
@@ -596,6 +609,29 @@ def _ensure_pseudo_labels(cfg: Dict[str, Any], stage_dir: str, device: torch.dev
                                progress=progress, teacher=os.path.abspath(teacher))
     del features, classifier
     return out_dir
+
+
+def score_pseudo_labels(cfg: Dict[str, Any], label_dir: str):
+    """Pseudo labels scored against the target training set's own labels (``evaluation.EvalResult``).
+
+    A diagnostic for data whose target training labels exist (the synthetic demo): it says how
+    right the labels a stage-3 student learns from are. Training never reads these labels.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from ..data import build_dataset, pseudo_label_path
+    from ..evaluation import confusion_matrix, scores_from_confusion
+
+    ds, k = cfg["datasets"], cfg["model"]["num_classes"]
+    dataset = build_dataset(ds["target"], ds["target_root"], ds["target_split"], None,
+                            **_with_classes(ds["target"], ds["target_kwargs"], k))
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    for i in range(len(dataset)):
+        _, label, name = dataset.load(i)
+        pseudo = np.array(Image.open(pseudo_label_path(label_dir, name)))
+        confusion += confusion_matrix(torch.from_numpy(pseudo), torch.from_numpy(np.array(label)), k)
+    return scores_from_confusion(confusion, len(dataset))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -689,7 +725,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None
     if D.is_main():
         _write_config(cfg)
     last_ckpt, ckpt = _load_resume(stage, cfg, resume)
-    pseudo_dir = _ensure_pseudo_labels(cfg, cfg["output_dir"], device, progress) if stage == "sd" else None
+    pseudo_dir = _ensure_pseudo_labels(cfg, device, progress) if stage == "sd" else None
     t = build_training(cfg, stage, device, ckpt)
     data = [iter(loader) for loader in build_loaders(cfg, stage, t.iteration, pseudo_dir)]
     columns = ["iteration", "lr"] + (["lr_D"] if stage == "adv" else []) + LOSS_COLUMNS[stage] + \
