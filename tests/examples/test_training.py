@@ -100,6 +100,7 @@ def test_lr_schedulers_give_the_official_learning_rate_of_every_iteration():
         for name, opt in opts.items():
             want = poly_lr(base[name], it, solver["max_iter"], solver["lr_power"]) * mult[name]
             mismatches[name] += opt.param_groups[0]["lr"] != want
+            opt.step()  # no gradients: changes nothing, keeps the step order the schedulers expect
         for sched in scheds.values():
             sched.step()
     assert mismatches == {"fea": 0, "cls": 0, "D": 0}
@@ -425,3 +426,24 @@ def test_stage_all_summary_measures_every_ccd_at_one_size(synthetic_dir, tmp_pat
     table = format_summary(rows)
     assert table.count("96x64") == 5 and "192x128" in table
     shutil.rmtree(root)
+
+
+def test_score_pseudo_labels_against_the_synthetic_target_labels(synthetic_dir, tmp_path):
+    from fada_examples.data import build_dataset, pseudo_label_path
+    from fada_examples.engine import trainer as T
+
+    cfg = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"))
+    assert T.uses_synthetic_data(cfg)
+    dataset = T._unlabelled_target(cfg, None)
+    truth = build_dataset("cityscapes", cfg["datasets"]["target_root"], "train", None, num_classes=19)
+    out = str(tmp_path / "labels")
+    os.makedirs(out)
+    for i in range(len(truth)):
+        _, label, name = truth.load(i)
+        label.save(pseudo_label_path(out, name))
+    assert len(dataset) == len(truth) == 4
+    assert T.score_pseudo_labels(cfg, out).miou == 1.0
+    _, label, name = truth.load(0)
+    Image.fromarray(np.zeros_like(np.array(label))).save(pseudo_label_path(out, name))  # all "road"
+    assert T.score_pseudo_labels(cfg, out).miou < 1.0
+    assert not T.uses_synthetic_data(load_config(None, [f"datasets.target_root={tmp_path}"]))

@@ -75,8 +75,10 @@ def run_pipeline(stages: Sequence[str], configs: Dict[str, Dict[str, Any]], *, r
                 log(format_table(metrics["eval"], metrics["class_names"]))
                 write_results_csv(metrics["eval"], metrics["class_names"],
                                   os.path.join(cfg["output_dir"], "eval", "results.csv"))
-                if stage == "sd" and uses_synthetic_data(cfg):
+                if stage == "sd" and uses_synthetic_data(cfg) and os.path.isdir(pseudo_label_dir(cfg)):
                     row["pseudo_label_miou"] = float(score_pseudo_labels(cfg, pseudo_label_dir(cfg)).miou)
+                    row["student"] = (f"from {cfg['model']['weights'] or 'random weights (model.weights is empty)'}, "
+                                      f"trained {result.iteration} iterations")
                     log(f"[sd] its pseudo labels: mIoU {100 * row['pseudo_label_miou']:.2f} against the "
                         "synthetic target-train labels (which training never reads)")
             del features, classifier
@@ -96,7 +98,20 @@ def format_summary(rows: Sequence[Dict[str, Any]]) -> str:
         ccd = f"{r['ccd_mean']:.4f}" if "ccd_mean" in r else "-"
         lines.append(f"{STAGE_TITLES.get(r['stage'], r['stage']):<24} {miou:>16} {_size(r.get('test_size')):>10} "
                      f"{ccd:>10} {_size(r.get('ccd_size')):>10}")
-    return "\n".join(lines)
+    return "\n".join(lines + _self_distillation_note(rows))
+
+
+def _self_distillation_note(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """What stage 3 learnt from, when that is known (synthetic data): its student can pass on no more
+    than its teacher's pseudo labels teach, from the start it is given, in the iterations it has."""
+    sd = next((r for r in rows if "pseudo_label_miou" in r and "miou" in r), None)
+    if sd is None:
+        return []
+    teacher = next((r for r in rows if r["stage"] == "adv" and "miou" in r), None)
+    change = f", {100 * (sd['miou'] - teacher['miou']):+.2f} points on its teacher" if teacher else ""
+    return ["", f"Stage 3: a fresh model, {sd['student']} on its teacher's pseudo labels",
+            f"(mIoU {100 * sd['pseudo_label_miou']:.2f}% against the synthetic target-train labels): "
+            f"target mIoU {100 * sd['miou']:.2f}%{change}."]
 
 
 def write_summary_csv(rows: Sequence[Dict[str, Any]], path: str) -> str:
