@@ -594,8 +594,8 @@ def _ensure_pseudo_labels(cfg: Dict[str, Any], device: torch.device, progress: b
     out_dir = pseudo_label_dir(cfg)
     teacher = cfg["teacher"]
     if not teacher:
-        # A folder filled elsewhere (no marker) is used as it is: PseudoLabelDataset looks each target
-        # image's label up in it (data.pseudo_label_path names the file).
+        # A folder filled elsewhere (no marker) is used as it is: PseudoLabelDataset (see _source_dataset)
+        # finds each target image's label in it, under the file name the data layer expects.
         if _pseudo_labels_ready(out_dir, teacher) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
             return out_dir
         raise FileNotFoundError(
