@@ -447,3 +447,22 @@ def test_score_pseudo_labels_against_the_synthetic_target_labels(synthetic_dir, 
     Image.fromarray(np.zeros_like(np.array(label))).save(pseudo_label_path(out, name))  # all "road"
     assert T.score_pseudo_labels(cfg, out).miou < 1.0
     assert not T.uses_synthetic_data(load_config(None, [f"datasets.target_root={tmp_path}"]))
+
+
+def test_summary_note_says_what_stage_3_learnt_from():
+    from types import SimpleNamespace
+
+    from fada_examples.engine import format_summary
+
+    def row(stage, miou, acc, **extra):
+        return dict(stage=stage, miou=miou, ccd_mean=1.5, eval=SimpleNamespace(allacc=acc), test_size=[160, 96],
+                    ccd_size=[160, 96], checkpoint="", **extra)
+
+    sd = dict(pseudo_label_miou=0.3558, pseudo_label_allacc=0.8022, student="from random weights, trained 300 iterations")
+    table = format_summary([row("src", 0.11, 0.45), row("adv", 0.32, 0.76), row("sd", 0.30, 0.78, **sd)])
+    assert "pixel acc (%)" in table and "78.00" in table
+    assert "mIoU 35.58%, pixel acc 80.22%" in table
+    assert "target mIoU -2.00 points, pixel acc +2.00 points" in table and "frequent classes" in table
+    better = format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78, **sd)])
+    assert "+1.00 points" in better and "frequent classes" not in better
+    assert "Stage 3" not in format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78)])
