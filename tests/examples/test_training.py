@@ -463,6 +463,8 @@ def test_summary_note_says_what_stage_3_learnt_from():
     assert "pixel acc (%)" in table and "78.00" in table
     assert "mIoU 35.58%, pixel acc 80.22%" in table
     assert "target mIoU -2.00 points, pixel acc +2.00 points" in table and "frequent classes" in table
+    worse = format_summary([row("adv", 0.32, 0.76), row("sd", 0.30, 0.74, **sd)])
+    assert "pixel acc -2.00 points" in worse and "frequent classes" in worse
     better = format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78, **sd)])
     assert "+1.00 points" in better and "frequent classes" not in better
     assert "Stage 3" not in format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78)])

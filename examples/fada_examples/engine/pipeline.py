@@ -106,7 +106,8 @@ def format_summary(rows: Sequence[Dict[str, Any]]) -> str:
 
 def _self_distillation_note(rows: Sequence[Dict[str, Any]]) -> List[str]:
     """What stage 3 learnt from, when that is known (synthetic data), and what it did to its teacher's
-    scores; when mIoU fell while pixel accuracy rose, the reason measured on the demo data."""
+    scores; when mIoU fell, the reason measured on the demo data (its students reproduce their
+    teacher's labels on about 91% of the pixels but at about 50% mIoU)."""
     sd = next((r for r in rows if "pseudo_label_miou" in r and "eval" in r), None)
     if sd is None:
         return []
@@ -119,9 +120,9 @@ def _self_distillation_note(rows: Sequence[Dict[str, Any]]) -> List[str]:
     d_miou, d_acc = 100 * (sd["miou"] - teacher["miou"]), 100 * (sd["eval"].allacc - teacher["eval"].allacc)
     lines.append(f"On its teacher: target mIoU {d_miou:+.2f} points, pixel acc {d_acc:+.2f} points, "
                  f"mean CCD {sd['ccd_mean'] - teacher['ccd_mean']:+.4f}.")
-    if d_miou < 0 <= d_acc:
-        lines += ["The student fits the frequent classes of its teacher's labels and loses rare ones (few pixels,",
-                  "often wrong in the labels): pixel accuracy rises, mIoU, the mean over classes, falls."]
+    if d_miou < 0:
+        lines += ["A student from random weights learns the frequent classes of its teacher's labels before the rare",
+                  "ones (few pixels, often wrong in the labels), so it loses on mIoU, the mean over classes, first."]
     return lines
 
 
