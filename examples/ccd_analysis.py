@@ -25,11 +25,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from fada_examples import analysis as A  # noqa: E402
 from fada_examples import evaluation as E  # noqa: E402
 from fada_core import plot  # noqa: E402
+from fada_examples.engine import distributed as D  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,8 +76,8 @@ def main(argv=None):
         raise SystemExit(f"--labels: {len(labels)} labels for {len(args.checkpoint)} checkpoints")
     if len(set(labels)) != len(labels):
         raise SystemExit(f"--labels must be distinct, got {labels}")
-    device, distributed = E.setup_device(args.device)
-    rank = dist.get_rank() if distributed else 0
+    device, distributed = D.setup_device(args.device)
+    rank = D.rank()
 
     results = {}
     names = None
@@ -121,9 +121,8 @@ def main(argv=None):
                            log_scale=args.log_scale)
         print(f"wrote {args.output}/ccd_per_class.csv, ccd_per_class.png, ccd_per_class_grid.png and "
               f"per-checkpoint ccd_<label>.csv / ccd_matrix_<label>.csv")
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    D.barrier()
+    D.cleanup()
     return results
 
 

@@ -102,11 +102,8 @@ def main(argv=None) -> int:
     from fada_examples.engine import format_summary, prepare_data, run_pipeline, train_stage
     from fada_examples.engine.pipeline import write_summary_csv
 
-    import torch
-
     first = cfgs[stages[0]]
-    device_kind = "cuda" if (first["device"] in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
-    D.init_distributed(device_kind)
+    D.setup_device(first["device"])
     try:
         if args.stage == "all":
             root = args.output_dir or os.path.dirname(os.path.abspath(first["output_dir"]))

@@ -16,9 +16,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fada_core import ClassCenterDistance
+
+from .engine.distributed import is_main
+from .tables import format_number, resolve_class_names as _names
 
 try:
     from tqdm.auto import tqdm
@@ -33,10 +35,6 @@ __all__ = [
     "format_ccd_table",
     "format_ccd_comparison",
 ]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def class_center_analysis(feature_extractor, loader, num_classes: int, *, device
     feature_extractor.eval()
     iterator = loader
     if progress and tqdm is not None:
-        iterator = tqdm(loader, desc=desc, unit="batch", disable=_rank() != 0, dynamic_ncols=True)
+        iterator = tqdm(loader, desc=desc, unit="batch", disable=not is_main(), dynamic_ncols=True)
     try:
         for batch in iterator:
             if isinstance(batch, dict):
@@ -81,21 +79,8 @@ def class_center_analysis(feature_extractor, loader, num_classes: int, *, device
 # --------------------------------------------------------------------------------------------
 # writers / tables
 # --------------------------------------------------------------------------------------------
-def _names(class_names, k):
-    if class_names is None:
-        return [f"class_{i}" for i in range(k)]
-    if len(class_names) != k:
-        raise ValueError(f"{len(class_names)} class names given for {k} classes")
-    return list(class_names)
-
-
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
-
-
-def _fmt(value) -> str:
-    value = float(value)
-    return "nan" if not np.isfinite(value) else f"{value:.6g}"
 
 
 def _parent(path):
@@ -114,8 +99,8 @@ def write_ccd_csv(result, class_names: Optional[Sequence[str]], path: str) -> st
         writer = csv.writer(handle)
         writer.writerow(["class_id", "class", "count", "present", "ccd"])
         for i, name in enumerate(names):
-            writer.writerow([i, name, int(counts[i]), int(present[i]), _fmt(per_class[i])])
-        writer.writerow(["", "mean", int(counts.sum()), int(present.sum()), _fmt(result.mean)])
+            writer.writerow([i, name, int(counts[i]), int(present[i]), format_number(per_class[i])])
+        writer.writerow(["", "mean", int(counts.sum()), int(present.sum()), format_number(result.mean)])
     return path
 
 
@@ -129,7 +114,7 @@ def write_ccd_matrix_csv(result, class_names: Optional[Sequence[str]], path: str
         writer = csv.writer(handle)
         writer.writerow(["class"] + names)
         for i, name in enumerate(names):
-            writer.writerow([name] + [_fmt(v) for v in matrix[i]])
+            writer.writerow([name] + [format_number(v) for v in matrix[i]])
     return path
 
 
@@ -147,8 +132,8 @@ def write_ccd_comparison_csv(results: Mapping[str, object], class_names: Optiona
         writer = csv.writer(handle)
         writer.writerow(["class_id", "class"] + labels)
         for i, name in enumerate(names):
-            writer.writerow([i, name] + [_fmt(per_class[k][i]) for k in labels])
-        writer.writerow(["", "mean"] + [_fmt(results[k].mean) for k in labels])
+            writer.writerow([i, name] + [format_number(per_class[k][i]) for k in labels])
+        writer.writerow(["", "mean"] + [format_number(results[k].mean) for k in labels])
     return path
 
 
@@ -189,5 +174,4 @@ def format_ccd_comparison(results: Mapping[str, object], class_names: Optional[S
 
 
 def _cell(value) -> str:
-    value = float(value)
-    return "n/a" if not np.isfinite(value) else f"{value:.4f}"
+    return format_number(value, ".4f", nan="n/a")

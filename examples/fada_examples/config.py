@@ -68,6 +68,7 @@ DEFAULTS: Dict[str, Any] = {
         "test_kwargs": {},
         "class_balanced_lists": "auto",  # official class-balanced GTA5/SYNTHIA sampling: auto | <lists file> | none
         "pseudo_label_dir": "",       # stage 3: where pseudo labels are (or will be) written
+        "pseudo_label_size": [],      # stage 3: (W, H) the teacher labels at ([] = its own input.size_test)
         "synthetic_dir": "",          # '' = <output_dir>/../synthetic_data when roots are empty
         "synthetic": {"num_source": 24, "num_target_train": 16, "num_target_val": 8,
                       "size": [160, 96], "seed": 0},
@@ -257,6 +258,9 @@ def validate(cfg: Dict[str, Any]) -> None:
     for key in ("source_size_train", "target_size_train", "size_test"):
         if len(cfg["input"][key]) != 2:
             raise ConfigError(f"input.{key} must be [W, H], got {cfg['input'][key]!r}")
+    if len(cfg["datasets"]["pseudo_label_size"]) not in (0, 2):
+        raise ConfigError("datasets.pseudo_label_size must be [W, H] or [] (the teacher's size), "
+                          f"got {cfg['datasets']['pseudo_label_size']!r}")
 
 
 def to_yaml(cfg: Dict[str, Any]) -> str:

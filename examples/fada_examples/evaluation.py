@@ -32,6 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.datasets import safe_name
+from .engine.distributed import rank as _rank, setup_device, world_size as _world_size
+from .tables import format_number, resolve_class_names as _names
+
 try:  # tqdm is in the examples extra; evaluation still works without it.
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover
@@ -60,7 +64,6 @@ __all__ = [
     "colorize_prediction",
     "default_palette",
     "invert_lut",
-    "safe_name",
 ]
 
 
@@ -251,18 +254,11 @@ def colorize_prediction(train_ids: np.ndarray, palette: np.ndarray) -> Image.Ima
     return image
 
 
-def safe_name(name: str) -> str:
-    """A data-set sample name as one file name ('/' -> '__', extension -> .png)."""
-    return os.path.splitext(str(name).replace("\\", "/").replace("/", "__"))[0] + ".png"
-
-
 # --------------------------------------------------------------------------------------------
 # data loading helper
 # --------------------------------------------------------------------------------------------
 def _dist_info(distributed: bool):
-    if distributed and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (_rank(), _world_size()) if distributed else (0, 1)
 
 
 def build_eval_loader(dataset, *, batch_size: int = 1, num_workers: int = 2, distributed: bool = False,
@@ -352,21 +348,6 @@ def make_test_dataset(cfg: dict, *, data_root: Optional[str] = None, name: Optio
     if max_images and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, list(range(max_images)))
     return dataset
-
-
-def setup_device(name: str = "auto"):
-    """``(device, distributed)`` for the entry scripts; under torchrun (WORLD_SIZE > 1) initialises
-    the process group (NCCL on CUDA, else gloo) and picks ``cuda:LOCAL_RANK``."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if name.startswith("cuda") else "gloo")
-    if name.startswith("cuda") and distributed:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        name = f"cuda:{local}"
-    return torch.device(name), distributed
 
 
 def class_names_for(num_classes: int) -> List[str]:
@@ -464,7 +445,8 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
             for i in range(pred_np.shape[0]):
                 name = names[i] if names is not None else f"{rank:02d}_{images_seen - pred_np.shape[0] + i:06d}"
                 if pred_dir is not None and saved < num_images_to_save:
-                    colorize_prediction(pred_np[i], palette).save(os.path.join(pred_dir, safe_name(name)))
+                    path = os.path.join(pred_dir, os.path.splitext(safe_name(str(name)))[0] + ".png")
+                    colorize_prediction(pred_np[i], palette).save(path)
                     saved += 1
                 if lut is not None:
                     path = os.path.join(label_id_dir, os.path.splitext(str(name))[0] + ".png")
@@ -514,14 +496,6 @@ def cityscapes_official_scores(label_id_dir: str, gt_files: Sequence[str]) -> di
 # --------------------------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------------------------
-def _names(class_names, k):
-    if class_names is None:
-        return [f"class_{i}" for i in range(k)]
-    if len(class_names) != k:
-        raise ValueError(f"{len(class_names)} class names given for {k} classes")
-    return list(class_names)
-
-
 def _pct(value: float) -> str:
     return "   n/a" if not np.isfinite(value) else f"{100.0 * value:6.2f}"
 
@@ -587,5 +561,4 @@ def write_results_csv(result: EvalResult, class_names: Optional[Sequence[str]], 
 
 
 def _fmt(value) -> str:
-    value = float(value)
-    return "nan" if not np.isfinite(value) else f"{value:.6f}"
+    return format_number(value, ".6f")

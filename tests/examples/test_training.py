@@ -82,6 +82,37 @@ def test_poly_schedule_matches_official():
     assert poly_lr(2.5e-4, 40000, 62500, 0.9) == pytest.approx(2.5e-4 * (1 - 40000 / 62500) ** 0.9)
 
 
+def test_lr_schedulers_give_the_official_learning_rate_of_every_iteration():
+    """torch.optim.lr_scheduler PolyLR, stepped once per iteration up to the official stop (40000
+    of 62500), gives exactly (bitwise) the official per-iteration rates: poly_lr for F, poly_lr * 10
+    for C (the official order: LambdaLR's (10 base) * factor differs in the last bit), poly_lr(D)."""
+    from fada_examples.engine.trainer import build_optimizers, build_schedulers
+
+    cfg = load_config(os.path.join(CONFIGS, "deeplabv2_r101_adv.yaml"))
+    solver = cfg["solver"]
+    features, classifier, disc = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opts = build_optimizers(cfg, features, classifier, disc)
+    scheds = build_schedulers(cfg, opts)
+    base = {"fea": solver["base_lr"], "cls": solver["base_lr"], "D": solver["base_lr_d"]}
+    mult = {"fea": 1.0, "cls": 10.0, "D": 1.0}
+    mismatches = {name: 0 for name in opts}
+    for it in range(solver["stop_iter"]):
+        for name, opt in opts.items():
+            want = poly_lr(base[name], it, solver["max_iter"], solver["lr_power"]) * mult[name]
+            mismatches[name] += opt.param_groups[0]["lr"] != want
+            opt.step()  # no gradients: changes nothing, keeps the step order the schedulers expect
+        for sched in scheds.values():
+            sched.step()
+    assert mismatches == {"fea": 0, "cls": 0, "D": 0}
+    assert scheds["cls"].last_epoch == solver["stop_iter"] == 40000
+    # the state survives a checkpoint round trip: a fresh scheduler continues from it
+    again = build_schedulers(cfg, build_optimizers(cfg, features, classifier, disc))
+    for name, sched in again.items():
+        sched.load_state_dict(scheds[name].state_dict())
+        sched.step()
+        assert sched.get_last_lr()[0] == poly_lr(base[name], 40001, solver["max_iter"], solver["lr_power"]) * mult[name]
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +220,8 @@ def test_interrupted_and_resumed_run_reproduces_losses(synthetic_dir, tmp_path):
     resumed = train_stage("adv", tiny_cfg("adv", synthetic_dir, out, *common, "solver.stop_iter=4"),
                           resume="auto", progress=False, tensorboard=False)
     assert resumed.iteration == 4 and len(resumed.history) == 2
+    cut = C.load_checkpoint(os.path.join(out, "model_iter000002.pth"))
+    assert {n: s["last_epoch"] for n, s in cut["scheduler"].items()} == {"fea": 2, "cls": 2, "D": 2}
     a = read_csv_log(str(tmp_path / "full" / "log.csv"))
     b = read_csv_log(os.path.join(out, "log.csv"))
     assert [r["iteration"] for r in b] == ["1", "2", "3", "4"]
@@ -315,3 +348,123 @@ def test_first_adversarial_iteration_matches_official_formulas(synthetic_dir, tm
     assert row["loss_seg"] == pytest.approx(float(loss_seg), rel=1e-5)
     assert row["loss_adv"] == pytest.approx(float(loss_adv), rel=1e-5)
     assert row["loss_D"] == pytest.approx(float(loss_d), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3's pseudo labels and the --stage all summary
+# ---------------------------------------------------------------------------------------------
+def test_pseudo_labels_are_made_at_the_teacher_test_size(synthetic_dir, tmp_path):
+    """As the official train_with_sd.sh (test.py with the adversarial config): the teacher labels at
+    its own input.size_test, not at the stage-3 config's; datasets.pseudo_label_size overrides it."""
+    import json
+
+    from fada_examples.data import pseudo_label_path
+    from fada_examples.engine import trainer as T
+    from fada_examples.evaluation import predict_probabilities
+
+    teacher_cfg = tiny_cfg("src", synthetic_dir, str(tmp_path / "teacher"), "solver.stop_iter=1",
+                           "input.size_test=[48,32]")
+    teacher = train_stage("src", teacher_cfg, progress=False, tensorboard=False)
+    state = C.load_checkpoint(teacher.checkpoint)  # after one step its biases decide: let features decide
+    torch.manual_seed(0)
+    state["classifier"] = {k: torch.randn_like(v) if k.endswith("weight") else torch.zeros_like(v)
+                           for k, v in state["classifier"].items()}
+    torch.save(state, teacher.checkpoint)
+    sd_cfg = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"), f"teacher={teacher.checkpoint}")
+    assert sd_cfg["input"]["size_test"] == [96, 64]
+    out = T._ensure_pseudo_labels(sd_cfg, torch.device("cpu"), False)
+    with open(os.path.join(out, ".done")) as fh:
+        assert json.load(fh)["size"] == [48, 32]
+
+    features, classifier, _ = M.load_checkpoint_models(teacher.checkpoint)
+    differs_at_student_size = False
+    for size in ([48, 32], [96, 64]):
+        dataset = T._unlabelled_target(sd_cfg, T._test_transform(sd_cfg["input"], size))
+        for image, label, name in (dataset[i] for i in range(len(dataset))):
+            with torch.no_grad():
+                want = predict_probabilities(features, classifier, image[None], label.shape[-2:]).argmax(1)[0]
+            got = torch.from_numpy(np.array(Image.open(pseudo_label_path(out, name)))).long()
+            if size == [48, 32]:
+                assert torch.equal(got, want), name
+            else:
+                differs_at_student_size |= not torch.equal(got, want)
+    assert differs_at_student_size  # the test would catch labelling at the stage-3 size
+
+    override = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"), f"teacher={teacher.checkpoint}",
+                        "datasets.pseudo_label_size=[96,64]")
+    T._ensure_pseudo_labels(override, torch.device("cpu"), False)
+    with open(os.path.join(out, ".done")) as fh:
+        assert json.load(fh)["size"] == [96, 64]  # relabelled at the asked size
+    with pytest.raises(ValueError, match="datasets.pseudo_label_size"):
+        T.pseudo_label_size(sd_cfg, None)  # a teacher without a config (official checkpoint)
+    with pytest.raises(ConfigError, match="pseudo_label_size"):
+        load_config(None, ["datasets.pseudo_label_size=[96]"])
+
+
+def test_stage_all_summary_measures_every_ccd_at_one_size(synthetic_dir, tmp_path):
+    """Stage 3's config tests at another size (2048x1024 vs 1024x512 officially); its mIoU keeps its
+    own size but the CCD column is measured at stage 1's size for every row. Three copies of one
+    model must then show one CCD."""
+    import shutil
+
+    from fada_examples.engine import format_summary, run_pipeline
+
+    root = tmp_path / "all"
+    cfgs = {"src": tiny_cfg("src", synthetic_dir, str(root / "src"), "solver.stop_iter=1"),
+            "adv": tiny_cfg("adv", synthetic_dir, str(root / "adv"), "solver.stop_iter=1"),
+            "sd": tiny_cfg("sd", synthetic_dir, str(root / "sd"), "solver.stop_iter=1", "input.size_test=[192,128]")}
+    src = train_stage("src", cfgs["src"], progress=False, tensorboard=False)
+    state = C.load_checkpoint(src.checkpoint)
+    for stage in ("adv", "sd"):  # finished copies: the pipeline only evaluates them
+        os.makedirs(root / stage)
+        C.save_checkpoint(str(root / stage / "model_iter000001.pth"), dict(state, stage=stage))
+    rows = run_pipeline(("src", "adv", "sd"), cfgs, root=str(root), resume=True, progress=False,
+                        log=lambda *_: None)
+    assert [r["ccd_size"] for r in rows] == [[96, 64]] * 3
+    assert [r["test_size"] for r in rows] == [[96, 64], [96, 64], [192, 128]]
+    assert rows[0]["ccd_mean"] == rows[1]["ccd_mean"] == rows[2]["ccd_mean"]
+    table = format_summary(rows)
+    assert table.count("96x64") == 5 and "192x128" in table
+    shutil.rmtree(root)
+
+
+def test_score_pseudo_labels_against_the_synthetic_target_labels(synthetic_dir, tmp_path):
+    from fada_examples.data import build_dataset, pseudo_label_path
+    from fada_examples.engine import trainer as T
+
+    cfg = tiny_cfg("sd", synthetic_dir, str(tmp_path / "sd"))
+    assert T.target_is_synthetic(cfg)
+    dataset = T._unlabelled_target(cfg, None)
+    truth = build_dataset("cityscapes", cfg["datasets"]["target_root"], "train", None, num_classes=19)
+    out = str(tmp_path / "labels")
+    os.makedirs(out)
+    for i in range(len(truth)):
+        _, label, name = truth.load(i)
+        label.save(pseudo_label_path(out, name))
+    assert len(dataset) == len(truth) == 4
+    assert T.score_pseudo_labels(cfg, out).miou == 1.0
+    _, label, name = truth.load(0)
+    Image.fromarray(np.zeros_like(np.array(label))).save(pseudo_label_path(out, name))  # all "road"
+    assert T.score_pseudo_labels(cfg, out).miou < 1.0
+    assert not T.target_is_synthetic(load_config(None, [f"datasets.target_root={tmp_path}"]))
+
+
+def test_summary_note_says_what_stage_3_learnt_from():
+    from types import SimpleNamespace
+
+    from fada_examples.engine import format_summary
+
+    def row(stage, miou, acc, **extra):
+        return dict(stage=stage, miou=miou, ccd_mean=1.5, eval=SimpleNamespace(allacc=acc), test_size=[160, 96],
+                    ccd_size=[160, 96], checkpoint="", **extra)
+
+    sd = dict(pseudo_label_miou=0.3558, pseudo_label_allacc=0.8022, student="from random weights, trained 300 iterations")
+    table = format_summary([row("src", 0.11, 0.45), row("adv", 0.32, 0.76), row("sd", 0.30, 0.78, **sd)])
+    assert "pixel acc (%)" in table and "78.00" in table
+    assert "mIoU 35.58%, pixel acc 80.22%" in table
+    assert "target mIoU -2.00 points, pixel acc +2.00 points" in table and "frequent classes" in table
+    worse = format_summary([row("adv", 0.32, 0.76), row("sd", 0.30, 0.74, **sd)])
+    assert "pixel acc -2.00 points" in worse and "frequent classes" in worse
+    better = format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78, **sd)])
+    assert "+1.00 points" in better and "frequent classes" not in better
+    assert "Stage 3" not in format_summary([row("adv", 0.32, 0.76), row("sd", 0.33, 0.78)])

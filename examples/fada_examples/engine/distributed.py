@@ -1,16 +1,18 @@
-"""torch.distributed helpers: torchrun initialisation, rank queries, gradient and metric reduction."""
+"""torch.distributed and device helpers: the device to run on, torchrun initialisation, rank queries,
+gradient and metric reduction. The one home of these for the training, evaluation and analysis code."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "average_gradients", "broadcast_module", "reduce_mean", "unwrap", "cleanup"]
+__all__ = ["DistInfo", "resolve_device", "setup_device", "init_distributed", "is_distributed", "rank",
+           "world_size", "is_main", "barrier", "average_gradients", "broadcast_module", "reduce_mean", "unwrap",
+           "cleanup"]
 
 
 @dataclass
@@ -30,8 +32,7 @@ def init_distributed(device_kind: str) -> DistInfo:
 
     NCCL on CUDA, gloo on the CPU. Without torchrun (or WORLD_SIZE=1) nothing happens.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if _launched_world_size() <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device_kind == "cuda" else "gloo"
@@ -40,6 +41,31 @@ def init_distributed(device_kind: str) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+
+
+def _launched_world_size() -> int:
+    """WORLD_SIZE as set by torchrun (1 when not launched by it), known before initialisation."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when visible, else the CPU; under torchrun, ``cuda`` -> ``cuda:LOCAL_RANK``.
+    Asking for CUDA without a visible device is an error (no silent CPU fallback)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={name!r} requested but no CUDA device is visible")
+        if name == "cuda" and _launched_world_size() > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def setup_device(name: str = "auto") -> Tuple[torch.device, bool]:
+    """``(device, distributed)`` for the entry scripts: the device of :func:`resolve_device`, with the
+    process group initialised when launched by torchrun (see :func:`init_distributed`)."""
+    device = resolve_device(name)
+    return device, init_distributed(device.type).distributed
 
 
 def is_distributed() -> bool:

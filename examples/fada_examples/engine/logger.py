@@ -14,7 +14,7 @@ try:
 except ImportError:  # pragma: no cover - tqdm is in the examples extra
     tqdm = None
 
-__all__ = ["CSVLogger", "TensorBoardLogger", "ProgressBar", "peak_memory_mib", "read_csv_log"]
+__all__ = ["CSVLogger", "TensorBoardLogger", "ProgressBar", "TrainingLog", "peak_memory_mib", "read_csv_log"]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -106,3 +106,39 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class TrainingLog:
+    """What a training loop reports per iteration: CSV row, TensorBoard scalars, progress bar, a text
+    line every ``log_period`` iterations, and the in-memory history (all on rank 0 but the history)."""
+
+    def __init__(self, stage_dir: str, stage: str, columns: Sequence[str], start: int, stop: int, *,
+                 resumed: bool, log_period: int, main: bool, progress: bool, tensorboard: bool) -> None:
+        self.stage, self.stop, self.log_period, self.main = stage, stop, log_period, main
+        self.csv = CSVLogger(os.path.join(stage_dir, "log.csv"), columns, start if resumed else None) if main else None
+        self.tb = TensorBoardLogger(os.path.join(stage_dir, "tb"), tensorboard and main)
+        self.bar = ProgressBar(stop, start, f"stage {stage}", progress and main)
+        self.history: List[Dict[str, float]] = []
+
+    def log(self, row: Dict[str, float], losses: Dict[str, float]) -> None:
+        """``row``: iteration, lr (and lr_D), time_s, data_time_s, peak_mem_mib; ``losses``: name -> value."""
+        row = {**row, **losses}
+        self.history.append(row)
+        if not self.main:
+            return
+        iteration, lr, mem = row["iteration"], row["lr"], row["peak_mem_mib"]
+        self.csv.log(row)
+        self.tb.log({**losses, "lr": lr}, iteration)
+        self.bar.update({**{n: f"{v:.4f}" for n, v in losses.items()}, "lr": f"{lr:.2e}", "mem": f"{mem:.0f}MiB"})
+        if iteration % self.log_period == 0 or iteration == self.stop:
+            recent = self.history[-20:]
+            eta = (self.stop - iteration) * sum(r["time_s"] for r in recent) / len(recent)
+            self.bar.write(f"[{self.stage}] iter {iteration}/{self.stop}  "
+                           + "  ".join(f"{n} {v:.4f}" for n, v in losses.items())
+                           + f"  lr {lr:.3e}  {row['time_s']:.2f} s/it  eta {eta / 60:.1f} min  peak mem {mem:.0f} MiB")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.close()
+        if self.csv is not None:
+            self.csv.close()

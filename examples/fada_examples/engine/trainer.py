@@ -12,12 +12,17 @@ Stage ``adv`` (fine-grained adversarial), per iteration, batch = half source + h
   :class:`fada_core.UpsampledCrossEntropy`; both get the *low-resolution* logits and upsample
   on the fly, so no full-resolution logit tensor is built.
 Stage ``sd`` (self-distillation): pseudo labels = argmax of the stage-2 model on the target
-  training images (logits upsampled to the label size); a fresh ImageNet-initialised model
-  (BN not frozen in the official ResNet config) is trained on them with CE, no temperature.
+  training images, made at the teacher's own test size (logits upsampled to the label size); a
+  fresh ImageNet-initialised model (BN not frozen in the official ResNet config) is trained on
+  them with stage 1's step (CE, no temperature).
 
 Optimisers (official): SGD(momentum 0.9, weight decay 5e-4) for F at lr and for C at 10 x lr;
-D: Adam(betas 0.9, 0.99) at base_lr_d; every lr follows poly(0.9) over ``solver.max_iter`` and
-training stops at ``solver.stop_iter``.
+D: Adam(betas 0.9, 0.99) at base_lr_d; every lr follows poly(0.9) over ``solver.max_iter``
+(:class:`.schedule.PolyLR`) and training stops at ``solver.stop_iter``.
+
+Layout (as torchvision's ``references/segmentation/train.py``): ``build_*`` functions for the
+data, models, optimisers/schedulers and losses, one step function per stage (:data:`STEPS`), and
+:func:`train_stage`, a short loop that logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -40,11 +45,14 @@ from .. import models as M
 from . import distributed as D
 from .checkpoint import (capture_rng, checkpoint_path, latest_checkpoint, load_checkpoint, restore_rng,
                          save_checkpoint)
-from .logger import CSVLogger, ProgressBar, TensorBoardLogger, peak_memory_mib
+from .logger import ProgressBar, TrainingLog, peak_memory_mib
 from .sampling import IterationBatchSampler, SeededSampleDataset
+from .schedule import PolyLR, poly_lr
 
-__all__ = ["StageResult", "resolve_device", "prepare_data", "poly_lr", "train_stage", "generate_pseudo_labels",
-           "build_test_dataset", "evaluate_models", "set_determinism"]
+__all__ = ["StageResult", "Training", "STEPS", "prepare_data", "poly_lr", "train_stage", "build_loaders",
+           "build_training", "supervised_step", "adversarial_step", "generate_pseudo_labels",
+           "pseudo_label_dir", "score_pseudo_labels", "target_is_synthetic",
+           "evaluate_models", "set_determinism"]
 
 LOSS_COLUMNS = {"src": ["loss_seg"], "adv": ["loss_seg", "loss_adv", "loss_D"], "sd": ["loss_seg"]}
 
@@ -59,20 +67,8 @@ class StageResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# setup helpers
+# setup
 # ------------------------------------------------------------------------------------------------
-def resolve_device(cfg: Dict[str, Any]) -> torch.device:
-    want = cfg["device"]
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' requested but no CUDA device is visible")
-        if D.is_distributed():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(want)
-
-
 def set_determinism(cfg: Dict[str, Any]) -> None:
     if cfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -80,11 +76,6 @@ def set_determinism(cfg: Dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-
-
-def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float) -> float:
-    """Official ``adjust_learning_rate('poly', ...)``: base * (1 - it / max_iter) ** power."""
-    return base_lr * (1.0 - float(iteration) / max_iter) ** power
 
 
 def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -119,6 +110,23 @@ def prepare_data(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
+def _per_rank_batch(stage: str, cfg: Dict[str, Any]) -> int:
+    """Images per process and stream (stage 'adv' draws half source, half target)."""
+    batch, world = cfg["solver"]["batch_size"], D.world_size()
+    if batch % world:
+        raise ValueError(f"solver.batch_size={batch} must be divisible by the {world} processes")
+    per_rank = batch // world
+    if stage == "adv":
+        if per_rank < 2 or per_rank % 2:
+            raise ValueError(f"stage 'adv' splits each process's batch ({per_rank}) half source, half target: "
+                             "it must be even")
+        per_rank //= 2
+    return per_rank
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
 def _train_transform(cfg: Dict[str, Any], stream: str):
     from ..data import build_transforms
 
@@ -133,12 +141,12 @@ def _train_transform(cfg: Dict[str, Any], stream: str):
     return build_transforms(True, scale=scales, crop=size, **kwargs)
 
 
-def _test_transform(cfg: Dict[str, Any]):
+def _test_transform(input_cfg: Dict[str, Any], size):
+    """The official test-time transform: resize to ``size`` (W, H) and normalise as ``input_cfg``."""
     from ..data import build_transforms
 
-    inp = cfg["input"]
-    return build_transforms(False, resize=tuple(inp["size_test"]), mean=inp["pixel_mean"], std=inp["pixel_std"],
-                            to_bgr255=inp["to_bgr255"])
+    return build_transforms(False, resize=tuple(size), mean=input_cfg["pixel_mean"], std=input_cfg["pixel_std"],
+                            to_bgr255=input_cfg["to_bgr255"])
 
 
 def _with_classes(name: str, kwargs: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
@@ -146,17 +154,6 @@ def _with_classes(name: str, kwargs: Dict[str, Any], num_classes: int) -> Dict[s
     if name.lower() in ("gta5", "cityscapes", "synthia") and "num_classes" not in kwargs:
         kwargs["num_classes"] = num_classes
     return kwargs
-
-
-def build_test_dataset(cfg: Dict[str, Any], split: Optional[str] = None, labelled: bool = True):
-    """Target images at ``input.size_test``, labels at full resolution (official test.py)."""
-    from ..data import build_dataset
-
-    ds = cfg["datasets"]
-    root = ds["test_root"] or ds["target_root"]
-    split = split or ds["test_split"]
-    kwargs = _with_classes(ds["test"], ds["test_kwargs"], cfg["model"]["num_classes"])
-    return build_dataset(ds["test"], root, split, _test_transform(cfg), **kwargs)
 
 
 def _source_dataset(cfg: Dict[str, Any], stage: str, pseudo_dir: Optional[str]):
@@ -208,13 +205,56 @@ def _loader(dataset, batch: int, cfg: Dict[str, Any], stream: int, start: int, s
                       persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
 
 
-def _build_models(cfg: Dict[str, Any], device: torch.device, with_weights: bool = True):
+def build_loaders(cfg: Dict[str, Any], stage: str, start: int, pseudo_dir: Optional[str] = None) -> List[DataLoader]:
+    """The loaders of iterations ``[start, solver.stop_iter)``: the (pseudo-)labelled stream, and
+    for stage 'adv' the target stream."""
+    per_rank, stop = _per_rank_batch(stage, cfg), cfg["solver"]["stop_iter"]
+    source = _source_dataset(cfg, stage, pseudo_dir)
+    lists = _class_lists(cfg, source) if stage != "sd" else None
+    loaders = [_loader(source, per_rank, cfg, 0, start, stop, lists)]
+    if stage == "adv":
+        loaders.append(_loader(_target_dataset(cfg), per_rank, cfg, 1, start, stop))
+    return loaders
+
+
+# ------------------------------------------------------------------------------------------------
+# models, optimisers, schedules, losses
+# ------------------------------------------------------------------------------------------------
+def _build_segmentor(cfg: Dict[str, Any], device: torch.device, with_weights: bool):
     m = cfg["model"]
     torch.manual_seed(cfg["seed"])
     features, classifier = M.build_segmentor(m["backbone"], m["num_classes"],
                                              m["weights"] if with_weights else None, m["freeze_bn"],
                                              bgr255=cfg["input"]["to_bgr255"])
     return features.to(device), classifier.to(device)
+
+
+def build_models(cfg: Dict[str, Any], stage: str, device: torch.device, ckpt: Optional[Dict[str, Any]] = None):
+    """``(features, classifier, discriminator or None)``, unwrapped: from ``ckpt`` when resuming, else
+    stage 'adv' from ``init_from`` (the stage-1 checkpoint) and the others from ``model.weights``."""
+    init = None
+    if ckpt is None and stage == "adv":
+        if cfg["init_from"]:
+            init = load_checkpoint(cfg["init_from"])
+        elif D.is_main():
+            warnings.warn("stage 'adv' without init_from (a stage-1 checkpoint): starting from model.weights "
+                          "(ImageNet, or random when empty)")
+    features, classifier = _build_segmentor(cfg, device, with_weights=ckpt is None and init is None)
+    discriminator = None
+    if stage == "adv":
+        torch.manual_seed(cfg["seed"] + 1)
+        discriminator = fada_core.FineGrainedDiscriminator(M.feature_channels(cfg["model"]["backbone"]),
+                                                           cfg["model"]["num_classes"],
+                                                           ndf=cfg["model"]["ndf"]).to(device)
+    if ckpt is not None:
+        features.load_state_dict(M.strip_module_prefix(ckpt["feature_extractor"]))
+        classifier.load_state_dict(M.strip_module_prefix(ckpt["classifier"]))
+    elif init is not None:  # this project's or an official FADA checkpoint, loaded strictly
+        M.load_model_states(init, features, classifier, backbone=cfg["model"]["backbone"],
+                            source=repr(cfg["init_from"]))
+    if ckpt is not None and discriminator is not None:
+        discriminator.load_state_dict(M.strip_module_prefix(ckpt["discriminator"]))
+    return features, classifier, discriminator
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
@@ -229,6 +269,45 @@ def _wrap_ddp(module: nn.Module, device: torch.device, sync_bn: bool) -> nn.Modu
         return module
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def build_optimizers(cfg: Dict[str, Any], features: nn.Module, classifier: nn.Module,
+                     discriminator: Optional[nn.Module]) -> Dict[str, torch.optim.Optimizer]:
+    """The official optimisers, one per network as in its checkpoints (``optimizer_fea`` / ``_cls`` / ``_D``)."""
+    solver = cfg["solver"]
+    sgd = dict(momentum=solver["momentum"], weight_decay=solver["weight_decay"])
+    opts = {"fea": torch.optim.SGD([p for p in features.parameters() if p.requires_grad], lr=solver["base_lr"], **sgd),
+            "cls": torch.optim.SGD(classifier.parameters(), lr=solver["base_lr"] * solver["classifier_lr_mult"],
+                                   **sgd)}
+    if discriminator is not None:
+        opts["D"] = torch.optim.Adam(discriminator.parameters(), lr=solver["base_lr_d"], betas=(0.9, 0.99))
+    return opts
+
+
+def build_schedulers(cfg: Dict[str, Any], optimizers: Dict[str, torch.optim.Optimizer]) -> Dict[str, PolyLR]:
+    """Poly(``solver.lr_power``) over ``solver.max_iter`` for each optimiser; the classifier's is
+    ``solver.classifier_lr_mult`` (10) times the features'."""
+    solver = cfg["solver"]
+    base = {"fea": solver["base_lr"], "cls": solver["base_lr"], "D": solver["base_lr_d"]}
+    mult = {"cls": solver["classifier_lr_mult"]}
+    return {name: PolyLR(opt, base[name], solver["max_iter"], solver["lr_power"], mult.get(name, 1.0))
+            for name, opt in optimizers.items()}
+
+
+def build_losses(cfg: Dict[str, Any], stage: str, discriminator: Optional[nn.Module]):
+    """``(segmentation loss, FineGrainedAdversary or None)`` from fada_core."""
+    backend, ignore, adv = cfg["backend"], cfg["input"]["ignore_label"], cfg["adv"]
+    if stage != "adv":
+        return fada_core.UpsampledCrossEntropy(temperature=1.0, ignore_index=ignore, backend=backend), None
+    seg_loss = fada_core.UpsampledCrossEntropy(temperature=adv["temperature"], ignore_index=ignore, backend=backend)
+    # Under autocast the discriminator's logits come out in bf16/fp16; the soft-label loss is
+    # taken on them in fp32 (the kernels accumulate in fp32 anyway; this keeps the eager path exact).
+    disc_for_loss = discriminator if cfg["amp"] == "none" else _Float32Output(discriminator)
+    adversary = fada_core.FineGrainedAdversary(
+        disc_for_loss, cfg["model"]["num_classes"], temperature=adv["temperature"], cap=adv["cap"],
+        adversarial_weight=adv["adversarial_weight"], discriminator_weights=tuple(adv["discriminator_weights"]),
+        backend=backend)
+    return seg_loss, adversary
 
 
 def _amp(cfg: Dict[str, Any], device: torch.device):
@@ -269,16 +348,174 @@ def _config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> 
 
 
 # ------------------------------------------------------------------------------------------------
+# the training state and its checkpoint
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Training:
+    """Everything one stage's steps update, and what a checkpoint saves and restores."""
+
+    stage: str
+    device: torch.device
+    features: nn.Module
+    classifier: nn.Module
+    discriminator: Optional[nn.Module]
+    optimizers: Dict[str, torch.optim.Optimizer]
+    schedulers: Dict[str, PolyLR]
+    scalers: Dict[str, torch.amp.GradScaler]  # "G" (features + classifier), "D"
+    seg_loss: nn.Module
+    adversary: Optional[nn.Module]
+    autocast: Callable[[], Any]
+    iteration: int = 0
+
+    def learning_rates(self) -> Dict[str, float]:
+        """The learning rates this iteration's step will use (logged as ``lr`` / ``lr_D``)."""
+        lrs = {"lr": self.optimizers["fea"].param_groups[0]["lr"]}
+        if "D" in self.optimizers:
+            lrs["lr_D"] = self.optimizers["D"].param_groups[0]["lr"]
+        return lrs
+
+    def train(self) -> None:
+        for module in (self.features, self.classifier, self.discriminator):
+            if module is not None:
+                module.train()
+
+
+_OPTIMIZER_KEYS = {"fea": "optimizer_fea", "cls": "optimizer_cls", "D": "optimizer_D"}
+_SCALER_KEYS = {"G": "scaler", "D": "scaler_D"}
+
+
+def build_training(cfg: Dict[str, Any], stage: str, device: torch.device,
+                   ckpt: Optional[Dict[str, Any]] = None) -> Training:
+    """Models (DDP-wrapped under torchrun), optimisers, schedulers, scalers and losses of ``stage``;
+    with ``ckpt`` every state (and the RNGs) restored from it, ready to continue exactly."""
+    features, classifier, discriminator = build_models(cfg, stage, device, ckpt)
+    features = _wrap_ddp(features, device, sync_bn=not cfg["model"]["freeze_bn"])
+    classifier = _wrap_ddp(classifier, device, sync_bn=False)
+    if discriminator is not None:
+        D.broadcast_module(discriminator)  # D is reduced by hand (two forwards before one backward)
+    optimizers = build_optimizers(cfg, features, classifier, discriminator)
+    schedulers = build_schedulers(cfg, optimizers)  # before loading optimiser states: it sets their lr
+    scalers = {"G": _scaler(cfg, device)}
+    if discriminator is not None:
+        scalers["D"] = _scaler(cfg, device)
+    seg_loss, adversary = build_losses(cfg, stage, discriminator)
+    t = Training(stage, device, features, classifier, discriminator, optimizers, schedulers, scalers, seg_loss,
+                 adversary, _amp(cfg, device))
+    if ckpt is not None:
+        _load_training_state(t, ckpt)
+    return t
+
+
+def _load_training_state(t: Training, ckpt: Dict[str, Any]) -> None:
+    if not isinstance(ckpt.get("scheduler"), dict) or "fea" not in ckpt["scheduler"]:
+        raise ValueError("the checkpoint holds no learning-rate scheduler state (written before the schedule "
+                         "moved to torch.optim.lr_scheduler): continue from it with init_from / teacher instead")
+    for name, opt in t.optimizers.items():
+        opt.load_state_dict(ckpt[_OPTIMIZER_KEYS[name]])
+        t.schedulers[name].load_state_dict(ckpt["scheduler"][name])
+    for name, scaler in t.scalers.items():
+        if ckpt.get(_SCALER_KEYS[name]):
+            scaler.load_state_dict(ckpt[_SCALER_KEYS[name]])
+    t.iteration = int(ckpt["iteration"])
+    restore_rng(ckpt["rng"])
+
+
+def training_state(t: Training, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint of ``t`` (the keys the official scripts write, plus what an exact resume needs)."""
+    state = {"stage": t.stage, "iteration": t.iteration,
+             "feature_extractor": _state_of(t.features), "classifier": _state_of(t.classifier),
+             "scheduler": {name: s.state_dict() for name, s in t.schedulers.items()},
+             "rng": capture_rng(),
+             "sampler": {"seed": cfg["seed"], "next_iteration": t.iteration,
+                         "per_rank_batch": _per_rank_batch(t.stage, cfg), "world_size": D.world_size()},
+             "config": cfg}
+    if t.discriminator is not None:
+        state["discriminator"] = _state_of(t.discriminator)
+    for name, opt in t.optimizers.items():
+        state[_OPTIMIZER_KEYS[name]] = opt.state_dict()
+    for name, scaler in t.scalers.items():
+        state[_SCALER_KEYS[name]] = scaler.state_dict() if scaler.is_enabled() else None
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# one step per stage
+# ------------------------------------------------------------------------------------------------
+def _to_device(t: Training, batch):
+    return (batch[0].to(t.device, non_blocking=True), batch[1].to(t.device, non_blocking=True).long())
+
+
+def _segmentation_backward(t: Training, x_s: torch.Tensor, y_s: torch.Tensor):
+    """Forward the labelled images, backward the segmentation loss; returns (features, logits, loss)."""
+    with t.autocast():
+        f_s = t.features(x_s)
+        z_s = t.classifier(f_s)                     # low-resolution logits
+    loss_seg = t.seg_loss(z_s.float(), y_s)         # upsampled inside, never materialised
+    t.scalers["G"].scale(loss_seg).backward()
+    return f_s, z_s, loss_seg
+
+
+def _step_segmentor(t: Training) -> None:
+    scaler = t.scalers["G"]
+    scaler.step(t.optimizers["fea"])
+    scaler.step(t.optimizers["cls"])
+    scaler.update()
+
+
+def supervised_step(t: Training, batches) -> Dict[str, torch.Tensor]:
+    """Stages 'src' and 'sd' (official ``train_src.py`` / ``train_self_distill.py``: the same step,
+    on source labels or on pseudo labels): CE on the labelled batch, one SGD step of F and C."""
+    for name in ("fea", "cls"):
+        t.optimizers[name].zero_grad(set_to_none=True)
+    _, _, loss_seg = _segmentation_backward(t, *_to_device(t, batches[0]))
+    _step_segmentor(t)
+    return {"loss_seg": loss_seg.detach()}
+
+
+def adversarial_step(t: Training, batches) -> Dict[str, torch.Tensor]:
+    """Stage 'adv' (official ``train_adv.py``): the source CE and the fine-grained adversarial loss
+    on the target batch step F and C; then the discriminator's loss on detached features steps D."""
+    for name in ("fea", "cls"):
+        t.optimizers[name].zero_grad(set_to_none=True)
+    x_s, y_s = _to_device(t, batches[0])
+    x_t = batches[1][0].to(t.device, non_blocking=True)
+    f_s, z_s, loss_seg = _segmentation_backward(t, x_s, y_s)
+    size_s, size_t = tuple(x_s.shape[-2:]), tuple(x_t.shape[-2:])
+    with t.autocast():
+        f_t = t.features(x_t)
+        with torch.no_grad():                       # only the (detached) soft labels need it
+            z_t = D.unwrap(t.classifier)(f_t)
+        loss_adv = t.adversary.generator_loss(f_t, z_t.float(), size_t)
+    t.scalers["G"].scale(loss_adv).backward()
+    _step_segmentor(t)
+
+    t.optimizers["D"].zero_grad(set_to_none=True)   # drop the generator step's D gradients
+    with t.autocast():
+        loss_d = t.adversary.discriminator_loss(f_s.detach(), z_s.detach().float(), size_s,
+                                                f_t.detach(), z_t.float(), size_t)
+    t.scalers["D"].scale(loss_d).backward()
+    D.average_gradients(t.discriminator.parameters())
+    t.scalers["D"].step(t.optimizers["D"])
+    t.scalers["D"].update()
+    return {"loss_seg": loss_seg.detach(), "loss_adv": loss_adv.detach(), "loss_D": loss_d.detach()}
+
+
+STEPS = {"src": supervised_step, "adv": adversarial_step, "sd": supervised_step}
+
+
+# ------------------------------------------------------------------------------------------------
 # pseudo labels (stage 3)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_pseudo_labels(features: nn.Module, classifier: nn.Module, cfg: Dict[str, Any], out_dir: str,
-                           device: torch.device, progress: bool = True, teacher: str = "") -> int:
+                           device: torch.device, *, size, input_cfg: Optional[Dict[str, Any]] = None,
+                           progress: bool = True, teacher: str = "") -> int:
     """Argmax pseudo labels of the target training images, written as train-ID PNGs.
 
-    As the official ``test.py --saveres``: image resized to ``input.size_test``, logits upsampled to
-    the label's full resolution (bilinear, align_corners=True). Each rank labels its shard; returns
-    the number of images this rank wrote. A ``.done`` marker records the teacher checkpoint.
+    As the official ``test.py --saveres`` run with the teacher's config: image resized to ``size``
+    (W, H) and normalised as ``input_cfg`` (default ``cfg['input']``), logits upsampled to the label's
+    full resolution (bilinear, align_corners=True). Each rank labels its shard; returns the number of
+    images this rank wrote. A ``.done`` marker records the teacher checkpoint and the size.
     """
     import numpy as np
     from PIL import Image
@@ -286,7 +523,7 @@ def generate_pseudo_labels(features: nn.Module, classifier: nn.Module, cfg: Dict
     from ..data import pseudo_label_path
     from ..evaluation import build_eval_loader, predict_probabilities
 
-    dataset = _unlabelled_target(cfg, _test_transform(cfg))
+    dataset = _unlabelled_target(cfg, _test_transform(input_cfg or cfg["input"], size))
     loader = build_eval_loader(dataset, batch_size=1, num_workers=cfg["solver"]["num_workers"],
                                distributed=D.is_distributed())
     os.makedirs(out_dir, exist_ok=True)
@@ -305,305 +542,214 @@ def generate_pseudo_labels(features: nn.Module, classifier: nn.Module, cfg: Dict
     D.barrier()
     if D.is_main():
         with open(os.path.join(out_dir, ".done"), "w", encoding="utf-8") as fh:
-            json.dump({"teacher": teacher, "images": len(dataset)}, fh)
+            json.dump({"teacher": teacher, "size": list(size), "images": len(dataset)}, fh)
     D.barrier()
     return written
 
 
-def _pseudo_labels_ready(out_dir: str, teacher: str) -> bool:
+def pseudo_label_size(cfg: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]]) -> List[int]:
+    """(W, H) the teacher labels at: ``datasets.pseudo_label_size`` when set, else the teacher's own
+    ``input.size_test`` from its checkpoint's config (1024x512 for the official adversarial config,
+    as the official ``train_with_sd.sh`` runs ``test.py`` with that config)."""
+    override = cfg["datasets"]["pseudo_label_size"]
+    if override:
+        return list(override)
+    size = ((teacher_cfg or {}).get("input") or {}).get("size_test")
+    if not size:
+        raise ValueError(f"the teacher {cfg['teacher']!r} carries no config with input.size_test: set "
+                         "datasets.pseudo_label_size=[W,H] (the official adversarial config tests at [1024,512])")
+    return list(size)
+
+
+def _pseudo_labels_ready(out_dir: str, teacher: str, size: Optional[List[int]] = None) -> bool:
     marker = os.path.join(out_dir, ".done")
     if not os.path.isfile(marker):
         return False
     with open(marker, "r", encoding="utf-8") as fh:
         info = json.load(fh)
-    return not teacher or info.get("teacher") == os.path.abspath(teacher)
-
-
-def _ensure_pseudo_labels(cfg: Dict[str, Any], stage_dir: str, device: torch.device, progress: bool) -> str:
-    out_dir = cfg["datasets"]["pseudo_label_dir"] or os.path.join(stage_dir, "pseudo_labels")
-    teacher = cfg["teacher"]
-    if _pseudo_labels_ready(out_dir, teacher):
-        return out_dir
     if not teacher:
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
-            return out_dir  # labels made elsewhere (e.g. by the official test.py --saveres)
+        return True
+    return info.get("teacher") == os.path.abspath(teacher) and (size is None or info.get("size") == list(size))
+
+
+def pseudo_label_dir(cfg: Dict[str, Any]) -> str:
+    """Where stage 3 reads (and makes) its pseudo labels: ``datasets.pseudo_label_dir`` or
+    ``<output_dir>/pseudo_labels``."""
+    return cfg["datasets"]["pseudo_label_dir"] or os.path.join(cfg["output_dir"], "pseudo_labels")
+
+
+def target_is_synthetic(cfg: Dict[str, Any]) -> bool:
+    """Whether the target data is the generated synthetic set (whose training labels exist)."""
+    syn, target = cfg["datasets"]["synthetic_dir"], cfg["datasets"]["target_root"]
+    return bool(syn and target) and os.path.abspath(target).startswith(os.path.abspath(syn) + os.sep)
+
+
+def _ensure_pseudo_labels(cfg: Dict[str, Any], device: torch.device, progress: bool) -> str:
+    out_dir = pseudo_label_dir(cfg)
+    teacher = cfg["teacher"]
+    if not teacher:
+        # A folder filled elsewhere (no marker) is used as it is: PseudoLabelDataset (see _source_dataset)
+        # finds each target image's label in it, under the file name the data layer expects.
+        if _pseudo_labels_ready(out_dir, teacher) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+            return out_dir
         raise FileNotFoundError(
             f"stage 'sd' needs pseudo labels in {out_dir!r}: pass teacher=<stage-2 checkpoint> "
             f"(or --teacher) to generate them, or set datasets.pseudo_label_dir to a folder of train-ID PNGs")
-    features, classifier, _ = M.load_checkpoint_models(teacher, device, cfg)  # cfg: for official ones
-    generate_pseudo_labels(features, classifier, cfg, out_dir, device, progress, os.path.abspath(teacher))
+    features, classifier, teacher_cfg = M.load_checkpoint_models(teacher, device, cfg)  # cfg: for official ones
+    if teacher_cfg is cfg:  # an official checkpoint carries no config: its test size is not known
+        teacher_cfg = None
+    size = pseudo_label_size(cfg, teacher_cfg)
+    if not _pseudo_labels_ready(out_dir, teacher, size):
+        input_cfg = (teacher_cfg or {}).get("input") or cfg["input"]
+        generate_pseudo_labels(features, classifier, cfg, out_dir, device, size=size, input_cfg=input_cfg,
+                               progress=progress, teacher=os.path.abspath(teacher))
     del features, classifier
     return out_dir
 
 
+def score_pseudo_labels(cfg: Dict[str, Any], label_dir: str):
+    """Pseudo labels scored against the target training set's own labels (``evaluation.EvalResult``).
+
+    A diagnostic for data whose target training labels exist (the synthetic demo): it says how
+    right the labels a stage-3 student learns from are. Training never reads these labels.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from ..data import build_dataset, pseudo_label_path
+    from ..evaluation import confusion_matrix, scores_from_confusion
+
+    ds, k = cfg["datasets"], cfg["model"]["num_classes"]
+    dataset = build_dataset(ds["target"], ds["target_root"], ds["target_split"], None,
+                            **_with_classes(ds["target"], ds["target_kwargs"], k))
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    for i in range(len(dataset)):
+        _, label, name = dataset.load(i)
+        pseudo = np.array(Image.open(pseudo_label_path(label_dir, name)))
+        confusion += confusion_matrix(torch.from_numpy(pseudo), torch.from_numpy(np.array(label)), k)
+    return scores_from_confusion(confusion, len(dataset))
+
+
 # ------------------------------------------------------------------------------------------------
-# evaluation hook (E3's evaluate + CCD)
+# evaluation hook (evaluation.evaluate + analysis.class_center_analysis)
 # ------------------------------------------------------------------------------------------------
 def evaluate_models(features: nn.Module, classifier: nn.Module, cfg: Dict[str, Any], device: torch.device,
-                    output_dir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """Target-val mIoU (E3's evaluate) and mean class-center distance (E3's analysis)."""
+                    output_dir: Optional[str] = None, progress: bool = True,
+                    ccd_size: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Target-val mIoU at ``input.size_test`` and the mean class-center distance at ``ccd_size``
+    (W, H; default ``input.size_test``): a fixed ``ccd_size`` makes CCDs of several stages comparable."""
     from ..analysis import class_center_analysis
-    from ..evaluation import build_eval_loader, evaluate
+    from ..evaluation import build_eval_loader, build_test_dataset, evaluate
 
     features, classifier = D.unwrap(features), D.unwrap(classifier)
-    dataset = build_test_dataset(cfg)
-    loader = build_eval_loader(dataset, batch_size=cfg["test"]["batch_size"], num_workers=cfg["solver"]["num_workers"],
-                               distributed=D.is_distributed())
+    test_size = list(cfg["input"]["size_test"])
+    ccd_size = list(ccd_size or test_size)
+
+    def loader_of(dataset):
+        return build_eval_loader(dataset, batch_size=cfg["test"]["batch_size"],
+                                 num_workers=cfg["solver"]["num_workers"], distributed=D.is_distributed())
+
+    dataset = build_test_dataset(cfg, size=test_size)
+    names = getattr(dataset, "class_names", None)
+    loader = loader_of(dataset)
     k = cfg["model"]["num_classes"]
     result = evaluate(features, classifier, loader, k, device=device, flip=cfg["test"]["flip"],
                       scales=tuple(cfg["test"]["scales"]), output_dir=output_dir,
-                      num_images_to_save=cfg["test"]["num_images_to_save"],
-                      class_names=getattr(dataset, "class_names", None), distributed=D.is_distributed(),
-                      progress=progress)
-    ccd = class_center_analysis(features, loader, k, device=device, backend=cfg["backend"], progress=progress)
+                      num_images_to_save=cfg["test"]["num_images_to_save"], class_names=names,
+                      distributed=D.is_distributed(), progress=progress)
+    ccd_loader = loader if ccd_size == test_size else loader_of(build_test_dataset(cfg, size=ccd_size))
+    ccd = class_center_analysis(features, ccd_loader, k, device=device, backend=cfg["backend"], progress=progress)
     return {"eval": result, "ccd": ccd, "miou": float(result.miou), "ccd_mean": float(ccd.mean),
-            "class_names": getattr(dataset, "class_names", None)}
+            "class_names": names, "test_size": test_size, "ccd_size": ccd_size}
 
 
 # ------------------------------------------------------------------------------------------------
 # the training loop
 # ------------------------------------------------------------------------------------------------
+def _write_config(cfg: Dict[str, Any]) -> None:
+    from ..config import to_yaml
+
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    with open(os.path.join(cfg["output_dir"], "config.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(to_yaml(cfg))
+
+
+def _load_resume(stage: str, cfg: Dict[str, Any], resume: Optional[str]):
+    """``(path, checkpoint)`` to resume from (``"auto"`` = ``<output_dir>/last.pth`` if present)."""
+    if resume == "auto":
+        resume = latest_checkpoint(cfg["output_dir"])
+    if not resume:
+        return "", None
+    ckpt = load_checkpoint(resume)
+    if ckpt.get("stage") != stage:
+        raise ValueError(f"{resume!r} is a checkpoint of stage {ckpt.get('stage')!r}, not {stage!r}")
+    ignored = ("solver.stop_iter", "output_dir", "solver.num_workers", "solver.checkpoint_period")
+    diff = [d for d in _config_diff(ckpt["config"], cfg) if not d.startswith(ignored)]
+    if diff and D.is_main():
+        warnings.warn("resuming with a config that differs from the checkpoint's: " + "; ".join(diff))
+    return resume, ckpt
+
+
+def _save(t: Training, cfg: Dict[str, Any]) -> str:
+    path = checkpoint_path(cfg["output_dir"], t.iteration)
+    if D.is_main():
+        save_checkpoint(path, training_state(t, cfg))
+    D.barrier()
+    return path
+
+
+def _check_finite(losses: Dict[str, float], iteration: int, scaled: bool) -> None:
+    if scaled:  # fp16: the scaler skips non-finite steps itself
+        return
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name} became {value} at iteration {iteration}")
+
+
 def train_stage(stage: str, cfg: Dict[str, Any], *, resume: Optional[str] = None, progress: bool = True,
                 tensorboard: bool = True) -> StageResult:
     """Run one stage (``src`` | ``adv`` | ``sd``) in ``cfg['output_dir']``; returns the final checkpoint.
 
     ``resume``: a checkpoint of this stage (or ``"auto"`` = ``<output_dir>/last.pth`` if present) to
-    continue exactly from; the models, discriminator, optimisers, scalers, RNG states and the
-    iteration are restored and the data order continues where it stopped.
+    continue exactly from; the models, discriminator, optimisers, schedulers, scalers, RNG states and
+    the iteration are restored and the data order continues where it stopped.
     """
-    if stage not in LOSS_COLUMNS:
-        raise ValueError(f"stage must be one of {tuple(LOSS_COLUMNS)}, got {stage!r}")
-    device = resolve_device(cfg)
+    if stage not in STEPS:
+        raise ValueError(f"stage must be one of {tuple(STEPS)}, got {stage!r}")
+    device = D.resolve_device(cfg["device"])
     set_determinism(cfg)
-    stage_dir = cfg["output_dir"]
-    main = D.is_main()
-    if main:
-        os.makedirs(stage_dir, exist_ok=True)
-        with open(os.path.join(stage_dir, "config.yaml"), "w", encoding="utf-8") as fh:
-            from ..config import to_yaml
-
-            fh.write(to_yaml(cfg))
-    solver, k = cfg["solver"], cfg["model"]["num_classes"]
-    world = D.world_size()
-    if solver["batch_size"] % world:
-        raise ValueError(f"solver.batch_size={solver['batch_size']} must be divisible by the {world} processes")
-    per_rank = solver["batch_size"] // world
-    if stage == "adv":
-        if per_rank < 2 or per_rank % 2:
-            raise ValueError(f"stage 'adv' splits each process's batch ({per_rank}) half source, half target: "
-                             "it must be even")
-        per_rank //= 2
-
-    if resume == "auto":
-        resume = latest_checkpoint(stage_dir)
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None and ckpt.get("stage") != stage:
-        raise ValueError(f"{resume!r} is a checkpoint of stage {ckpt.get('stage')!r}, not {stage!r}")
-
-    # --- data -----------------------------------------------------------------------------------
-    pseudo_dir = _ensure_pseudo_labels(cfg, stage_dir, device, progress) if stage == "sd" else None
-
-    # --- models ---------------------------------------------------------------------------------
-    fresh_init = ckpt is None and not (stage == "adv" and cfg["init_from"])
-    features, classifier = _build_models(cfg, device, with_weights=fresh_init)
-    if ckpt is None and stage == "adv":
-        if cfg["init_from"]:
-            init = load_checkpoint(cfg["init_from"])  # this project's or an official FADA checkpoint
-            M.load_model_states(init, features, classifier, backbone=cfg["model"]["backbone"],
-                                source=repr(cfg["init_from"]))
-        elif main:
-            warnings.warn("stage 'adv' without init_from (a stage-1 checkpoint): starting from model.weights "
-                          "(ImageNet, or random when empty)")
-    discriminator = None
-    if stage == "adv":
-        torch.manual_seed(cfg["seed"] + 1)
-        discriminator = fada_core.FineGrainedDiscriminator(M.feature_channels(cfg["model"]["backbone"]), k,
-                                                           ndf=cfg["model"]["ndf"]).to(device)
-    if ckpt is not None:
-        features.load_state_dict(M.strip_module_prefix(ckpt["feature_extractor"]))
-        classifier.load_state_dict(M.strip_module_prefix(ckpt["classifier"]))
-        if discriminator is not None:
-            discriminator.load_state_dict(M.strip_module_prefix(ckpt["discriminator"]))
-    features = _wrap_ddp(features, device, sync_bn=not cfg["model"]["freeze_bn"])
-    classifier = _wrap_ddp(classifier, device, sync_bn=False)
-    if discriminator is not None:
-        D.broadcast_module(discriminator)  # D is reduced by hand (two forwards before one backward)
-
-    # --- optimisers -----------------------------------------------------------------------------
-    mult = solver["classifier_lr_mult"]
-    sgd = dict(momentum=solver["momentum"], weight_decay=solver["weight_decay"])
-    fea_params = [p for p in features.parameters() if p.requires_grad]
-    opt_fea = torch.optim.SGD(fea_params, lr=solver["base_lr"], **sgd)
-    opt_cls = torch.optim.SGD(classifier.parameters(), lr=solver["base_lr"] * mult, **sgd)
-    opt_d = (torch.optim.Adam(discriminator.parameters(), lr=solver["base_lr_d"], betas=(0.9, 0.99))
-             if discriminator is not None else None)
-    scaler, scaler_d = _scaler(cfg, device), _scaler(cfg, device)
-    start_iter = 0
-    if ckpt is not None:
-        opt_fea.load_state_dict(ckpt["optimizer_fea"])
-        opt_cls.load_state_dict(ckpt["optimizer_cls"])
-        if opt_d is not None:
-            opt_d.load_state_dict(ckpt["optimizer_D"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("scaler_D"):
-            scaler_d.load_state_dict(ckpt["scaler_D"])
-        start_iter = int(ckpt["iteration"])
-        restore_rng(ckpt["rng"])
-        diff = [d for d in _config_diff(ckpt["config"], cfg)
-                if not d.startswith(("solver.stop_iter", "output_dir", "solver.num_workers", "solver.checkpoint_period"))]
-        if diff and main:
-            warnings.warn("resuming with a config that differs from the checkpoint's: " + "; ".join(diff))
-
-    # --- losses (fada_core) ---------------------------------------------------------------------
-    backend = cfg["backend"]
-    ignore = cfg["input"]["ignore_label"]
-    adv_cfg = cfg["adv"]
-    if stage == "adv":
-        seg_loss = fada_core.UpsampledCrossEntropy(temperature=adv_cfg["temperature"], ignore_index=ignore,
-                                                   backend=backend)
-        # Under autocast the discriminator's logits come out in bf16/fp16; the soft-label loss is
-        # taken on them in fp32 (the kernels accumulate in fp32 anyway; this keeps the eager path exact).
-        disc_for_loss = discriminator if cfg["amp"] == "none" else _Float32Output(discriminator)
-        adversary = fada_core.FineGrainedAdversary(
-            disc_for_loss, k, temperature=adv_cfg["temperature"], cap=adv_cfg["cap"],
-            adversarial_weight=adv_cfg["adversarial_weight"],
-            discriminator_weights=tuple(adv_cfg["discriminator_weights"]), backend=backend)
-    else:
-        seg_loss = fada_core.UpsampledCrossEntropy(temperature=1.0, ignore_index=ignore, backend=backend)
-
-    stop = solver["stop_iter"]
-    source_ds = _source_dataset(cfg, stage, pseudo_dir)
-    src_lists = _class_lists(cfg, source_ds) if stage != "sd" else None
-    src_loader = _loader(source_ds, per_rank, cfg, 0, start_iter, stop, src_lists)
-    tgt_loader = _loader(_target_dataset(cfg), per_rank, cfg, 1, start_iter, stop) if stage == "adv" else None
-
-    # --- logging --------------------------------------------------------------------------------
-    loss_cols = LOSS_COLUMNS[stage]
-    columns = ["iteration", "lr", "lr_D"] * 1 + loss_cols + ["time_s", "data_time_s", "peak_mem_mib"]
-    if stage != "adv":
-        columns.remove("lr_D")
-    csv_log = CSVLogger(os.path.join(stage_dir, "log.csv"), columns, start_iter if ckpt is not None else None) if main else None
-    tb = TensorBoardLogger(os.path.join(stage_dir, "tb"), tensorboard and main)
-    bar = ProgressBar(stop, start_iter, f"stage {stage}", progress and main)
-    amp = _amp(cfg, device)
-    history: List[Dict[str, float]] = []
-
-    def save(iteration: int) -> str:
-        path = checkpoint_path(stage_dir, iteration)
-        if main:
-            state = {
-                "stage": stage, "iteration": iteration,
-                "feature_extractor": _state_of(features), "classifier": _state_of(classifier),
-                "optimizer_fea": opt_fea.state_dict(), "optimizer_cls": opt_cls.state_dict(),
-                "scheduler": {"method": solver["lr_method"], "base_lr": solver["base_lr"],
-                              "base_lr_d": solver["base_lr_d"], "max_iter": solver["max_iter"],
-                              "power": solver["lr_power"], "classifier_lr_mult": mult, "iteration": iteration},
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "rng": capture_rng(),
-                "sampler": {"seed": cfg["seed"], "next_iteration": iteration,
-                            "per_rank_batch": per_rank, "world_size": world},
-                "config": cfg,
-            }
-            if discriminator is not None:
-                state["discriminator"] = _state_of(discriminator)
-                state["optimizer_D"] = opt_d.state_dict()
-                state["scaler_D"] = scaler_d.state_dict() if scaler_d.is_enabled() else None
-            save_checkpoint(path, state)
-        D.barrier()
-        return path
-
-    features.train()
-    classifier.train()
-    if discriminator is not None:
-        discriminator.train()
-    iteration = start_iter
-    last_ckpt = resume or ""
-    data_iters = [iter(src_loader)] + ([iter(tgt_loader)] if tgt_loader is not None else [])
+    if D.is_main():
+        _write_config(cfg)
+    last_ckpt, ckpt = _load_resume(stage, cfg, resume)
+    pseudo_dir = _ensure_pseudo_labels(cfg, device, progress) if stage == "sd" else None
+    t = build_training(cfg, stage, device, ckpt)
+    data = [iter(loader) for loader in build_loaders(cfg, stage, t.iteration, pseudo_dir)]
+    columns = ["iteration", "lr"] + (["lr_D"] if stage == "adv" else []) + LOSS_COLUMNS[stage] + \
+        ["time_s", "data_time_s", "peak_mem_mib"]
+    stop = cfg["solver"]["stop_iter"]
+    log = TrainingLog(cfg["output_dir"], stage, columns, t.iteration, stop, resumed=ckpt is not None,
+                      log_period=cfg["log_period"], main=D.is_main(), progress=progress, tensorboard=tensorboard)
+    step = STEPS[stage]
+    t.train()
     end = time.perf_counter()
     try:
-        while iteration < stop:
-            batches = [next(it) for it in data_iters]
+        while t.iteration < stop:
+            batches = [next(it) for it in data]
             data_time = time.perf_counter() - end
-            lr = poly_lr(solver["base_lr"], iteration, solver["max_iter"], solver["lr_power"])
-            for g in opt_fea.param_groups:
-                g["lr"] = lr
-            for g in opt_cls.param_groups:
-                g["lr"] = lr * mult
-            row: Dict[str, float] = {"lr": lr}
-            if opt_d is not None:
-                lr_d = poly_lr(solver["base_lr_d"], iteration, solver["max_iter"], solver["lr_power"])
-                for g in opt_d.param_groups:
-                    g["lr"] = lr_d
-                row["lr_D"] = lr_d
-            opt_fea.zero_grad(set_to_none=True)
-            opt_cls.zero_grad(set_to_none=True)
-
-            x_s = batches[0][0].to(device, non_blocking=True)
-            y_s = batches[0][1].to(device, non_blocking=True).long()
-            with amp():
-                f_s = features(x_s)
-                z_s = classifier(f_s)                   # low-resolution logits
-            loss_seg = seg_loss(z_s.float(), y_s)       # upsampled inside, never materialised
-            scaler.scale(loss_seg).backward()
-            losses = {"loss_seg": loss_seg.detach()}
-
-            if stage == "adv":
-                x_t = batches[1][0].to(device, non_blocking=True)
-                size_s, size_t = tuple(x_s.shape[-2:]), tuple(x_t.shape[-2:])
-                with amp():
-                    f_t = features(x_t)
-                    with torch.no_grad():               # only the (detached) soft labels need it
-                        z_t = D.unwrap(classifier)(f_t)
-                    loss_adv = adversary.generator_loss(f_t, z_t.float(), size_t)
-                scaler.scale(loss_adv).backward()
-                scaler.step(opt_fea)
-                scaler.step(opt_cls)
-                scaler.update()
-
-                opt_d.zero_grad(set_to_none=True)       # drop the generator step's D gradients
-                with amp():
-                    loss_d = adversary.discriminator_loss(f_s.detach(), z_s.detach().float(), size_s,
-                                                          f_t.detach(), z_t.float(), size_t)
-                scaler_d.scale(loss_d).backward()
-                D.average_gradients(discriminator.parameters())
-                scaler_d.step(opt_d)
-                scaler_d.update()
-                losses["loss_adv"] = loss_adv.detach()
-                losses["loss_D"] = loss_d.detach()
-            else:
-                scaler.step(opt_fea)
-                scaler.step(opt_cls)
-                scaler.update()
-
-            iteration += 1
+            lrs = t.learning_rates()
+            losses = step(t, batches)
+            for scheduler in t.schedulers.values():
+                scheduler.step()
+            t.iteration += 1
             values = D.reduce_mean({n: float(v) for n, v in losses.items()}, device)
-            for name, value in values.items():
-                if not math.isfinite(value) and not scaler.is_enabled():
-                    raise FloatingPointError(f"{name} became {value} at iteration {iteration}")
-            step_time = time.perf_counter() - end
-            mem = peak_memory_mib(device)
-            row.update(values)
-            row.update({"iteration": iteration, "time_s": step_time, "data_time_s": data_time, "peak_mem_mib": mem})
-            history.append(dict(row))
-            if main:
-                csv_log.log(row)
-                tb.log({**values, "lr": lr}, iteration)
-                bar.update({**{n: f"{v:.4f}" for n, v in values.items()}, "lr": f"{lr:.2e}", "mem": f"{mem:.0f}MiB"})
-                if iteration % cfg["log_period"] == 0 or iteration == stop:
-                    recent = history[-20:]
-                    eta = (stop - iteration) * sum(r["time_s"] for r in recent) / len(recent)
-                    bar.write(f"[{stage}] iter {iteration}/{stop}  " +
-                              "  ".join(f"{n} {v:.4f}" for n, v in values.items()) +
-                              f"  lr {lr:.3e}  {step_time:.2f} s/it  eta {eta / 60:.1f} min  peak mem {mem:.0f} MiB")
-            if iteration % solver["checkpoint_period"] == 0 or iteration == stop:
-                last_ckpt = save(iteration)
+            _check_finite(values, t.iteration, t.scalers["G"].is_enabled())
+            log.log({"iteration": t.iteration, **lrs, "time_s": time.perf_counter() - end, "data_time_s": data_time,
+                     "peak_mem_mib": peak_memory_mib(device)}, values)
+            if t.iteration % cfg["solver"]["checkpoint_period"] == 0 or t.iteration == stop:
+                last_ckpt = _save(t, cfg)
             end = time.perf_counter()
     finally:
-        bar.close()
-        tb.close()
-        if csv_log is not None:
-            csv_log.close()
+        log.close()
     if not last_ckpt:
-        last_ckpt = save(iteration)
-    return StageResult(stage, stage_dir, last_ckpt, iteration, history)
+        last_ckpt = _save(t, cfg)
+    return StageResult(stage, cfg["output_dir"], last_ckpt, t.iteration, log.history)
