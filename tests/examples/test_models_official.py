@@ -220,8 +220,12 @@ def test_training_initialised_from_an_official_checkpoint(tmp_path):
     with pytest.raises(M.WeightsError, match="branches.3.bias"):
         train_stage("adv", _tiny_cfg("adv", tmp_path, f"init_from={tmp_path / 'broken.pth'}",
                                      f"output_dir={tmp_path / 'adv_broken'}"), progress=False, tensorboard=False)
-    # stage 3 from an official teacher (no config inside: the stage's config builds it)
-    sd = train_stage("sd", _tiny_cfg("sd", tmp_path, f"teacher={official}"), progress=False, tensorboard=False)
+    # stage 3 from an official teacher (no config inside: the stage's config builds it); its test
+    # size is unknown, so the pseudo-label size must be given (official: the adversarial config's)
+    with pytest.raises(ValueError, match="datasets.pseudo_label_size"):
+        train_stage("sd", _tiny_cfg("sd", tmp_path, f"teacher={official}"), progress=False, tensorboard=False)
+    sd = train_stage("sd", _tiny_cfg("sd", tmp_path, f"teacher={official}", "datasets.pseudo_label_size=[64,48]"),
+                     progress=False, tensorboard=False)
     assert sd.iteration == 1
     # stage 3 from an official pseudo-label folder (one folder, <name>_leftImg8bit.png)
     labels = tmp_path / "soft_labels"
