@@ -35,6 +35,7 @@ DEFAULTS: Dict[str, Any] = {
         "backbone": "resnet101",      # resnet101 | vgg16 | small
         "num_classes": 19,
         "weights": "",                # local ImageNet weights file ('' = random init)
+        "partial_weights": False,     # load only the tensors of `weights` that fit (default: strict)
         "freeze_bn": True,            # FrozenBatchNorm2d in the backbone (official stages 1-2)
         "ndf": 256,                   # discriminator width
     },

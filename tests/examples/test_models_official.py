@@ -236,3 +236,23 @@ def test_training_initialised_from_an_official_checkpoint(tmp_path):
     sd2 = train_stage("sd", _tiny_cfg("sd", tmp_path, f"datasets.pseudo_label_dir={labels}",
                                       f"output_dir={tmp_path / 'sd2'}"), progress=False, tensorboard=False)
     assert sd2.iteration == 1
+
+
+def test_partial_weights_only_when_the_config_asks(tmp_path):
+    """model.weights with a tensor missing: an error listing it, unless model.partial_weights=true."""
+    from fada_examples.config import load_config
+    from fada_examples.engine import trainer as T
+
+    torch.manual_seed(0)
+    features, _ = M.build_segmentor("small", 19, None, freeze_bn=False)
+    state = features.state_dict()
+    dropped = next(iter(state))
+    kept = {k: v for k, v in state.items() if k != dropped}
+    torch.save(kept, tmp_path / "w.pth")
+    overrides = ["model.backbone=small", f"model.weights={tmp_path / 'w.pth'}"]
+    with pytest.raises(M.WeightsError, match=dropped.replace(".", r"\.")):
+        T._build_segmentor(load_config(None, overrides), torch.device("cpu"), with_weights=True)
+    loaded, _ = T._build_segmentor(load_config(None, overrides + ["model.partial_weights=true"]),
+                                   torch.device("cpu"), with_weights=True)
+    other = next(k for k in kept if kept[k].is_floating_point())
+    assert torch.equal(loaded.state_dict()[other], kept[other])

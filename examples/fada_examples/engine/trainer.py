@@ -225,7 +225,7 @@ def _build_segmentor(cfg: Dict[str, Any], device: torch.device, with_weights: bo
     torch.manual_seed(cfg["seed"])
     features, classifier = M.build_segmentor(m["backbone"], m["num_classes"],
                                              m["weights"] if with_weights else None, m["freeze_bn"],
-                                             bgr255=cfg["input"]["to_bgr255"])
+                                             bgr255=cfg["input"]["to_bgr255"], partial=m["partial_weights"])
     return features.to(device), classifier.to(device)
 
 
