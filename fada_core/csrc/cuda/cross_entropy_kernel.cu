@@ -312,20 +312,13 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
             acc_t sum = 0, bottom = 0;
 #pragma unroll
             for (int q = 0; q < kRows; ++q) {
-              const acc_t gc = alpha[q] * exp2_acc(ly[q] * v.y + v.x - m[q]);
+              // the label's -gw per pixel (not after the row sums): p - 1 cancels exactly where p == 1
+              acc_t gc = alpha[q] * exp2_acc(ly[q] * v.y + v.x - m[q]);
+              if (c == label[q]) gc -= gw[q];
               sum += gc;
               bottom += ly[q] * gc;
             }
             accumulate_rows(ga[c * nx], sum, bottom, first);
-          }
-          // the labels' -gw, row by row in a fixed order
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) {
-            if (label[q] >= 0) {
-              const acc_t bottom = ly[q] * gw[q];
-              ga[label[q] * nx].x -= gw[q] - bottom;
-              ga[label[q] * nx].y -= bottom;
-            }
           }
         }
       }
