@@ -221,7 +221,18 @@ def source_i0(in_size: int, out_size: int) -> List[int]:
     return [min(int(_f32(scale) * _f32(o)), in_size - 1) for o in range(out_size)]
 
 
-def staged_config(K: int, w: int, W: int, smem_limit: int = 227 * 1024) -> Tuple[int, int]:
+def fada_staged_smem(K: int, nx: int, ns: int) -> int:
+    """Bytes of a float32 FADA loss staged block (staged_layout in csrc/cuda/fada_loss_kernel.cu)."""
+    return (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+
+
+def ce_staged_smem(K: int, nx: int, ns: int) -> int:
+    """Bytes of a float32 cross-entropy staged block (ce_staged_layout in csrc/cuda/cross_entropy_kernel.cu)."""
+    return (K * nx * 2 + K * nx * 2 + K * 2 * ns + K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+
+
+def staged_config(K: int, w: int, W: int, smem_of: Callable[[int, int, int], int] = fada_staged_smem,
+                  smem_limit: int = 227 * 1024) -> Tuple[int, int]:
     """(tj, nx) as choose_staged_config picks them (csrc/cuda/staged_rows.cuh) for float32."""
     i0 = source_i0(w, W)
     first = [next((o for o in range(W) if i0[o] >= j), W) for j in range(w + 1)]
@@ -231,9 +242,7 @@ def staged_config(K: int, w: int, W: int, smem_limit: int = 227 * 1024) -> Tuple
         nx = 32
         while nx < 128 and nx < widest:
             nx *= 2
-        ns = tj + 1
-        smem = (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
-        if smem > smem_limit:
+        if smem_of(K, nx, tj + 1) > smem_limit:
             continue
         cost = -(-w // tj) * nx * max(1, -(-widest // nx))
         if best_cost is None or cost <= best_cost:
@@ -345,18 +354,121 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
     }
 
 
-# The launches of one FADA loss forward + backward (reduction mean), float32.
+def ce_models() -> Dict[str, Callable[[], Model]]:
+    """The upsampled cross-entropy's kernels (csrc/cuda/cross_entropy_kernel.cu) at the same shape."""
+    B, K, h, w, H, W = (SHAPE[k] for k in ("B", "K", "h", "w", "H", "W"))
+    pixels = B * H * W
+    search = math.ceil(math.log2(W)) + 1
+    cols_per_source = W / w
+    rows_per_group = H / h
+    i0y = source_i0(h, H)
+    groups = [i0y.count(r) for r in range(h)]
+    batches = sum(-(-n // 4) for n in groups) / h
+    # float32; the block sums' static shared memory (2 x 128 x (4 + 8) bytes) comes off the limit
+    tj, nx = staged_config(K, w, W, ce_staged_smem, 227 * 1024 - 128 * 12)
+    ns = tj + 1
+    tiles = -(-w // tj)
+    otj, onx = old_adjoint_config(K, w, W)
+
+    def staged() -> Model:
+        return Model(
+            threads=B * h * tiles * nx,
+            outputs=pixels,
+            trips=[
+                (r"while \(lo < hi\)", search, 1),
+                (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
+                (r"for \(int e = tid; e < k \* 2 \* ns", math.ceil(K * 2 * ns / nx), 1),
+                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
+                (r"for \(int e = threadIdx.x; e < total;", K * 2 * ns / nx, 1),
+                (r"for \(int cx0 = xa", 1, 1),
+                (r"for \(int y0 = ya", batches, 4),
+                (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
+                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(K * ns / nx), 1),
+                (r"for \(int x = lo; x < hi", cols_per_source, 1),
+                (r"for \(int tb = 0; tb < 2", 2, 1),
+            ],
+        )
+
+    def forward() -> Model:
+        return Model(
+            threads=pixels,
+            outputs=pixels,
+            trips=[
+                (r"for \(int64_t idx = ", 1, 1),
+                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
+                (r"for \(int stride = blockDim.x / 2", 8, 1),
+            ],
+        )
+
+    def backward() -> Model:
+        return Model(
+            threads=B * h * -(-w // otj) * onx,
+            outputs=pixels,
+            trips=[
+                (r"while \(lo < hi\)", search, 1),
+                (r"for \(int64_t cx0 = blk.xa", 1, 1),
+                (r"for \(int64_t y = blk.ya", rows_per_group, 1),
+                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
+                (r"for \(int64_t c = 0; c < C; \+\+c\)", K, 1),
+                (r"for \(int64_t c = 0; c < blk.channels", K, 1),
+                (r"e < channels \* tj", math.ceil(K * otj / onx), 1),
+                (r"jj < blk.nj", 1, 1),
+                (r"e < blk.channels \* blk.nj", math.ceil(K * otj / onx), 1),
+                (r"for \(int64_t xx = lo", 2 * cols_per_source, 1),
+            ],
+        )
+
+    def gather() -> Model:  # one thread per low-resolution gradient element
+        return Model(threads=B * K * h * w, outputs=pixels, trips=[(r"for \(int64_t idx = ", 1, 1)])
+
+    def final(partials: float) -> Callable[[], Model]:  # one block of 1024 threads
+        return lambda: Model(threads=1024, outputs=pixels,
+                             trips=[(r"i < n; i \+= blockDim.x", partials / 1024, 1), (r"for \(int stride", 10, 1)])
+
+    def count_valid() -> Model:
+        return Model(threads=pixels, outputs=pixels,
+                     trips=[(r"for \(int64_t idx = ", 1, 1), (r"for \(int stride = blockDim.x / 2", 8, 1)])
+
+    return {
+        "ce_staged_kernel": staged,
+        "ce_forward_kernel": forward,
+        "ce_backward_kernel": backward,
+        "count_valid_kernel": count_valid,
+        "staged_gather_kernel": gather,
+        "staged_gather_divided_kernel": gather,
+        "gather_partials_kernel": gather,
+        "reduce_partials_kernel": final(min(pixels // 256, 65536)),  # general path: one partial per forward block
+        "sum_counts_kernel": final(tiles * h * B),
+    }
+
+
+# The launches of one loss forward + backward (reduction mean), float32: (file, kernel, template args).
+FADA, CE = "fada_loss_kernel.cu", "cross_entropy_kernel.cu"
 PATHS = {
     "FADA loss fwd+bwd, general kernels (fallback)": [
-        ("fada_forward_kernel", "float, float"),
-        ("reduce_partials_kernel", "float, float, float"),
-        ("fada_backward_kernel", "float, float"),
-        ("gather_partials_kernel", "float, float"),
+        (FADA, "fada_forward_kernel", "float, float"),
+        (FADA, "reduce_partials_kernel", "float, float, float"),
+        (FADA, "fada_backward_kernel", "float, float"),
+        (FADA, "gather_partials_kernel", "float, float"),
     ],
     "FADA loss fwd+bwd, fast path (one fused launch)": [
-        ("fada_staged_kernel", "float, float, true, true"),
-        ("reduce_partials_kernel", "float, float, float"),
-        ("staged_gather_kernel", "float, float"),
+        (FADA, "fada_staged_kernel", "float, float, true, true"),
+        (FADA, "reduce_partials_kernel", "float, float, float"),
+        (FADA, "staged_gather_kernel", "float, float"),
+    ],
+    "CE fwd+bwd, general kernels (fallback)": [
+        (CE, "ce_forward_kernel", "float, float"),
+        (CE, "count_valid_kernel", ""),
+        (CE, "reduce_partials_kernel", "float, float, long"),
+        (CE, "count_valid_kernel", ""),
+        (CE, "ce_backward_kernel", "float, float"),
+        (CE, "gather_partials_kernel", "float, float"),
+    ],
+    "CE fwd+bwd, fast path (one fused launch)": [
+        (CE, "ce_staged_kernel", "float, float, true, true"),
+        (CE, "sum_counts_kernel", ""),
+        (CE, "reduce_partials_kernel", "float, float, long"),
+        (CE, "staged_gather_divided_kernel", "float, float"),
     ],
 }
 
@@ -460,7 +572,7 @@ def short_name(pretty: str) -> Tuple[str, str]:
 
 
 def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = False) -> str:
-    models = {"fada_loss_kernel.cu": fada_models()}  # per source file: kernels' trip-count models
+    models = {FADA: fada_models(), CE: ce_models()}  # per source file: kernels' trip-count models
     sources = {}
     for path in glob.glob(os.path.join(csrc, "**", "*.cu*"), recursive=True) + glob.glob(
         os.path.join(csrc, "**", "*.h"), recursive=True
@@ -489,7 +601,7 @@ def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = 
                 file_models = models.get(os.path.basename(source), {})
                 if kernel in file_models:
                     cost = cost_of(fn, file_models[kernel](), sources)
-                    per_kernel[(kernel, targs)] = cost
+                    per_kernel[(os.path.basename(source), kernel, targs)] = cost
                 rows.append((os.path.basename(source), kernel, targs, regs, st, ld, len(fn.instructions),
                              len(fn.loops), cost))
     lines = [f"SASS for {arch}; per-output figures at B={SHAPE['B']}, K={SHAPE['K']}, "
@@ -504,10 +616,10 @@ def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = 
         costs = [per_kernel.get(p) for p in parts]
         if all(c is not None for c in costs):
             total = sum(c.per_output for c in costs)
-            detail = " + ".join(f"{k} {c.per_output:,.0f}" for (k, _), c in zip(parts, costs))
+            detail = " + ".join(f"{k} {c.per_output:,.0f}" for (_, k, _), c in zip(parts, costs))
             lines.append(f"{path}: {total:,.0f} SASS instructions per output pixel ({detail})")
     if show_loops:
-        for (kernel, targs), cost in per_kernel.items():
+        for (_, kernel, targs), cost in per_kernel.items():
             lines += ["", f"{kernel}<{targs}>:"] + ["  " + x for x in cost.loops]
     unmodelled = sorted({u for c in per_kernel.values() for u in c.unmodelled})
     if unmodelled:

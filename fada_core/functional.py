@@ -404,10 +404,12 @@ def upsampled_cross_entropy(
     if labels.device.type != "cuda":
         _check_label_range(labels, logits.shape[1], ignore_index)
     dtype = _kernel_dtype(logits.device, logits.dtype)
-    out = torch.ops.fada_core.upsampled_cross_entropy(
-        logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction]
-    )
-    return out.to(_reference.opmath_dtype(logits.dtype))
+    # Training with a mean or sum: the loss and its gradient in one pass (one
+    # launch on the CUDA fast path); the backward then only scales it.
+    with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
+    op = torch.ops.fada_core.upsampled_cross_entropy_with_grad if with_grad else torch.ops.fada_core.upsampled_cross_entropy
+    out = op(logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction])
+    return (out[0] if with_grad else out).to(_reference.opmath_dtype(logits.dtype))
 
 
 # --------------------------------------------------------------------------- class centers

@@ -73,6 +73,25 @@ def _fake_upsampled_ce_backward(grad, logits, labels, temperature, ignore_index,
     return torch.empty_like(logits)
 
 
+def _fake_upsampled_ce_with_grad(logits, labels, temperature, ignore_index, reduction):
+    torch._check(reduction != REDUCTIONS["none"], lambda: "upsampled_cross_entropy_with_grad needs reduction mean or sum")
+    loss = _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction)
+    return loss, torch.empty_like(logits)
+
+
+def _upsampled_ce_with_grad_cpu(logits, labels, temperature, ignore_index, reduction):
+    # As _fada_loss_with_grad_cpu: the CPU forward and backward ops one after
+    # the other; on CUDA one fast-path launch (csrc/cuda/cross_entropy_kernel.cu).
+    if reduction == REDUCTIONS["none"]:
+        raise RuntimeError("upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)")
+    loss = torch.ops.fada_core.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction)
+    one = torch.ones((), dtype=logits.dtype, device=logits.device)
+    grad = torch.ops.fada_core.upsampled_cross_entropy_backward(
+        one, logits.detach(), labels, temperature, ignore_index, reduction
+    )
+    return loss, grad
+
+
 def _fake_class_center_stats(features, labels, num_classes, ignore_index):
     torch._check(features.dim() == 4, lambda: "features must be (B, C, h, w)")
     torch._check(labels.dim() == 3, lambda: "labels must be (B, h, w)")
@@ -131,6 +150,19 @@ def _backward_upsampled_ce(ctx, grad):
     return grad_logits, None, None, None, None
 
 
+def _setup_upsampled_ce_with_grad(ctx, inputs, output):
+    _, grad_logits = output
+    ctx.save_for_backward(grad_logits)
+    ctx.mark_non_differentiable(grad_logits)
+
+
+def _backward_upsampled_ce_with_grad(ctx, grad, _grad_of_grad):
+    # A mean or sum: the gradient is grad * (the gradient for 1).
+    (grad_logits,) = ctx.saved_tensors
+    grad_in = grad * grad_logits if ctx.needs_input_grad[0] else None
+    return grad_in, None, None, None, None
+
+
 def register() -> None:
     """Attach fake kernels and autograd formulas to the loaded operators (idempotent)."""
     global _registered
@@ -143,6 +175,8 @@ def register() -> None:
     lib.register_kernel("fada_core::fada_loss_with_grad", "cpu")(_fada_loss_with_grad_cpu)
     lib.register_fake("fada_core::upsampled_cross_entropy")(_fake_upsampled_ce)
     lib.register_fake("fada_core::upsampled_cross_entropy_backward")(_fake_upsampled_ce_backward)
+    lib.register_fake("fada_core::upsampled_cross_entropy_with_grad")(_fake_upsampled_ce_with_grad)
+    lib.register_kernel("fada_core::upsampled_cross_entropy_with_grad", "cpu")(_upsampled_ce_with_grad_cpu)
     lib.register_fake("fada_core::class_center_stats")(_fake_class_center_stats)
     lib.register_autograd("fada_core::fada_loss", _backward_fada_loss, setup_context=_setup_fada_loss)
     lib.register_autograd(
@@ -150,5 +184,10 @@ def register() -> None:
     )
     lib.register_autograd(
         "fada_core::upsampled_cross_entropy", _backward_upsampled_ce, setup_context=_setup_upsampled_ce
+    )
+    lib.register_autograd(
+        "fada_core::upsampled_cross_entropy_with_grad",
+        _backward_upsampled_ce_with_grad,
+        setup_context=_setup_upsampled_ce_with_grad,
     )
     _registered = True

@@ -381,3 +381,130 @@ def test_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, do
     )
     assert_close_scaled(got, want, dtype)
     assert_close_scaled(got_grad, want_grad, dtype)
+
+
+# ----------------------------------------------------------------------------- cross-entropy fast path
+# Every shape whose K channels fit the staged block's shared memory takes the staged kernel
+# (csrc/cuda/cross_entropy_kernel.cu, "fast path"); beyond that the general kernels.
+
+
+def _ce_fused_pair(ops, logits, labels, ignore_index, reduction):
+    """Reference (value, grad for an upstream 1) and the emulated upsampled_cross_entropy_with_grad."""
+    dtype = logits.dtype
+    want, want_grad, _ = forward_backward(
+        lambda x: _reference.upsampled_cross_entropy(x, labels, T, ignore_index, REDUCTIONS[reduction]),
+        logits.double(),
+        torch.tensor(1.0, dtype=torch.float64),
+    )
+    got, got_grad = ops.upsampled_cross_entropy_with_grad(logits, labels, T, ignore_index, reduction)
+    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shapes", FAST_SHAPES)
+def test_ce_fast_path_matches_reference(emulated_cuda_ops, shapes, dtype):
+    (h, w), (out_h, out_w) = shapes
+    logits, labels = cross_entropy_inputs(2, 4, h, w, out_h, out_w, dtype, h * 31 + w, 0.3)
+    for reduction in (0, 1, 2):
+        (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, reduction)
+        assert_close_scaled(got, want, dtype)
+        assert_close_scaled(got_grad, want_grad, dtype)
+        assert want_grad.abs().max() > 0
+        if reduction != 0:
+            (want, want_grad), (got, got_grad) = _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, reduction)
+            assert_close_scaled(got, want, dtype)
+            assert_close_scaled(got_grad, want_grad, dtype)
+
+
+def test_ce_logits_near_80(emulated_cuda_ops):
+    """+-80 logits / T: base-2 values near +-64, the maximum subtracted before every exp2."""
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randint(0, 2, (2, 5, 4, 5), generator=g) * 160.0 - 80.0 + torch.rand(2, 5, 4, 5, generator=g)
+    labels = torch.randint(0, 5, (2, 9, 14), generator=g)
+    for reduction in (1, 2):
+        (want, want_grad), (got, got_grad) = _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, reduction)
+        assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+        assert_close_scaled(got, want, torch.float32)
+        assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+def test_ce_all_ignored(emulated_cuda_ops):
+    """Mean over no pixel: NaN, like torch; the gradient is 0 (fused and separate, staged and general)."""
+    for k in (3, 500):  # the staged kernel; the general kernels (500 channels exceed the staged block)
+        logits, labels = cross_entropy_inputs(2, k, 3, 4, 7, 9, torch.float32, 16, 1.0)
+        loss, grad = emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, T, 255, 1)
+        assert loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
+        assert emulated_cuda_ops.upsampled_cross_entropy(logits, labels, T, 255, 1).isnan()
+        loss, grad = emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, T, 255, 2)
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("k", [4, 500])  # staged; general kernels
+@pytest.mark.parametrize("shape", [(2, 6, 7, 23, 29), (1, 4, 9, 4, 9)])
+def test_ce_fused_equals_separate_ops_bitwise(emulated_cuda_ops, k, shape):
+    """upsampled_cross_entropy_with_grad gives the bits of the forward op and of the backward op for 1, every run."""
+    b, h, w, out_h, out_w = shape
+    if k == 500:
+        h, w, out_h, out_w = 2, 3, 5, 7  # keep the emulation short
+    logits, labels = cross_entropy_inputs(b, k, h, w, out_h, out_w, torch.float32, 17, 0.3)
+    for reduction in (1, 2):
+        args = (T, 255, reduction)
+        fused = emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, *args)
+        again = emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, *args)
+        loss = emulated_cuda_ops.upsampled_cross_entropy(logits, labels, *args)
+        grad = emulated_cuda_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, *args)
+        assert torch.equal(fused[0], loss) and torch.equal(fused[1], grad)
+        assert torch.equal(fused[0], again[0]) and torch.equal(fused[1], again[1])
+        (want, want_grad), _ = _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, reduction)
+        assert_close_scaled(fused[0], want, torch.float32)
+        assert_close_scaled(fused[1], want_grad, torch.float32)
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, T, 255, 0)
+
+
+def test_ce_fused_bad_labels_reported_without_sync(emulated_cuda_ops):
+    """The fused op, as the separate ones: NaN loss and gradient, the ValueError from the next call."""
+    logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float32, 2, 0.2)
+    bad = labels.clone()
+    bad[0, 1, 2] = -7
+    loss, grad = emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, bad, T, 255, 2)
+    assert loss.isnan() and grad.isnan().any()
+    with pytest.raises(ValueError, match=r"upsampled_cross_entropy: labels .*\[0, 3\) or ignore_index=255; found -7"):
+        emulated_cuda_ops.upsampled_cross_entropy_with_grad(logits, labels, T, 255, 1)
+    (want, want_grad), (got, got_grad) = _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("sizes", [((64, 128), (512, 1024)), ((65, 129), (512, 1024))])
+def test_ce_fast_path_benchmark_shapes(emulated_cuda_ops, sizes):
+    """K = 19 at the real sizes: 8x (and not quite 8x) upsampling, every tile and row group."""
+    (h, w), (out_h, out_w) = sizes
+    logits, labels = cross_entropy_inputs(1, 19, h, w, out_h, out_w, torch.float32, 18, 0.1)
+    (want, want_grad), (got, got_grad) = _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    assert_close_scaled(got, want, torch.float32)
+    assert_close_scaled(got_grad, want_grad, torch.float32)
+
+
+@settings(max_examples=40)
+@given(
+    batch=st.integers(1, 2),
+    k=st.integers(1, 5),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    out_size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    ignore_index=st.sampled_from([255, -100, 0]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    reduction=st.sampled_from([1, 2]),
+    dtype=HALF_AND_FULL,
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ce_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, ignore_index, ignore_frac,
+                                    reduction, dtype, layout, seed):
+    logits, labels = cross_entropy_inputs(batch, k, h, w, *out_size, dtype, seed, ignore_frac, ignore_index)
+    (want, want_grad), (got, got_grad) = _ce_fused_pair(
+        emulated_cuda_ops, with_layout(logits, layout), labels, ignore_index, reduction
+    )
+    assert_close_scaled(got, want, dtype, equal_nan=True)  # mean over no pixel: NaN, as torch
+    assert_close_scaled(got_grad, want_grad, dtype)

@@ -156,6 +156,75 @@ def test_torch_compile_fullgraph(kernel_ops):
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_opcheck_with_grad(kernel_ops, requires_grad, reduction):
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
+    logits.requires_grad_(requires_grad)
+    torch.library.opcheck(kernel_ops.upsampled_cross_entropy_with_grad.default, (logits, labels, 1.8, 255, reduction))
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_with_grad_equals_forward_and_backward(kernel_ops, reduction):
+    """The fused op's loss is the forward op's; its gradient, the backward op's for 1; autograd scales it."""
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, torch.float32, 8, 0.3)
+    args = (1.8, 255, reduction)
+    loss, grad = kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, *args)
+    assert torch.equal(loss, kernel_ops.upsampled_cross_entropy(logits, labels, *args))
+    assert torch.equal(grad, kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), logits, labels, *args))
+    leaf = logits.clone().requires_grad_(True)
+    (kernel_ops.upsampled_cross_entropy_with_grad(leaf, labels, *args)[0] * 0.25).backward()
+    torch.testing.assert_close(leaf.grad, 0.25 * grad)
+    with pytest.raises(RuntimeError, match="reduction must be mean"):
+        kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, 0)
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_gradcheck_with_grad(kernel_ops, reduction):
+    logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
+    logits.requires_grad_(True)
+    fn = lambda x: kernel_ops.upsampled_cross_entropy_with_grad(x, labels, 1.8, 255, reduction)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph_functional(kernel_ops):
+    """functional.upsampled_cross_entropy under torch.compile: the fused op when a gradient is needed."""
+    from fada_core.functional import upsampled_cross_entropy
+
+    logits, labels = cross_entropy_inputs(2, 4, 5, 6, 11, 13, torch.float32, 6, 0.2)
+
+    def f(x, y):
+        return upsampled_cross_entropy(x, y, 1.8, backend="kernel") + upsampled_cross_entropy(
+            x, y, reduction="sum", backend="kernel"
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    want = f(x1, labels)
+    got = compiled(x2, labels)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-7)
+    x3 = logits.clone().requires_grad_(True)
+    eager = _reference.upsampled_cross_entropy(x3, labels, 1.8, 255, "mean") + _reference.upsampled_cross_entropy(
+        x3, labels, 1.0, 255, "sum"
+    )
+    eager.backward()
+    torch.testing.assert_close(x2.grad, x3.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_with_grad_all_ignored_and_empty_batch(kernel_ops):
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 1.0)
+    loss, grad = kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.0, 255, 1)
+    assert math.isnan(loss.item()) and torch.equal(grad, torch.zeros_like(grad))
+    empty_logits, empty_labels = cross_entropy_inputs(0, 3, 4, 5, 7, 8, torch.float32, 0, 0.0)
+    loss, grad = kernel_ops.upsampled_cross_entropy_with_grad(empty_logits, empty_labels, 1.0, 255, 2)
+    assert loss.item() == 0.0 and grad.shape == empty_logits.shape
+
+
 def test_all_ignored_and_empty_batch(kernel_ops):
     logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 8, torch.float32, 0, 1.0)
     assert math.isnan(kernel_ops.upsampled_cross_entropy(logits, labels, 1.0, 255, 1).item())
@@ -234,3 +303,46 @@ def test_cuda_same_bits_and_all_ignored(cuda_kernel_ops):
     ignored = torch.full_like(labels, 255)
     assert torch.isnan(op(logits, ignored, 1.8, 255, 1)).item()
     assert torch.equal(bwd(g, logits, ignored, 1.8, 255, 1), torch.zeros_like(logits))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [((64, 128), (512, 1024)), ((65, 129), (512, 1024)), ((1, 1), (5, 7)),
+                                   ((6, 5), (3, 9)), ((2, 2), (3, 300))])
+def test_cuda_fast_path_fused_matches_reference(cuda_kernel_ops, dtype, sizes):
+    """The staged kernel: upsampled_cross_entropy_with_grad against eager, itself and the separate ops."""
+    (h, w), (out_h, out_w) = sizes
+    k = 19 if h >= 64 else 4
+    logits, labels = cross_entropy_inputs(2, k, h, w, out_h, out_w, dtype, 23, 0.2, scale=2.0, device="cuda")
+    one = torch.tensor(1.0, dtype=dtype, device="cuda")
+    for reduction in (1, 2):
+        want, want_grad, _ = _eager(logits, labels, 1.8, 255, reduction, one)
+        got, got_grad = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, reduction)
+        _assert_close(got, want, dtype)
+        _assert_close(got_grad, want_grad, dtype)
+        again = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, reduction)
+        assert torch.equal(again[0], got) and torch.equal(again[1], got_grad)
+        args = (logits, labels, 1.8, 255, reduction)
+        assert torch.equal(cuda_kernel_ops.upsampled_cross_entropy(*args), got)
+        assert torch.equal(cuda_kernel_ops.upsampled_cross_entropy_backward(one, *args), got_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [19, 600])  # the staged kernel; the general kernels (600 channels exceed its block)
+def test_cuda_fused_agrees_with_cpu_and_reports_bad_labels(cuda_kernel_ops, k):
+    from fada_core.functional import check_label_errors
+
+    logits, labels = cross_entropy_inputs(2, k, 9, 17, 65, 129, torch.float32, 24, 0.2)
+    cpu = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, 1)
+    gpu = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits.cuda(), labels.cuda(), 1.8, 255, 1)
+    _assert_close(gpu[0].cpu(), cpu[0], torch.float32)
+    _assert_close(gpu[1].cpu(), cpu[1], torch.float32)
+    ignored = torch.full_like(labels, 255).cuda()
+    loss, grad = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits.cuda(), ignored, 1.8, 255, 1)
+    assert loss.isnan().item() and torch.equal(grad, torch.zeros_like(grad))
+    bad = labels.clone()
+    bad[1, 3, 4] = k
+    loss, grad = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits.cuda(), bad.cuda(), 1.8, 255, 2)
+    assert loss.isnan().item() and grad.isnan().any().item()
+    with pytest.raises(ValueError, match=f"found {k}"):
+        check_label_errors()

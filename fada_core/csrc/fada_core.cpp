@@ -41,6 +41,12 @@ TORCH_LIBRARY(fada_core, m) {
       "upsampled_cross_entropy_backward(Tensor grad, Tensor logits, "
       "Tensor labels, float temperature, int ignore_index, int reduction) "
       "-> Tensor");
+  // As fada_loss_with_grad: the loss and its gradient for an upstream
+  // gradient of 1 (reduction mean or sum); one launch on the CUDA fast path.
+  m.def(
+      "upsampled_cross_entropy_with_grad(Tensor logits, Tensor labels, "
+      "float temperature, int ignore_index, int reduction) "
+      "-> (Tensor loss, Tensor grad_logits)");
   m.def(
       "class_center_stats(Tensor features, Tensor labels, int num_classes, "
       "int ignore_index) -> (Tensor, Tensor, Tensor)");

@@ -15,6 +15,7 @@ TORCH_LIBRARY(fada_core_emulated, m) {
   m.def("fada_loss_with_grad", &fada::cuda::fada_loss_with_grad_cuda);
   m.def("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
   m.def("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
+  m.def("upsampled_cross_entropy_with_grad", &fada::cuda::upsampled_cross_entropy_with_grad_cuda);
   m.def("class_center_stats", &fada_core::class_center_stats_cuda);
   m.def("check_label_errors", &fada::cuda::raise_pending_label_errors);
 }

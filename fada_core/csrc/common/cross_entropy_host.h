@@ -1,4 +1,5 @@
-// The host layer of upsampled_cross_entropy and its backward, shared by the
+// The host layer of upsampled_cross_entropy, its backward and the fused
+// upsampled_cross_entropy_with_grad, shared by the
 // CPU (cpu/cross_entropy_kernel.cpp) and CUDA (cuda/cross_entropy_kernel.cu)
 // backends: argument checks, contiguity, output and gradient allocation, empty
 // batches, the copy back into a non-contiguous gradient. Each backend passes
@@ -9,6 +10,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 namespace fada {
 namespace host {
@@ -75,6 +77,30 @@ at::Tensor upsampled_cross_entropy_backward(const at::Tensor& grad, const at::Te
   launch(grad, logits, labels_in.contiguous(), grad_logits);
   if (!grad_logits.is_same(result)) result.copy_(grad_logits);
   return result;
+}
+
+// Forward and backward together, for an upstream gradient of 1 (reduction
+// mean or sum): `launch(logits, labels, out, grad_logits)` with contiguous
+// inputs, B > 0, the scalar `out` and a contiguous grad_logits (copied into
+// the result when logits were not).
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad(const at::Tensor& logits_in,
+                                                                     const at::Tensor& labels_in, double temperature,
+                                                                     int64_t reduction, const char* backend,
+                                                                     bool on_device, Launch launch) {
+  check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
+  TORCH_CHECK(reduction != 0, "upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)");
+  at::Tensor out = at::empty({}, logits_in.options());
+  at::Tensor result = at::empty_like(logits_in);
+  if (labels_in.size(0) == 0) {  // mean over no pixel: NaN, like torch
+    out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+    return {out, result};
+  }
+  const at::Tensor logits = logits_in.contiguous();
+  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
+  launch(logits, labels_in.contiguous(), out, grad_logits);
+  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
+  return {out, result};
 }
 
 }  // namespace host

@@ -1,9 +1,10 @@
 // Upsampled cross-entropy on CUDA: CrossEntropyLoss(upsample(logits) / T,
 // labels, ignore_index) and its gradient w.r.t. the low-resolution logits,
-// with the per-pixel math of fada_math.h and the deterministic backward of
-// upsample_common.cuh. "mean" divides by the number of non-ignored pixels,
-// counted on the device (integer atomics: exact, order-independent), so no
-// host synchronisation is needed. Labels outside [0, K) are recorded for the
+// with the per-pixel math of fada_math.h: a staged fast path (staged_rows.cuh,
+// see "fast path" below) and, where its shared memory does not fit, the
+// general kernels with the deterministic backward of upsample_common.cuh.
+// "mean" divides by the number of non-ignored pixels, counted on the device
+// (integers: exact in any order), so no host synchronisation is needed. Labels outside [0, K) are recorded for the
 // host (label_errors.cuh) and make the loss and gradient NaN.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,10 +13,12 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../common/cross_entropy_host.h"
 #include "../common/fada_math.h"
 #include "label_errors.cuh"
+#include "staged_rows.cuh"
 #include "upsample_common.cuh"
 
 namespace fada {
@@ -147,6 +150,209 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const in
   write_partial_slots(blk, g.h, g.w, part);
 }
 
+// ------------------------------------------------------------------ fast path
+// The staged tiling of staged_rows.cuh (as the FADA loss fast path): a block
+// stages its two source rows of all K channels, pre-scaled by log2(e) / T, so
+// every exp is one exp2 and the logsumexp one log2; each column interpolates
+// horizontally once, each output row's value is one FMA. The gradient of a
+// pass of kRows rows is summed per (channel, column) in registers, written to
+// shared memory once, and the horizontal adjoint and slots are
+// staged_rows.cuh's (fixed order, no float atomics). Each block also counts its
+// non-ignored pixels (integer partials), so "mean" needs no other pass over
+// the labels; its gradient is divided by that count in the gather. kLoss /
+// kGrad: which of the loss and dL/d(logits) the launch computes (both: the
+// fused forward + backward). Used whenever the block's shared memory fits
+// (ce_staged_config); the kernels above are the fallback.
+
+template <typename acc_t>
+struct CeStagedGeometry {
+  CeGeometry<acc_t> g;
+  int64_t tj, tiles;
+  int nx;
+  acc_t scale;  // log2(e) / T
+};
+
+// Shared memory of a staged block, in bytes from the start: per-thread
+// columns td[K][nx] (top, bottom - top) and gradient sums gacc[K][nx] (top,
+// bottom), the staged rows raw[K][2][tj + 1], the per-source-column sums
+// hacc[K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
+struct CeStagedLayout {
+  size_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
+};
+
+template <typename acc_t>
+__host__ __device__ __forceinline__ CeStagedLayout ce_staged_layout(int64_t K, int nx, int64_t tj) {
+  const size_t a = sizeof(acc_t), ns = static_cast<size_t>(tj + 1), k = static_cast<size_t>(K);
+  CeStagedLayout l;
+  l.td = 0;
+  l.gacc = l.td + k * nx * 2 * a;
+  l.raw = l.gacc + k * nx * 2 * a;
+  l.hacc = l.raw + k * 2 * ns * a;
+  l.colw = l.hacc + k * 2 * ns * a;
+  l.colstart = l.colw + nx * a;
+  l.rows = l.colstart + (ns + 1) * sizeof(int);
+  l.bytes = l.rows + 2 * sizeof(int);
+  return l;
+}
+
+// Static shared memory of the staged kernel (its two block sums), besides the layout's.
+template <typename acc_t>
+constexpr size_t ce_staged_static_bytes() {
+  return kStagedMaxThreads * (sizeof(acc_t) + sizeof(unsigned long long));
+}
+
+// grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1).
+// partials / counts: per-block loss sums and non-ignored pixel counts
+// (nullptr: not wanted). The main slots cover part_main, the spills part_spill (kGrad).
+template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
+__global__ void __launch_bounds__(kStagedMaxThreads)
+    ce_staged_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels,
+                     const acc_t* __restrict__ grad, bool grad_is_map, CeStagedGeometry<acc_t> sg,
+                     scalar_t* __restrict__ out_map, acc_t* __restrict__ partials, int64_t* __restrict__ counts,
+                     acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
+  FADA_DYNAMIC_SHARED(unsigned char, smem);
+  const CeGeometry<acc_t>& g = sg.g;
+  const CeStagedLayout lay = ce_staged_layout<acc_t>(g.K, sg.nx, sg.tj);
+  TwoOf<acc_t>* td = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.td);
+  TwoOf<acc_t>* gacc = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.gacc);
+  acc_t* raw = reinterpret_cast<acc_t*>(smem + lay.raw);
+  acc_t* hacc = reinterpret_cast<acc_t*>(smem + lay.hacc);
+  acc_t* colw = reinterpret_cast<acc_t*>(smem + lay.colw);
+  int* colstart = reinterpret_cast<int*>(smem + lay.colstart);
+  int* rows = reinterpret_cast<int*>(smem + lay.rows);
+
+  const int64_t ns_max = sg.tj + 1;
+  const int nx = sg.nx, tid = threadIdx.x, k = static_cast<int>(g.K), ns = static_cast<int>(ns_max);
+  const StagedTile t = staged_tile(sg.tj, g.h, g.w);
+  stage_rows(logits + t.b * g.K * g.h * g.w, g.K, t, g.h, g.w, sg.scale, ns_max, raw);
+  if (kGrad) {
+    for (int e = tid; e < k * 2 * ns; e += nx) hacc[e] = 0;
+  }
+  staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
+  __syncthreads();
+
+  const int ya = rows[0], yb = rows[1], xa = colstart[0], xb = colstart[t.nj];
+  // the upstream gradient of a pixel times d(z / T) / dz = 1 / T (as ce_backward_kernel)
+  acc_t gscalar = 0;
+  if (kGrad && !grad_is_map) gscalar = (grad != nullptr ? grad[0] : static_cast<acc_t>(1)) * g.inv_t;
+  const acc_t zero = 0, ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
+  acc_t local = 0;               // this thread's loss sum (reductions)
+  unsigned long long valid = 0;  // and its non-ignored pixels
+
+  for (int cx0 = xa; cx0 < xb && ya < yb; cx0 += nx) {
+    const int x = cx0 + tid;
+    if (x < xb) {
+      const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
+      const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
+      if (kGrad) colw[tid] = ix.lambda;
+      for (int c = 0; c < k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, i1, ix.lambda);
+      const TwoOf<acc_t>* tv = td + tid;
+      TwoOf<acc_t>* ga = gacc + tid;
+      const int64_t row0 = (t.b * g.H) * g.W + x;  // output pixel (b, y, x) = row0 + y * W
+
+      for (int y0 = ya; y0 < yb; y0 += kRows) {
+        const bool first = y0 == ya;
+        acc_t ly[kRows], m[kRows], s[kRows];
+        int label[kRows];  // a class, kIgnored (also past the group's rows) or kBadLabel
+#pragma unroll
+        for (int q = 0; q < kRows; ++q) {
+          const bool inside = y0 + q < yb;
+          ly[q] = inside ? source_index<acc_t>(g.sy, y0 + q, g.h).lambda : zero;
+          label[q] = inside ? static_cast<int>(read_label(labels, row0 + static_cast<int64_t>(y0 + q) * g.W, g))
+                            : static_cast<int>(kIgnored);
+          valid += label[q] != kIgnored ? 1u : 0u;
+          m[q] = -std::numeric_limits<acc_t>::infinity();
+          s[q] = 0;
+        }
+        // maxima (NaN may be dropped here; the sums below pick it up)
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> v = tv[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) m[q] = max_acc(m[q], ly[q] * v.y + v.x);
+        }
+        for (int c = 0; c < k; ++c) {
+          const TwoOf<acc_t> v = tv[c * nx];
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) s[q] += exp2_acc(ly[q] * v.y + v.x - m[q]);
+        }
+        // per row: the gradient weight gw (0 where ignored, NaN for a bad
+        // label) and alpha = gw / sum, so that dL/dz_c = alpha 2^(z_c - m) - gw [c == label]
+        acc_t gw[kRows], alpha[kRows];
+#pragma unroll
+        for (int q = 0; q < kRows; ++q) {
+          gw[q] = 0;
+          if (kGrad && label[q] != kIgnored) {
+            gw[q] = grad_is_map ? grad[row0 + static_cast<int64_t>(y0 + q) * g.W] * g.inv_t : gscalar;
+            if (label[q] == kBadLabel) gw[q] = std::numeric_limits<acc_t>::quiet_NaN();
+          }
+          alpha[q] = gw[q] * recip_acc(s[q]);
+        }
+        if (kLoss) {
+#pragma unroll
+          for (int q = 0; q < kRows; ++q) {
+            if (y0 + q >= yb) continue;
+            acc_t l = 0;
+            if (label[q] == kBadLabel) {
+              l = std::numeric_limits<acc_t>::quiet_NaN();
+            } else if (label[q] >= 0) {
+              const TwoOf<acc_t> v = tv[label[q] * nx];
+              l = ce_loss_term(m[q], log2_acc(s[q]), ly[q] * v.y + v.x) * ln2;
+            }
+            const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
+            if (out_map != nullptr) {
+              out_map[pix] = static_cast<scalar_t>(l);
+            } else {
+              local += l;
+            }
+          }
+        }
+        if (kGrad) {
+          for (int c = 0; c < k; ++c) {
+            const TwoOf<acc_t> v = tv[c * nx];
+            acc_t sum = 0, bottom = 0;
+#pragma unroll
+            for (int q = 0; q < kRows; ++q) {
+              // the label's -gw per pixel (not after the row sums): p - 1 cancels exactly where p == 1
+              acc_t gc = alpha[q] * exp2_acc(ly[q] * v.y + v.x - m[q]);
+              if (c == label[q]) gc -= gw[q];
+              sum += gc;
+              bottom += ly[q] * gc;
+            }
+            accumulate_rows(ga[c * nx], sum, bottom, first);
+          }
+        }
+      }
+    }
+    if (kGrad) {
+      __syncthreads();
+      const int cx1 = cx0 + nx < xb ? cx0 + nx : xb;
+      staged_adjoint(t, g.K, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc);
+      __syncthreads();
+    }
+  }
+  if (kGrad) staged_write_slots(t, g.K, g.h, g.w, sg.tiles, hacc, ns_max, part_main, part_spill);
+  const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  if (kLoss && partials != nullptr) {
+    __shared__ acc_t loss_shared[kStagedMaxThreads];
+    const acc_t block_total = block_sum(local, loss_shared);
+    if (tid == 0) partials[block] = block_total;
+  }
+  if (counts != nullptr) {
+    __shared__ unsigned long long count_shared[kStagedMaxThreads];
+    const unsigned long long block_valid = block_sum(valid, count_shared);
+    if (tid == 0) counts[block] = static_cast<int64_t>(block_valid);
+  }
+}
+
+// One block of kFinalThreads: count[0] = the sum of n integer partials.
+__global__ void sum_counts_kernel(const int64_t* __restrict__ partials, int64_t n, int64_t* __restrict__ count) {
+  __shared__ unsigned long long shared[kFinalThreads];
+  unsigned long long v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += static_cast<unsigned long long>(partials[i]);
+  const unsigned long long total = block_sum(v, shared);
+  if (threadIdx.x == 0) count[0] = static_cast<int64_t>(total);
+}
+
 // What only this backend limits (grid dimensions y and z).
 void check_cuda_limits(const at::Tensor& logits) {
   TORCH_CHECK(logits.size(0) <= 65535 && logits.size(2) <= 65535,
@@ -178,7 +384,169 @@ at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStrea
   return count;
 }
 
+
+// The staged fast path's configuration, or tiles == 0 when it does not apply:
+// in-block indices within int, the gather's grid (B * K <= 65535 planes), the
+// block's shared memory within the device's.
+template <typename acc_t>
+StagedConfig ce_staged_config(const at::Tensor& logits, int64_t H, int64_t W) {
+  const int64_t K = logits.size(1), w = logits.size(3);
+  if (H >= std::numeric_limits<int>::max() || W >= std::numeric_limits<int>::max()) return StagedConfig();
+  dim3 gather_grid;
+  if (!staged_gather_grid(logits.size(0) * K, logits.size(2), w, gather_grid)) return StagedConfig();
+  const size_t optin = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
+  const size_t fixed = ce_staged_static_bytes<acc_t>();
+  if (optin <= fixed) return StagedConfig();
+  return choose_staged_config<acc_t>(align_corners_scale<acc_t>(w, W), w, W, optin - fixed,
+                                     [K](int nx, int64_t tj) { return ce_staged_layout<acc_t>(K, nx, tj).bytes; });
+}
+
+template <typename acc_t>
+CeStagedGeometry<acc_t> ce_staged_geometry(const CeGeometry<acc_t>& g, const StagedConfig& cfg) {
+  CeStagedGeometry<acc_t> sg;
+  sg.g = g;
+  sg.tj = cfg.tj;
+  sg.tiles = cfg.tiles;
+  sg.nx = cfg.nx;
+  sg.scale = static_cast<acc_t>(1.44269504088896340735992468100189214) * g.inv_t;
+  return sg;
+}
+
+// What one staged launch reads and writes; unused outputs are undefined.
+// reduction: 0 none (out_map / a gradient map), 1 mean, 2 sum.
+template <typename acc_t>
+struct CeStagedRun {
+  const acc_t* grad = nullptr;
+  bool grad_is_map = false;
+  at::Tensor out_map, partials, counts, count, part_main, part_spill;
+};
+
+template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
+void launch_ce_staged(const at::Tensor& logits, const at::Tensor& labels, const CeStagedGeometry<acc_t>& sg,
+                      const StagedConfig& cfg, const CeStagedRun<acc_t>& run, cudaStream_t stream) {
+  if (cfg.smem > 48 * 1024 - ce_staged_static_bytes<acc_t>()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(cfg.tiles), static_cast<unsigned>(sg.g.h), static_cast<unsigned>(logits.size(0)));
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
+  FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
+      logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), run.grad, run.grad_is_map, sg,
+      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials),
+      run.counts.defined() ? run.counts.template data_ptr<int64_t>() : nullptr, ptr(run.part_main),
+      ptr(run.part_spill));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Per-block outputs of a staged launch: loss partials (loss reductions), the
+// valid-pixel counts and their total (mean), the gradient slots (kGrad).
+template <typename acc_t>
+CeStagedRun<acc_t> ce_staged_run(const at::Tensor& logits, const StagedConfig& cfg, int64_t reduction, bool loss,
+                                 bool grad) {
+  CeStagedRun<acc_t> run;
+  const int64_t blocks = cfg.tiles * logits.size(2) * logits.size(0);
+  if (loss && reduction != 0) run.partials = at::empty({blocks}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (reduction == 1) {
+    run.counts = at::empty({blocks}, logits.options().dtype(at::kLong));
+    run.count = at::empty({1}, logits.options().dtype(at::kLong));
+  }
+  if (grad) staged_slot_tensors<acc_t>(logits, cfg, run.part_main, run.part_spill);
+  return run;
+}
+
+// After a staged launch: the valid-pixel total (mean), then the loss
+// (reductions) from the partials, in a fixed order.
+template <typename scalar_t, typename acc_t>
+void ce_staged_reduce(const CeStagedRun<acc_t>& run, const at::Tensor& out, cudaStream_t stream) {
+  if (run.count.defined()) {
+    FADA_LAUNCH(1, kFinalThreads, 0, stream, sum_counts_kernel)(run.counts.template data_ptr<int64_t>(), run.counts.numel(),
+                                                                run.count.template data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (run.partials.defined()) {
+    // "mean": over the non-ignored pixels (0 / 0 = NaN, like torch)
+    FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+        run.partials.template data_ptr<acc_t>(), run.partials.numel(),
+        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// After a staged launch with kGrad: the gradient from the slots ("mean":
+// divided by the valid-pixel total when it is > 0, as ce_backward_kernel).
+template <typename scalar_t, typename acc_t>
+void ce_staged_gather(const CeStagedRun<acc_t>& run, const StagedConfig& cfg, const at::Tensor& grad_logits,
+                      cudaStream_t stream) {
+  launch_staged_gather<scalar_t, acc_t>(run.part_main, run.part_spill, cfg,
+                                        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, grad_logits,
+                                        stream);
+}
+
 // The CUDA launches; everything around them is common/cross_entropy_host.h.
+template <typename scalar_t, typename acc_t>
+void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const CeGeometry<acc_t>& g,
+                     const StagedConfig& cfg, int64_t reduction, at::Tensor& out, cudaStream_t stream) {
+  const int64_t B = labels.size(0);
+  if (cfg.tiles > 0) {
+    CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, true, false);
+    if (reduction == 0) run.out_map = out;
+    launch_ce_staged<scalar_t, acc_t, true, false>(logits, labels, ce_staged_geometry(g, cfg), cfg, run, stream);
+    ce_staged_reduce<scalar_t, acc_t>(run, out, stream);
+    return;
+  }
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t total = B * g.H * g.W;
+  const int64_t blocks = pixel_blocks(total);
+  if (reduction == 0) {
+    FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
+  FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
+      logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // "mean": divided by the non-ignored pixels counted on the device (0 / 0 = NaN, like torch)
+  const at::Tensor count = reduction == 1 ? count_valid(labels, g.ignore_index, stream) : at::Tensor();
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+      partials.data_ptr<acc_t>(), blocks, count.defined() ? count.data_ptr<int64_t>() : nullptr,
+      static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// g_acc: the (B, H, W) map for reduction none, else the scalar upstream gradient.
+template <typename scalar_t, typename acc_t>
+void ce_backward_into(const at::Tensor& g_acc, const at::Tensor& logits, const at::Tensor& labels,
+                      const CeGeometry<acc_t>& g, const StagedConfig& cfg, int64_t reduction, at::Tensor& grad_logits,
+                      cudaStream_t stream) {
+  const int64_t B = labels.size(0);
+  if (cfg.tiles > 0) {
+    CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, false, true);
+    run.grad = g_acc.data_ptr<acc_t>();
+    run.grad_is_map = reduction == 0;
+    launch_ce_staged<scalar_t, acc_t, false, true>(logits, labels, ce_staged_geometry(g, cfg), cfg, run, stream);
+    ce_staged_reduce<scalar_t, acc_t>(run, at::Tensor(), stream);
+    ce_staged_gather<scalar_t, acc_t>(run, cfg, grad_logits, stream);
+    return;
+  }
+  at::Tensor count;
+  if (reduction == 1) count = count_valid(labels, g.ignore_index, stream);
+  const int64_t C = g.K;
+  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
+  at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
+  FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
+      logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
+      count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g,
+      acfg.tj, part.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t n = grad_logits.numel();
+  FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
+      part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
                                         int64_t ignore_index, int64_t reduction) {
   raise_pending_label_errors();
@@ -188,29 +556,11 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
         check_cuda_limits(logits);
         c10::cuda::CUDAGuard guard(logits.device());
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
           const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-          const int64_t total = B * H * W;
-          const int64_t blocks = pixel_blocks(total);
-          if (reduction == 0) {
-            FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-                logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            return;
-          }
-          at::Tensor partials = at::empty({blocks}, logits.options().dtype(acc_type));
-          FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-              logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, nullptr, partials.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          // "mean": divided by the non-ignored pixels counted on the device (0 / 0 = NaN, like torch)
-          const at::Tensor count = reduction == 1 ? count_valid(labels, ignore_index, stream) : at::Tensor();
-          FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
-              partials.data_ptr<acc_t>(), blocks, count.defined() ? count.data_ptr<int64_t>() : nullptr,
-              static_cast<acc_t>(1), out.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
         });
       });
 }
@@ -225,29 +575,47 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
         check_cuda_limits(logits);
         c10::cuda::CUDAGuard guard(logits.device());
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        const int64_t B = labels.size(0);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                         "upsampled_cross_entropy_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+          const at::Tensor g_acc = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
           const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-          const at::Tensor g_acc = grad.to(acc_type).contiguous();
-          at::Tensor count;
-          if (reduction == 1) count = count_valid(labels, ignore_index, stream);
-          const int64_t C = g.K;
-          const AdjointConfig cfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
-          at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(acc_type));
-          const dim3 grid(static_cast<unsigned>(ceil_div(g.w, cfg.tj)), static_cast<unsigned>(g.h),
-                          static_cast<unsigned>(B));
-          FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
-              logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
-              count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g,
-              cfg.tj, part.data_ptr<acc_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          const int64_t n = grad_logits.numel();
-          FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
-              part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          ce_backward_into<scalar_t, acc_t>(g_acc, logits, labels, g, cfg, reduction, grad_logits, stream);
+        });
+      });
+}
+
+// The loss and G = dL/d(logits) for an upstream gradient of 1 (reduction mean
+// or sum; the autograd backward is grad_out * G). On the fast path one launch
+// computes both (then the fixed-order sums and the gradient gather); else the
+// forward and backward kernels run one after the other.
+std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const at::Tensor& logits_in,
+                                                                          const at::Tensor& labels_in,
+                                                                          double temperature, int64_t ignore_index,
+                                                                          int64_t reduction) {
+  raise_pending_label_errors();
+  return host::upsampled_cross_entropy_with_grad(
+      logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
+      [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out, at::Tensor& grad_logits) {
+        check_cuda_limits(logits);
+        c10::cuda::CUDAGuard guard(logits.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                        "upsampled_cross_entropy_with_grad_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          if (cfg.tiles == 0) {
+            ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
+            const at::Tensor one = at::ones({}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+            ce_backward_into<scalar_t, acc_t>(one, logits, labels, g, cfg, reduction, grad_logits, stream);
+            return;
+          }
+          CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, true, true);
+          launch_ce_staged<scalar_t, acc_t, true, true>(logits, labels, ce_staged_geometry(g, cfg), cfg, run, stream);
+          ce_staged_reduce<scalar_t, acc_t>(run, out, stream);
+          ce_staged_gather<scalar_t, acc_t>(run, cfg, grad_logits, stream);
         });
       });
 }
@@ -260,5 +628,6 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
 TORCH_LIBRARY_IMPL(fada_core, CUDA, m) {
   m.impl("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
   m.impl("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
+  m.impl("upsampled_cross_entropy_with_grad", &fada::cuda::upsampled_cross_entropy_with_grad_cuda);
 }
 #endif

@@ -176,8 +176,6 @@ __global__ void __launch_bounds__(128, backward_min_blocks<acc_t>()) fada_backwa
 // adjoint and the slots are staged_rows.cuh's. kLoss / kGrad: which of the loss
 // and dL/d(disc) the launch computes (both: the fused forward + backward).
 
-constexpr int kRows = 4;  // output rows per pass: per-row state stays in registers
-
 template <typename acc_t>
 struct StagedGeometry {
   int64_t K, h, w, H, W, off, tj, tiles;
@@ -187,62 +185,6 @@ struct StagedGeometry {
   acc_t seg_scale;        // log2(e) / T
   acc_t cap;
 };
-
-// The staged kernel's float math on the device: single MUFU instructions
-// (ex2/lg2.approx.ftz, about 2 ulp like exp2f/log2f, which add instructions to
-// keep denormals) and one correctly rounded reciprocal instead of divisions.
-// Their domains make the flush harmless: exp2 of x <= 0 (a value minus its
-// row's maximum; a term below 2^-126 next to the maximum's 1 changes no float
-// sum), log2 and 1/x of a sum of exps >= 1. No fast-math anywhere else; double
-// and the host (the emulation test) use the library functions.
-template <typename acc_t>
-__device__ __forceinline__ acc_t exp2_acc(acc_t x) {
-  return ::exp2(x);
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t log2_acc(acc_t x) {
-  return ::log2(x);
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t recip_acc(acc_t x) {
-  return static_cast<acc_t>(1) / x;
-}
-// max and min that may drop a NaN operand (one instruction): the callers
-// propagate NaN through the sums instead.
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_acc(acc_t a, acc_t b) {
-  return ::fmax(a, b);
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t min_acc(acc_t a, acc_t b) {
-  return ::fmin(a, b);
-}
-#if defined(__CUDA_ARCH__)
-template <>
-__device__ __forceinline__ float exp2_acc<float>(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-template <>
-__device__ __forceinline__ float log2_acc<float>(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-template <>
-__device__ __forceinline__ float recip_acc<float>(float x) {
-  return __frcp_rn(x);
-}
-#endif
-template <>
-__device__ __forceinline__ float max_acc<float>(float a, float b) {
-  return ::fmaxf(a, b);
-}
-template <>
-__device__ __forceinline__ float min_acc<float>(float a, float b) {
-  return ::fminf(a, b);
-}
 
 // Shared memory of a staged block, in bytes from the start: per-thread
 // columns td[3K][nx] (top, bottom - top) and gradient sums gacc[2K][nx] (top,
@@ -265,19 +207,6 @@ __host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx
   l.rows = l.colstart + (ns + 1) * sizeof(int);
   l.bytes = l.rows + 2 * sizeof(int);
   return l;
-}
-
-// One pass's gradient of a (channel, column): sum over its rows of g and of
-// ly * g, kept as (top, bottom) weights: top = sum (1 - ly) g = sum - bottom.
-template <typename acc_t>
-__device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, acc_t bottom, bool first) {
-  if (first) {
-    slot.x = sum - bottom;
-    slot.y = bottom;
-  } else {
-    slot.x += sum - bottom;
-    slot.y += bottom;
-  }
 }
 
 // grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1) divided
@@ -554,31 +483,15 @@ void launch_staged(const at::Tensor& disc, const at::Tensor& seg, const StagedGe
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Slots of the staged backward (staged_rows.cuh). Under the emulation test
-// they start as NaN, so that a slot the kernel fails to write shows.
 template <typename acc_t>
 void staged_slots(const at::Tensor& disc, const StagedConfig& cfg, StagedRun<acc_t>& run) {
-  const int64_t B = disc.size(0), C = disc.size(1), h = disc.size(2), w = disc.size(3);
-  const auto opts = disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  run.part_main = at::empty({B * h * 2 * C * w}, opts);
-  run.part_spill = at::empty({B * h * 2 * C * cfg.tiles}, opts);
-#ifdef FADA_CUDA_EMULATION
-  run.part_main.fill_(std::numeric_limits<double>::quiet_NaN());
-  run.part_spill.fill_(std::numeric_limits<double>::quiet_NaN());
-#endif
+  staged_slot_tensors<acc_t>(disc, cfg, run.part_main, run.part_spill);
 }
 
 template <typename scalar_t, typename acc_t>
 void gather_staged(const StagedRun<acc_t>& run, const StagedConfig& cfg, const at::Tensor& grad_disc,
                    cudaStream_t stream) {
-  dim3 grid;
-  const bool fits = staged_gather_grid(grad_disc.size(0) * grad_disc.size(1), grad_disc.size(2), grad_disc.size(3), grid);
-  TORCH_INTERNAL_ASSERT(fits, "staged_config_for admitted a plane the gather cannot take");
-  FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
-      run.part_main.template data_ptr<acc_t>(), run.part_spill.template data_ptr<acc_t>(), grad_disc.size(1),
-      static_cast<int>(grad_disc.size(2)), static_cast<int>(grad_disc.size(3)), static_cast<int>(cfg.tj), cfg.tiles,
-      grad_disc.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_staged_gather<scalar_t, acc_t>(run.part_main, run.part_spill, cfg, nullptr, grad_disc, stream);
 }
 
 // out[0] = sum of the partials / divisor, in a fixed order.

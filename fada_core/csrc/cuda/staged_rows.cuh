@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../common/fada_math.h"
@@ -40,6 +41,9 @@ struct alignas(2 * sizeof(T)) TwoOf {
 // Largest block of the staged kernels: one thread per output column, blocks of
 // 32, 64 or 128 threads (powers of two, for block_sum).
 constexpr int kStagedMaxThreads = 128;
+
+// Output rows per pass of a staged kernel: per-row state stays in registers.
+constexpr int kRows = 4;
 
 // A staged tile: tj source columns per block (the last tile may hold fewer),
 // nx threads, output columns of a tile in ceil(columns / nx) chunks.
@@ -97,6 +101,62 @@ StagedConfig choose_staged_config(acc_t sx, int64_t w, int64_t W, size_t limit, 
     }
   }
   return best;
+}
+
+// The staged kernels' float math on the device (FADA loss and cross-entropy): single MUFU instructions
+// (ex2/lg2.approx.ftz, about 2 ulp like exp2f/log2f, which add instructions to
+// keep denormals) and one correctly rounded reciprocal instead of divisions.
+// Their domains make the flush harmless: exp2 of x <= 0 (a value minus its
+// row's maximum; a term below 2^-126 next to the maximum's 1 changes no float
+// sum), log2 and 1/x of a sum of exps >= 1. No fast-math anywhere else; double
+// and the host (the emulation test) use the library functions.
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp2_acc(acc_t x) {
+  return ::exp2(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t log2_acc(acc_t x) {
+  return ::log2(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t recip_acc(acc_t x) {
+  return static_cast<acc_t>(1) / x;
+}
+// max and min that may drop a NaN operand (one instruction): the callers
+// propagate NaN through the sums instead.
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_acc(acc_t a, acc_t b) {
+  return ::fmax(a, b);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t min_acc(acc_t a, acc_t b) {
+  return ::fmin(a, b);
+}
+#if defined(__CUDA_ARCH__)
+template <>
+__device__ __forceinline__ float exp2_acc<float>(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <>
+__device__ __forceinline__ float log2_acc<float>(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <>
+__device__ __forceinline__ float recip_acc<float>(float x) {
+  return __frcp_rn(x);
+}
+#endif
+template <>
+__device__ __forceinline__ float max_acc<float>(float a, float b) {
+  return ::fmaxf(a, b);
+}
+template <>
+__device__ __forceinline__ float min_acc<float>(float a, float b) {
+  return ::fminf(a, b);
 }
 
 // Device: the block's place in the tiling (see the top comment).
@@ -160,6 +220,19 @@ __device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, 
   v.x = top;
   v.y = lerp(bottom[i0], bottom[i1], lx) - top;
   return v;
+}
+
+// One pass's gradient of a (channel, column): sum over its rows of g and of
+// ly * g, kept as (top, bottom) weights: top = sum (1 - ly) g = sum - bottom.
+template <typename acc_t>
+__device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, acc_t bottom, bool first) {
+  if (first) {
+    slot.x = sum - bottom;
+    slot.y = bottom;
+  } else {
+    slot.x += sum - bottom;
+    slot.y += bottom;
+  }
 }
 
 // Device, after a barrier: the horizontal adjoint of one chunk of output
@@ -230,14 +303,12 @@ __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t 
 // the block's b = z / C.
 constexpr int kGatherThreads = 128;
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kGatherThreads)
-    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int64_t C,
-                         int h, int w, int tj, int64_t tiles, scalar_t* __restrict__ grad) {
-  const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
-  if (j >= w) return;
-  const int i = blockIdx.y;
-  const int64_t plane = blockIdx.z, b = plane / C, c = plane - b * C;
+// Device: the fixed-order sum of element (plane, i, j)'s slots.
+template <typename acc_t>
+__device__ __forceinline__ acc_t staged_gather_sum(const acc_t* __restrict__ part_main,
+                                                   const acc_t* __restrict__ part_spill, int64_t C, int h, int w,
+                                                   int tj, int64_t tiles, int64_t plane, int i, int j) {
+  const int64_t b = plane / C, c = plane - b * C;
   // slot (row group, top|bottom) of this (b, c): ((b * h + row) * 2 + tb) * C + c
   const int64_t top = ((b * h + i) * 2) * C + c, up = top - C;  // (i, top); (i - 1, bottom); (i, bottom) = top + C
   acc_t v = part_main[top * w + j];
@@ -249,6 +320,35 @@ __global__ void __launch_bounds__(kGatherThreads)
     if (i > 0) v += part_spill[up * tiles + prev];
     if (i == h - 1) v += part_spill[(top + C) * tiles + prev];
   }
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kGatherThreads)
+    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int64_t C,
+                         int h, int w, int tj, int64_t tiles, scalar_t* __restrict__ grad) {
+  const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
+  if (j >= w) return;
+  const int64_t plane = blockIdx.z;
+  const int i = blockIdx.y;
+  grad[(plane * h + i) * w + j] = static_cast<scalar_t>(staged_gather_sum(part_main, part_spill, C, h, w, tj, tiles, plane, i, j));
+}
+
+// The same, each sum divided by *divisor when that is > 0 (a count computed on
+// the device, e.g. the valid pixels of a mean; 0: nothing to divide, the sums
+// are then 0 too).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kGatherThreads)
+    staged_gather_divided_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill,
+                                 int64_t C, int h, int w, int tj, int64_t tiles,
+                                 const int64_t* __restrict__ divisor, scalar_t* __restrict__ grad) {
+  const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
+  if (j >= w) return;
+  const int64_t plane = blockIdx.z;
+  const int i = blockIdx.y;
+  acc_t v = staged_gather_sum(part_main, part_spill, C, h, w, tj, tiles, plane, i, j);
+  const int64_t d = *divisor;
+  if (d > 0) v /= static_cast<acc_t>(d);
   grad[(plane * h + i) * w + j] = static_cast<scalar_t>(v);
 }
 
@@ -258,6 +358,42 @@ inline bool staged_gather_grid(int64_t planes, int64_t h, int64_t w, dim3& grid)
   grid = dim3(static_cast<unsigned>(ceil_div(w, kGatherThreads)), static_cast<unsigned>(h),
               static_cast<unsigned>(planes));
   return true;
+}
+
+// Host: the slots of a staged backward for input x (B, C, h, w). Under the
+// emulation test they start as NaN, so that a slot the kernel fails to write
+// shows.
+template <typename acc_t>
+void staged_slot_tensors(const at::Tensor& x, const StagedConfig& cfg, at::Tensor& part_main, at::Tensor& part_spill) {
+  const int64_t B = x.size(0), C = x.size(1), h = x.size(2), w = x.size(3);
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  part_main = at::empty({B * h * 2 * C * w}, opts);
+  part_spill = at::empty({B * h * 2 * C * cfg.tiles}, opts);
+#ifdef FADA_CUDA_EMULATION
+  part_main.fill_(std::numeric_limits<double>::quiet_NaN());
+  part_spill.fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+}
+
+// Host: the gradient (contiguous, like the staged input) from the slots;
+// divisor: nullptr, or a device count to divide each element by when > 0.
+template <typename scalar_t, typename acc_t>
+void launch_staged_gather(const at::Tensor& part_main, const at::Tensor& part_spill, const StagedConfig& cfg,
+                          const int64_t* divisor, const at::Tensor& grad, cudaStream_t stream) {
+  dim3 grid;
+  const bool fits = staged_gather_grid(grad.size(0) * grad.size(1), grad.size(2), grad.size(3), grid);
+  TORCH_INTERNAL_ASSERT(fits, "a staged configuration admitted a plane the gather cannot take");
+  const int64_t C = grad.size(1);
+  const int h = static_cast<int>(grad.size(2)), w = static_cast<int>(grad.size(3)), tj = static_cast<int>(cfg.tj);
+  if (divisor == nullptr) {
+    FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
+        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, cfg.tiles, grad.template data_ptr<scalar_t>());
+  } else {
+    FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_divided_kernel<scalar_t, acc_t>)(
+        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, cfg.tiles, divisor,
+        grad.template data_ptr<scalar_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
