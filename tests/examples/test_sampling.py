@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fada_examples.data import labels as L
 from fada_examples.data.datasets import GTA5Dataset
 from fada_examples.data.sampling import (BLOCK_SIZE, class_balanced_draws, class_lists_cache_name,
                                          load_class_lists, num_official_draws, source_draw_list)
