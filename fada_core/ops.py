@@ -120,17 +120,20 @@ def _backward_fada_loss(ctx, grad):
     return grad_disc, None, None, None, None, None, None, None, None
 
 
-def _setup_fada_loss_with_grad(ctx, inputs, output):
-    _, grad_disc = output
-    ctx.save_for_backward(grad_disc)
-    ctx.mark_non_differentiable(grad_disc)
+def _setup_with_grad(ctx, inputs, output):
+    # The *_with_grad ops return (loss, gradient of the loss for an upstream 1)
+    # for their first input; nothing else gets a gradient.
+    _, grad_first = output
+    ctx.save_for_backward(grad_first)
+    ctx.mark_non_differentiable(grad_first)
+    ctx.num_inputs = len(inputs)
 
 
-def _backward_fada_loss_with_grad(ctx, grad, _grad_of_grad):
+def _backward_with_grad(ctx, grad, _grad_of_grad):
     # The loss is a mean or sum, so its gradient is grad * (the gradient for 1).
-    (grad_disc,) = ctx.saved_tensors
-    grad_in = grad * grad_disc if ctx.needs_input_grad[0] else None
-    return grad_in, None, None, None, None, None, None, None, None
+    (grad_first,) = ctx.saved_tensors
+    grad_in = grad * grad_first if ctx.needs_input_grad[0] else None
+    return (grad_in,) + (None,) * (ctx.num_inputs - 1)
 
 
 def _setup_upsampled_ce(ctx, inputs, output):
@@ -150,19 +153,6 @@ def _backward_upsampled_ce(ctx, grad):
     return grad_logits, None, None, None, None
 
 
-def _setup_upsampled_ce_with_grad(ctx, inputs, output):
-    _, grad_logits = output
-    ctx.save_for_backward(grad_logits)
-    ctx.mark_non_differentiable(grad_logits)
-
-
-def _backward_upsampled_ce_with_grad(ctx, grad, _grad_of_grad):
-    # A mean or sum: the gradient is grad * (the gradient for 1).
-    (grad_logits,) = ctx.saved_tensors
-    grad_in = grad * grad_logits if ctx.needs_input_grad[0] else None
-    return grad_in, None, None, None, None
-
-
 def register() -> None:
     """Attach fake kernels and autograd formulas to the loaded operators (idempotent)."""
     global _registered
@@ -179,15 +169,9 @@ def register() -> None:
     lib.register_kernel("fada_core::upsampled_cross_entropy_with_grad", "cpu")(_upsampled_ce_with_grad_cpu)
     lib.register_fake("fada_core::class_center_stats")(_fake_class_center_stats)
     lib.register_autograd("fada_core::fada_loss", _backward_fada_loss, setup_context=_setup_fada_loss)
-    lib.register_autograd(
-        "fada_core::fada_loss_with_grad", _backward_fada_loss_with_grad, setup_context=_setup_fada_loss_with_grad
-    )
+    for name in ("fada_core::fada_loss_with_grad", "fada_core::upsampled_cross_entropy_with_grad"):
+        lib.register_autograd(name, _backward_with_grad, setup_context=_setup_with_grad)
     lib.register_autograd(
         "fada_core::upsampled_cross_entropy", _backward_upsampled_ce, setup_context=_setup_upsampled_ce
-    )
-    lib.register_autograd(
-        "fada_core::upsampled_cross_entropy_with_grad",
-        _backward_upsampled_ce_with_grad,
-        setup_context=_setup_upsampled_ce_with_grad,
     )
     _registered = True
