@@ -19,7 +19,7 @@ namespace fada {
 
 // ---------------------------------------------------------------- bilinear
 
-// One output index's source position along an axis (align_corners=True):
+// One output index's source position along an axis:
 // value = lerp(in[i0], in[i1], lambda).
 template <typename acc_t>
 struct LinearIndex {
@@ -28,24 +28,44 @@ struct LinearIndex {
   acc_t lambda;
 };
 
-// ATen's area_pixel_compute_scale with align_corners=True, in acc_t.
+// How output indices map to source positions along one axis, for either
+// corner convention: src = scale * (dst + offset) - offset, clamped to >= 0.
+// align_corners=True: scale = (in - 1) / (out - 1), offset 0 (src = scale * dst
+// exactly); False: scale = in / out, offset 1/2 (pixel centres). Both are
+// ATen's area_pixel_compute_scale / area_pixel_compute_source_index (non-cubic)
+// for an output size without a scale factor, in acc_t. src, hence i0, is
+// non-decreasing in dst either way, which the grouping of output rows by their
+// lower source row and the CUDA binary searches rely on.
 template <typename acc_t>
-FADA_HD acc_t align_corners_scale(int64_t in_size, int64_t out_size) {
-  return out_size > 1 ? static_cast<acc_t>(in_size - 1) / static_cast<acc_t>(out_size - 1)
-                      : static_cast<acc_t>(0);
+struct AxisMap {
+  acc_t scale;
+  acc_t offset;
+};
+
+template <typename acc_t>
+FADA_HD AxisMap<acc_t> axis_map(int64_t in_size, int64_t out_size, bool align_corners) {
+  AxisMap<acc_t> m;
+  if (align_corners) {
+    m.scale = out_size > 1 ? static_cast<acc_t>(in_size - 1) / static_cast<acc_t>(out_size - 1)
+                           : static_cast<acc_t>(0);
+    m.offset = static_cast<acc_t>(0);
+  } else {
+    m.scale = static_cast<acc_t>(in_size) / static_cast<acc_t>(out_size);
+    m.offset = static_cast<acc_t>(0.5);
+  }
+  return m;
 }
 
-// src = scale * dst; i0 = floor(src) clamped to the input, i1 = min(i0 + 1, in - 1),
+// i0 = floor(src) clamped to the input, i1 = min(i0 + 1, in - 1),
 // lambda = src - i0 clamped to [0, 1] (as ATen's upsample_bilinear2d).
 template <typename acc_t>
-FADA_HD LinearIndex<acc_t> source_index(acc_t scale, int64_t dst, int64_t in_size) {
-  const acc_t src = scale * static_cast<acc_t>(dst);
+FADA_HD LinearIndex<acc_t> source_index(const AxisMap<acc_t>& map, int64_t dst, int64_t in_size) {
+  acc_t src = map.scale * (static_cast<acc_t>(dst) + map.offset) - map.offset;
+  src = src < static_cast<acc_t>(0) ? static_cast<acc_t>(0) : src;
   int64_t i0 = static_cast<int64_t>(src);  // src >= 0: truncation is floor
   if (i0 > in_size - 1) i0 = in_size - 1;
-  if (i0 < 0) i0 = 0;
   const int64_t i1 = i0 + 1 < in_size ? i0 + 1 : in_size - 1;
   acc_t lambda = src - static_cast<acc_t>(i0);
-  lambda = lambda < static_cast<acc_t>(0) ? static_cast<acc_t>(0) : lambda;
   lambda = lambda > static_cast<acc_t>(1) ? static_cast<acc_t>(1) : lambda;
   LinearIndex<acc_t> r;
   r.i0 = i0;

@@ -1,5 +1,5 @@
 // CPU building blocks shared by the fused FADA loss and upsampled
-// cross-entropy kernels (csrc/cpu): the align_corners=True index tables, the
+// cross-entropy kernels (csrc/cpu): the index tables (either corner convention), the
 // grouping of output rows by their lower source row, a cache of two
 // horizontally-upsampled source rows, and the deterministic adjoint of the
 // upsampling (per-group partials reduced in a fixed order).
@@ -82,10 +82,11 @@ struct Axis {
   std::vector<acc_t> lambda;
   int64_t in_size = 0, out_size = 0;
 
-  Axis(int64_t in, int64_t out) : i0(out), i1(out), lambda(out), in_size(in), out_size(out) {
-    const acc_t scale = align_corners_scale<acc_t>(in, out);
+  Axis(int64_t in, int64_t out, bool align_corners)
+      : i0(out), i1(out), lambda(out), in_size(in), out_size(out) {
+    const AxisMap<acc_t> map = axis_map<acc_t>(in, out, align_corners);
     for (int64_t o = 0; o < out; ++o) {
-      const LinearIndex<acc_t> s = source_index<acc_t>(scale, o, in);
+      const LinearIndex<acc_t> s = source_index<acc_t>(map, o, in);
       i0[o] = s.i0;
       i1[o] = s.i1;
       lambda[o] = s.lambda;

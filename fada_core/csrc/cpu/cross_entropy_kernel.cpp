@@ -1,6 +1,6 @@
 // Upsampled cross-entropy on the CPU: CrossEntropyLoss(upsample(logits) / T,
 // labels, ignore_index) with the low-resolution logits (B, K, h, w) sampled
-// bilinearly (align_corners=True) at the labels' resolution (H, W) on the fly,
+// bilinearly (either corner convention) at the labels' resolution (H, W) on the fly,
 // and its gradient w.r.t. the low-resolution logits. "mean" divides by the
 // number of non-ignored pixels (NaN when there are none, like torch).
 //
@@ -61,7 +61,7 @@ struct CeProblem {
   Axis<acc_t> ly, lx;
   std::vector<int64_t> groups;
 
-  CeProblem(const at::Tensor& lg, const at::Tensor& lab, double temperature, int64_t ignore)
+  CeProblem(const at::Tensor& lg, const at::Tensor& lab, double temperature, int64_t ignore, bool align_corners)
       : logits(lg.data_ptr<scalar_t>()),
         labels(lab.data_ptr<int64_t>()),
         B(lg.size(0)),
@@ -72,8 +72,8 @@ struct CeProblem {
         W(lab.size(2)),
         ignore_index(ignore),
         inv_t(static_cast<acc_t>(1) / static_cast<acc_t>(temperature)),
-        ly(lg.size(2), lab.size(1)),
-        lx(lg.size(3), lab.size(2)),
+        ly(lg.size(2), lab.size(1), align_corners),
+        lx(lg.size(3), lab.size(2), align_corners),
         groups(ly.group_begin()) {}
 };
 
@@ -218,7 +218,7 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
         const int64_t B = labels.size(0), H = labels.size(1);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, true);
           bool ok;
           if (reduction == 0) {
             ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr, nullptr);
@@ -251,7 +251,7 @@ at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const
                                         "upsampled_cross_entropy_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index);
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, true);
           at::Tensor g = grad.to(acc_type).contiguous();
           acc_t grad_scale = 1;
           const acc_t* grad_map = nullptr;

@@ -1,6 +1,6 @@
 // Fused FADA loss on the CPU: forward and the gradient w.r.t. the
 // low-resolution discriminator logits, sampling both inputs bilinearly
-// (align_corners=True) on the fly. Per output pixel (b, y, x):
+// (either corner convention) on the fly. Per output pixel (b, y, x):
 //   z = upsampled disc logits (2K), s = upsampled seg logits (K),
 //   a_c = min(softmax(s / T)_c, cap)             (detached soft label)
 //   loss = -sum_c a_c log_softmax(z)_{off + c}   (off = 0 source, K target)
@@ -129,7 +129,7 @@ struct FadaProblem {
   std::vector<int64_t> groups;
 
   FadaProblem(const at::Tensor& d, const at::Tensor& s, const at::Tensor& wt, int64_t domain, double temperature,
-              double cap_, int64_t out_h, int64_t out_w)
+              double cap_, int64_t out_h, int64_t out_w, bool align_corners)
       : disc(d.data_ptr<scalar_t>()),
         seg(s.data_ptr<scalar_t>()),
         weight(wt.defined() ? wt.data_ptr<acc_t>() : nullptr),
@@ -144,10 +144,10 @@ struct FadaProblem {
         off(domain == 0 ? 0 : s.size(1)),
         inv_t(static_cast<acc_t>(1) / static_cast<acc_t>(temperature)),
         cap(static_cast<acc_t>(cap_)),
-        dy(d.size(2), out_h),
-        dx(d.size(3), out_w),
-        sy(s.size(2), out_h),
-        sx(s.size(3), out_w),
+        dy(d.size(2), out_h, align_corners),
+        dx(d.size(3), out_w, align_corners),
+        sy(s.size(2), out_h, align_corners),
+        sx(s.size(3), out_w, align_corners),
         groups(dy.group_begin()) {}
 };
 
@@ -332,7 +332,7 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wt = acc_weight(weight, c10::CppTypeToScalarType<acc_t>::value);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, true);
     if (reduction == 0) {
       fada_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr);
     } else {
@@ -369,7 +369,7 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = acc_weight(weight, acc_type);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, true);
     at::Tensor g = grad.to(acc_type).contiguous();
     acc_t grad_scale = 1;
     const acc_t* grad_map = nullptr;

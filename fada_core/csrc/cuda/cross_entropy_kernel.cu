@@ -28,7 +28,8 @@ namespace {
 template <typename acc_t>
 struct CeGeometry {
   int64_t K, h, w, H, W, ignore_index;
-  acc_t sy, sx, inv_t;
+  AxisMap<acc_t> sy, sx;  // source positions: rows, columns
+  acc_t inv_t;
   LabelErrorRecord* label_error;  // mapped host memory (label_errors.cuh)
 };
 
@@ -360,7 +361,8 @@ void check_cuda_limits(const at::Tensor& logits) {
 }
 
 template <typename acc_t>
-CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore) {
+CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore,
+                           bool align_corners) {
   CeGeometry<acc_t> g;
   g.K = logits.size(1);
   g.h = logits.size(2);
@@ -368,8 +370,8 @@ CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, d
   g.H = labels.size(1);
   g.W = labels.size(2);
   g.ignore_index = ignore;
-  g.sy = align_corners_scale<acc_t>(g.h, g.H);
-  g.sx = align_corners_scale<acc_t>(g.w, g.W);
+  g.sy = axis_map<acc_t>(g.h, g.H, align_corners);
+  g.sx = axis_map<acc_t>(g.w, g.W, align_corners);
   g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(temperature);
   g.label_error = label_error_record(kCrossEntropyLabels);
   return g;
@@ -389,15 +391,15 @@ at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStrea
 // in-block indices within int, the gather's grid (B * K <= 65535 planes), the
 // block's shared memory within the device's.
 template <typename acc_t>
-StagedConfig ce_staged_config(const at::Tensor& logits, int64_t H, int64_t W) {
-  const int64_t K = logits.size(1), w = logits.size(3);
+StagedConfig ce_staged_config(const at::Tensor& logits, const CeGeometry<acc_t>& g) {
+  const int64_t K = logits.size(1), w = logits.size(3), H = g.H, W = g.W;
   if (H >= std::numeric_limits<int>::max() || W >= std::numeric_limits<int>::max()) return StagedConfig();
   dim3 gather_grid;
   if (!staged_gather_grid(logits.size(0) * K, logits.size(2), w, gather_grid)) return StagedConfig();
   const size_t optin = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
   const size_t fixed = ce_staged_static_bytes<acc_t>();
   if (optin <= fixed) return StagedConfig();
-  return choose_staged_config<acc_t>(align_corners_scale<acc_t>(w, W), w, W, optin - fixed,
+  return choose_staged_config<acc_t>(g.sx, w, W, optin - fixed,
                                      [K](int nx, int64_t tj) { return ce_staged_layout<acc_t>(K, nx, tj).bytes; });
 }
 
@@ -533,7 +535,7 @@ void ce_backward_into(const at::Tensor& g_acc, const at::Tensor& logits, const a
   at::Tensor count;
   if (reduction == 1) count = count_valid(labels, g.ignore_index, stream);
   const int64_t C = g.K;
-  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
+  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.sx, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
   at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
   FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
@@ -558,8 +560,8 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
         });
       });
@@ -579,8 +581,8 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
                                         "upsampled_cross_entropy_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const at::Tensor g_acc = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           ce_backward_into<scalar_t, acc_t>(g_acc, logits, labels, g, cfg, reduction, grad_logits, stream);
         });
       });
@@ -604,8 +606,8 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const 
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                         "upsampled_cross_entropy_with_grad_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g.H, g.W);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           if (cfg.tiles == 0) {
             ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
             const at::Tensor one = at::ones({}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));

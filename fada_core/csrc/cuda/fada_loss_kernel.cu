@@ -26,7 +26,7 @@ namespace {
 template <typename acc_t>
 struct FadaGeometry {
   int64_t K, h, w, hs, ws, H, W, off;
-  acc_t sdy, sdx, ssy, ssx;  // align_corners scales: disc rows/cols, seg rows/cols
+  AxisMap<acc_t> sdy, sdx, ssy, ssx;  // source positions: disc rows/cols, seg rows/cols
   acc_t inv_t, cap;
 };
 
@@ -180,7 +180,7 @@ template <typename acc_t>
 struct StagedGeometry {
   int64_t K, h, w, H, W, off, tj, tiles;
   int nx;
-  acc_t sy, sx;           // align_corners scales (both inputs share h x w)
+  AxisMap<acc_t> sy, sx;  // source positions (both inputs share h x w)
   acc_t disc_scale;       // log2(e)
   acc_t seg_scale;        // log2(e) / T
   acc_t cap;
@@ -400,7 +400,7 @@ void check_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain,
 
 template <typename acc_t>
 FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, double cap,
-                             int64_t out_h, int64_t out_w) {
+                             int64_t out_h, int64_t out_w, bool align_corners) {
   FadaGeometry<acc_t> g;
   g.K = seg.size(1);
   g.h = disc.size(2);
@@ -410,10 +410,10 @@ FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int6
   g.H = out_h;
   g.W = out_w;
   g.off = domain == 0 ? 0 : g.K;
-  g.sdy = align_corners_scale<acc_t>(g.h, out_h);
-  g.sdx = align_corners_scale<acc_t>(g.w, out_w);
-  g.ssy = align_corners_scale<acc_t>(g.hs, out_h);
-  g.ssx = align_corners_scale<acc_t>(g.ws, out_w);
+  g.sdy = axis_map<acc_t>(g.h, out_h, align_corners);
+  g.sdx = axis_map<acc_t>(g.w, out_w, align_corners);
+  g.ssy = axis_map<acc_t>(g.hs, out_h, align_corners);
+  g.ssx = axis_map<acc_t>(g.ws, out_w, align_corners);
   g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(temperature);
   g.cap = static_cast<acc_t>(cap);
   return g;
@@ -425,14 +425,14 @@ FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int6
 // block's shared memory within the device's.
 template <typename acc_t>
 StagedConfig staged_config_for(const at::Tensor& disc, const at::Tensor& seg, double cap, int64_t out_h,
-                               int64_t out_w) {
+                               int64_t out_w, bool align_corners) {
   const int64_t K = seg.size(1), w = disc.size(3);
   if (cap < 0.5 || seg.size(2) != disc.size(2) || seg.size(3) != w) return StagedConfig();
   if (out_h >= std::numeric_limits<int>::max() || out_w >= std::numeric_limits<int>::max()) return StagedConfig();
   dim3 gather_grid;
   if (!staged_gather_grid(disc.size(0) * disc.size(1), disc.size(2), w, gather_grid)) return StagedConfig();
   const size_t limit = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
-  return choose_staged_config<acc_t>(align_corners_scale<acc_t>(w, out_w), w, out_w, limit,
+  return choose_staged_config<acc_t>(axis_map<acc_t>(w, out_w, align_corners), w, out_w, limit,
                                      [K](int nx, int64_t tj) { return staged_layout<acc_t>(K, nx, tj).bytes; });
 }
 
@@ -553,7 +553,7 @@ void backward_into(const at::Tensor& g_acc, const at::Tensor& disc, const at::Te
     gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
     return;
   }
-  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.w, g.W, fada_backward_kernel<scalar_t, acc_t>);
+  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.sdx, g.w, g.W, fada_backward_kernel<scalar_t, acc_t>);
   at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
   FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
@@ -587,8 +587,8 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wt = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
                                              : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
     forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
   });
   return out;
@@ -618,8 +618,8 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
     const at::Tensor g_acc = grad.to(acc_type).contiguous();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
     backward_into<scalar_t, acc_t>(g_acc, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
   });
   if (!grad_disc.is_same(result)) result.copy_(grad_disc);
@@ -649,8 +649,8 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& di
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
     if (cfg.tiles == 0) {
       forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
       backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg, reduction,

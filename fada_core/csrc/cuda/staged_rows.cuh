@@ -1,6 +1,6 @@
-// Staged separable interpolation for the CUDA fast paths (inputs and output
-// aligned by bilinear align_corners upsampling, every low-resolution input at
-// one h x w): reusable device and host pieces. The FADA loss fast path
+// Staged separable interpolation for the CUDA fast paths (bilinear
+// upsampling, either corner convention, every low-resolution input at one
+// h x w): reusable device and host pieces. The FADA loss fast path
 // (fada_loss_kernel.cu) uses them; the upsampled cross-entropy can use the
 // same tiling.
 //
@@ -58,11 +58,11 @@ struct StagedConfig {
 // (the last entry is out). The same float arithmetic as source_index on the
 // device, so host and device agree on every boundary.
 template <typename acc_t>
-std::vector<int64_t> first_output_at_or_beyond(acc_t scale, int64_t in, int64_t out) {
+std::vector<int64_t> first_output_at_or_beyond(const AxisMap<acc_t>& map, int64_t in, int64_t out) {
   std::vector<int64_t> first(static_cast<size_t>(in + 1), out);
   int64_t j = 0;
   for (int64_t o = 0; o < out; ++o) {
-    const int64_t i0 = source_index<acc_t>(scale, o, in).i0;
+    const int64_t i0 = source_index<acc_t>(map, o, in).i0;
     while (j <= i0) first[static_cast<size_t>(j++)] = o;
   }
   return first;
@@ -74,7 +74,7 @@ std::vector<int64_t> first_output_at_or_beyond(acc_t scale, int64_t in, int64_t 
 // halo columns). tiles == 0 when nothing fits. Depends only on the shapes and
 // `limit`, so the summation order is the same on every run.
 template <typename acc_t, typename SmemOf>
-StagedConfig choose_staged_config(acc_t sx, int64_t w, int64_t W, size_t limit, SmemOf smem_of) {
+StagedConfig choose_staged_config(const AxisMap<acc_t>& sx, int64_t w, int64_t W, size_t limit, SmemOf smem_of) {
   const std::vector<int64_t> first = first_output_at_or_beyond<acc_t>(sx, w, W);
   StagedConfig best;
   int64_t best_cost = -1;
@@ -181,8 +181,8 @@ __device__ __forceinline__ StagedTile staged_tile(int64_t tj, int64_t h, int64_t
 // column is >= j0 + jj, rows[0..1] = the output rows of group r; each entry by
 // its own thread. The caller synchronises.
 template <typename acc_t>
-__device__ __forceinline__ void staged_ranges(const StagedTile& t, acc_t sy, acc_t sx, int64_t h, int64_t w, int64_t H,
-                                              int64_t W, int* colstart, int* rows) {
+__device__ __forceinline__ void staged_ranges(const StagedTile& t, const AxisMap<acc_t>& sy, const AxisMap<acc_t>& sx,
+                                              int64_t h, int64_t w, int64_t H, int64_t W, int* colstart, int* rows) {
   for (int64_t jj = threadIdx.x; jj <= t.nj; jj += blockDim.x) {
     colstart[jj] = static_cast<int>(first_at_or_beyond<acc_t>(t.j0 + jj, sx, w, W));
   }

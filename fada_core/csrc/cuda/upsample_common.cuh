@@ -70,35 +70,38 @@ __global__ void reduce_partials_kernel(const acc_t* __restrict__ partials, int64
   }
 }
 
+// Binary searches over the output indices of one axis; each relies on i0 and
+// i1 being non-decreasing in the output index (either corner convention).
+
 // First output index o in [0, out) with i1(o) >= j (out if none).
 template <typename acc_t>
-__device__ int64_t first_reaching(int64_t j, acc_t scale, int64_t in, int64_t out) {
+__device__ int64_t first_reaching(int64_t j, const AxisMap<acc_t>& map, int64_t in, int64_t out) {
   int64_t lo = 0, hi = out;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (source_index<acc_t>(scale, mid, in).i1 >= j) hi = mid; else lo = mid + 1;
+    if (source_index<acc_t>(map, mid, in).i1 >= j) hi = mid; else lo = mid + 1;
   }
   return lo;
 }
 
 // First output index o in [0, out) with i0(o) > j (out if none).
 template <typename acc_t>
-__device__ int64_t first_beyond(int64_t j, acc_t scale, int64_t in, int64_t out) {
+__device__ int64_t first_beyond(int64_t j, const AxisMap<acc_t>& map, int64_t in, int64_t out) {
   int64_t lo = 0, hi = out;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (source_index<acc_t>(scale, mid, in).i0 > j) hi = mid; else lo = mid + 1;
+    if (source_index<acc_t>(map, mid, in).i0 > j) hi = mid; else lo = mid + 1;
   }
   return lo;
 }
 
 // First output index o with i0(o) >= r.
 template <typename acc_t>
-__device__ int64_t first_at_or_beyond(int64_t r, acc_t scale, int64_t in, int64_t out) {
+__device__ int64_t first_at_or_beyond(int64_t r, const AxisMap<acc_t>& map, int64_t in, int64_t out) {
   int64_t lo = 0, hi = out;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (source_index<acc_t>(scale, mid, in).i0 >= r) hi = mid; else lo = mid + 1;
+    if (source_index<acc_t>(map, mid, in).i0 >= r) hi = mid; else lo = mid + 1;
   }
   return lo;
 }
@@ -122,7 +125,8 @@ struct AdjointBlock {
 // Ends with a barrier.
 template <typename acc_t>
 __device__ __forceinline__ AdjointBlock<acc_t> begin_adjoint_block(unsigned char* smem, int64_t channels, int64_t tj,
-                                                                   acc_t sy, acc_t sx, int64_t h, int64_t w, int64_t H,
+                                                                   const AxisMap<acc_t>& sy,
+                                                                   const AxisMap<acc_t>& sx, int64_t h, int64_t w, int64_t H,
                                                                    int64_t W) {
   AdjointBlock<acc_t> blk;
   blk.channels = channels;
@@ -169,7 +173,8 @@ __device__ __forceinline__ void clear_chunk_column(const AdjointBlock<acc_t>& bl
 // column) summed in increasing x into the block's accumulators. Barriers on
 // both sides.
 template <typename acc_t>
-__device__ __forceinline__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, acc_t sx, int64_t w) {
+__device__ __forceinline__ void finish_chunk(const AdjointBlock<acc_t>& blk, int64_t cx0, const AxisMap<acc_t>& sx,
+                                             int64_t w) {
   __syncthreads();
   const int64_t cx1 = cx0 + blk.nx < blk.xb ? cx0 + blk.nx : blk.xb;
   for (int64_t e = threadIdx.x; e < blk.channels * blk.nj; e += blk.nx) {
@@ -238,12 +243,19 @@ size_t adjoint_smem(int64_t channels, int nx, int64_t tj) {
 }
 
 template <typename acc_t, typename Kernel>
-AdjointConfig adjoint_config(int64_t channels, int64_t w, int64_t out_w, Kernel kernel) {
+AdjointConfig adjoint_config(int64_t channels, const AxisMap<acc_t>& sx, int64_t w, int64_t out_w, Kernel kernel) {
   AdjointConfig cfg;
   const int device = at::cuda::current_device();
   const size_t max_optin = at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin;
-  // widest run of output columns sharing one lower source column
-  const int64_t seg_max = w > 1 ? ceil_div(out_w - 1, w - 1) : out_w;
+  // widest run of output columns sharing one lower source column (counted:
+  // with align_corners=False the first run is about 1.5 times the others)
+  int64_t seg_max = 0;
+  for (int64_t o = 0, run = 0, prev = -1; o < out_w; ++o) {
+    const int64_t i0 = source_index<acc_t>(sx, o, w).i0;
+    run = i0 == prev ? run + 1 : 1;
+    prev = i0;
+    seg_max = run > seg_max ? run : seg_max;
+  }
   for (int nx = 128; nx >= 32; nx /= 2) {
     // a block's output columns (tj source columns plus the run left of them)
     // fit in one chunk of nx: one pass over the group's rows
