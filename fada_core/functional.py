@@ -84,25 +84,14 @@ def _cuda_shared_bytes(device_index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
-def _use_kernel(
-    backend: str, x: Tensor, op: str, backward_channels: Optional[int] = None, align_corners: bool = True
-) -> bool:
+def _use_kernel(backend: str, x: Tensor, op: str, backward_channels: Optional[int] = None) -> bool:
     """Whether to run the compiled operator ``op`` for tensors like ``x``.
 
     ``backward_channels``: the channels the CUDA backward would take when a
     gradient is needed; beyond what it can hold, "auto" runs eager instead.
-    The kernels sample with ``align_corners=True`` only: ``False`` runs eager
-    under "auto" and is an error under "kernel".
     """
     V.check_choice("backend", backend, V.BACKENDS)
     if backend == "eager":
-        return False
-    if not align_corners:
-        if backend == "kernel":
-            raise ValueError(
-                f"backend='kernel': the fused {op} kernels support align_corners=True only; "
-                "use backend='auto' or 'eager' for align_corners=False"
-            )
         return False
     if _kernels_ready(x.device.type, op):
         if backward_channels is not None and x.device.type == "cuda" and x.requires_grad:
@@ -317,8 +306,8 @@ def fada_loss(
         reduction: ``"mean"`` (over :math:`B \cdot H \cdot W`), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
         align_corners: of the bilinear upsampling of both inputs (``True``,
-            FADA's). The kernels implement ``True`` only: with ``False``,
-            ``"auto"`` computes eagerly and ``"kernel"`` raises.
+            FADA's; ``False`` as Hugging Face, torchvision and mmseg models
+            upsample). The kernels implement both.
 
     Example:
         >>> d = torch.zeros(2, 6, 4, 4, requires_grad=True); s = torch.randn(2, 3, 4, 4)
@@ -331,7 +320,7 @@ def fada_loss(
     cap = V.check_cap(cap)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_bool("align_corners", align_corners)
-    if not _use_kernel(backend, disc_logits, "fada_loss", disc_logits.shape[1], align_corners):
+    if not _use_kernel(backend, disc_logits, "fada_loss", disc_logits.shape[1]):
         return _reference.fada_loss(
             disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction, align_corners
         )
@@ -351,6 +340,7 @@ def fada_loss(
         size[1],
         None if weight is None else weight.detach().to(dtype),
         _REDUCTION_CODES[reduction],
+        align_corners,
     )
     return (out[0] if with_grad else out).to(_reference.opmath_dtype(disc_logits.dtype))
 
@@ -379,7 +369,7 @@ def upsampled_cross_entropy(
         reduction: ``"mean"`` (over non-ignored pixels; NaN if there are none,
             like torch), ``"sum"`` or ``"none"`` (:math:`(B, H, W)`, 0 at ignored pixels).
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
-        align_corners: as in :func:`fada_loss` (``True``; kernels ``True`` only).
+        align_corners: as in :func:`fada_loss` (``True``, FADA's, or ``False``).
 
     Example:
         >>> z = torch.zeros(1, 4, 2, 2, requires_grad=True)
@@ -398,7 +388,7 @@ def upsampled_cross_entropy(
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_same_device(logits=logits, labels=labels)
     V.check_bool("align_corners", align_corners)
-    if not _use_kernel(backend, logits, "upsampled_cross_entropy", logits.shape[1], align_corners):
+    if not _use_kernel(backend, logits, "upsampled_cross_entropy", logits.shape[1]):
         _check_label_range(labels, logits.shape[1], ignore_index)
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners)
     if labels.device.type != "cuda":
@@ -408,7 +398,7 @@ def upsampled_cross_entropy(
     # launch on the CUDA fast path); the backward then only scales it.
     with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
     op = torch.ops.fada_core.upsampled_cross_entropy_with_grad if with_grad else torch.ops.fada_core.upsampled_cross_entropy
-    out = op(logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction])
+    out = op(logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction], align_corners)
     return (out[0] if with_grad else out).to(_reference.opmath_dtype(logits.dtype))
 
 

@@ -30,8 +30,8 @@ class FADALoss(nn.Module):
         cap: soft-label cap (0.9).
         reduction: ``"mean"`` (over :math:`B \cdot H \cdot W`), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` (fused kernels when available), ``"eager"`` or ``"kernel"``.
-        align_corners: of the upsampling (``True``, FADA's). The kernels take
-            ``True`` only: ``False`` runs eagerly under ``"auto"``, raises under ``"kernel"``.
+        align_corners: of the upsampling (``True``, FADA's; ``False`` as Hugging
+            Face, torchvision and mmseg models upsample). The kernels take both.
 
     Shape:
         - disc_logits: :math:`(B, 2K, h, w)`; seg_logits: :math:`(B, K, h', w')`.
@@ -99,7 +99,7 @@ class UpsampledCrossEntropy(nn.Module):
         ignore_index: label that contributes nothing (255).
         reduction: ``"mean"`` (over non-ignored pixels), ``"sum"`` or ``"none"``.
         backend: ``"auto"`` | ``"eager"`` | ``"kernel"``.
-        align_corners: as in :class:`FADALoss` (``True``; kernels ``True`` only).
+        align_corners: as in :class:`FADALoss` (``True``, FADA's, or ``False``).
 
     Shape:
         - logits: :math:`(B, K, h, w)`; labels: :math:`(B, H, W)` integers.

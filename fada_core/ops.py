@@ -9,7 +9,8 @@ own. :func:`register` runs once, right after the compiled library is loaded
 
 Integer codes shared with C++: ``REDUCTIONS`` follows torch's reduction enum,
 ``DOMAINS`` says which half of the 2K discriminator channels holds the soft
-label.
+label. The loss ops end with ``align_corners`` (default True, FADA's), the
+corner convention of their bilinear upsampling.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _loss_output(like: Tensor, batch: int, out_h: int, out_w: int, reduction: in
     return like.new_empty(())
 
 
-def _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+def _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
+                    align_corners=True):
     torch._check(disc_logits.dim() == 4, lambda: "disc_logits must be (B, 2K, h, w)")
     torch._check(seg_logits.dim() == 4, lambda: "seg_logits must be (B, K, h, w)")
     torch._check(disc_logits.shape[1] == 2 * seg_logits.shape[1], lambda: "disc_logits needs 2K channels")
@@ -37,17 +39,20 @@ def _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, ou
     return _loss_output(disc_logits, disc_logits.shape[0], out_h, out_w, reduction)
 
 
-def _fake_fada_loss_backward(grad, disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+def _fake_fada_loss_backward(grad, disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
+                             align_corners=True):
     return torch.empty_like(disc_logits)
 
 
-def _fake_fada_loss_with_grad(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+def _fake_fada_loss_with_grad(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
+                              align_corners=True):
     torch._check(reduction != REDUCTIONS["none"], lambda: "fada_loss_with_grad needs reduction mean or sum")
     loss = _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction)
     return loss, torch.empty_like(disc_logits)
 
 
-def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction):
+def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
+                             align_corners=True):
     # The CPU has no fused kernel: the forward and backward ops one after the
     # other (the backward for an upstream gradient of 1). Composed here, above
     # the CPU kernels, so that the op exists on every device with one meaning
@@ -55,40 +60,39 @@ def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, 
     # both at once (csrc/cuda/fada_loss_kernel.cu).
     if reduction == REDUCTIONS["none"]:
         raise RuntimeError("fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)")
-    args = (domain, temperature, cap, out_h, out_w, weight, reduction)
+    args = (domain, temperature, cap, out_h, out_w, weight, reduction, align_corners)
     loss = torch.ops.fada_core.fada_loss(disc_logits, seg_logits, *args)
     one = torch.ones((), dtype=disc_logits.dtype, device=disc_logits.device)
     grad = torch.ops.fada_core.fada_loss_backward(one, disc_logits.detach(), seg_logits, *args)
     return loss, grad
 
 
-def _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction):
+def _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction, align_corners=True):
     torch._check(logits.dim() == 4, lambda: "logits must be (B, K, h, w)")
     torch._check(labels.dim() == 3, lambda: "labels must be (B, H, W)")
     torch._check(logits.shape[0] == labels.shape[0], lambda: "batch mismatch")
     return _loss_output(logits, labels.shape[0], labels.shape[1], labels.shape[2], reduction)
 
 
-def _fake_upsampled_ce_backward(grad, logits, labels, temperature, ignore_index, reduction):
+def _fake_upsampled_ce_backward(grad, logits, labels, temperature, ignore_index, reduction, align_corners=True):
     return torch.empty_like(logits)
 
 
-def _fake_upsampled_ce_with_grad(logits, labels, temperature, ignore_index, reduction):
+def _fake_upsampled_ce_with_grad(logits, labels, temperature, ignore_index, reduction, align_corners=True):
     torch._check(reduction != REDUCTIONS["none"], lambda: "upsampled_cross_entropy_with_grad needs reduction mean or sum")
     loss = _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction)
     return loss, torch.empty_like(logits)
 
 
-def _upsampled_ce_with_grad_cpu(logits, labels, temperature, ignore_index, reduction):
+def _upsampled_ce_with_grad_cpu(logits, labels, temperature, ignore_index, reduction, align_corners=True):
     # As _fada_loss_with_grad_cpu: the CPU forward and backward ops one after
     # the other; on CUDA one fast-path launch (csrc/cuda/cross_entropy_kernel.cu).
     if reduction == REDUCTIONS["none"]:
         raise RuntimeError("upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)")
-    loss = torch.ops.fada_core.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction)
+    args = (temperature, ignore_index, reduction, align_corners)
+    loss = torch.ops.fada_core.upsampled_cross_entropy(logits, labels, *args)
     one = torch.ones((), dtype=logits.dtype, device=logits.device)
-    grad = torch.ops.fada_core.upsampled_cross_entropy_backward(
-        one, logits.detach(), labels, temperature, ignore_index, reduction
-    )
+    grad = torch.ops.fada_core.upsampled_cross_entropy_backward(one, logits.detach(), labels, *args)
     return loss, grad
 
 
@@ -103,21 +107,22 @@ def _fake_class_center_stats(features, labels, num_classes, ignore_index):
 
 
 def _setup_fada_loss(ctx, inputs, output):
-    disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction = inputs
+    # torch fills in defaulted arguments: inputs has every argument of the schema
+    disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction, align_corners = inputs
     ctx.save_for_backward(disc_logits, seg_logits, weight)
-    ctx.args = (domain, temperature, cap, out_h, out_w, reduction)
+    ctx.args = (domain, temperature, cap, out_h, out_w, reduction, align_corners)
 
 
 def _backward_fada_loss(ctx, grad):
     disc_logits, seg_logits, weight = ctx.saved_tensors
-    domain, temperature, cap, out_h, out_w, reduction = ctx.args
+    domain, temperature, cap, out_h, out_w, reduction, align_corners = ctx.args
     grad_disc = None
     if ctx.needs_input_grad[0]:
         grad_disc = torch.ops.fada_core.fada_loss_backward(
-            grad, disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction
+            grad, disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction, align_corners
         )
     # Soft labels are detached (as in FADA): no gradient reaches seg_logits or weight.
-    return grad_disc, None, None, None, None, None, None, None, None
+    return (grad_disc,) + (None,) * 9
 
 
 def _setup_with_grad(ctx, inputs, output):
@@ -137,20 +142,17 @@ def _backward_with_grad(ctx, grad, _grad_of_grad):
 
 
 def _setup_upsampled_ce(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, reduction = inputs
+    logits, labels, temperature, ignore_index, reduction, align_corners = inputs
     ctx.save_for_backward(logits, labels)
-    ctx.args = (temperature, ignore_index, reduction)
+    ctx.args = (temperature, ignore_index, reduction, align_corners)
 
 
 def _backward_upsampled_ce(ctx, grad):
     logits, labels = ctx.saved_tensors
-    temperature, ignore_index, reduction = ctx.args
     grad_logits = None
     if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.fada_core.upsampled_cross_entropy_backward(
-            grad, logits, labels, temperature, ignore_index, reduction
-        )
-    return grad_logits, None, None, None, None
+        grad_logits = torch.ops.fada_core.upsampled_cross_entropy_backward(grad, logits, labels, *ctx.args)
+    return (grad_logits,) + (None,) * 5
 
 
 def register() -> None:

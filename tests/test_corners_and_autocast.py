@@ -61,17 +61,52 @@ def test_the_conventions_differ():
     assert (a - b).abs() > 1e-6
 
 
-def test_kernels_take_align_corners_true_only():
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_kernels_follow_the_convention(kernel_ops, align_corners):
+    """backend="kernel" (the fused kernels, with and without a gradient) against eager, for the
+    functions and the modules; the two conventions give different values, so a kernel that ignored
+    the argument would fail one of the two."""
     disc, seg, labels = _inputs(torch.float32)
-    with pytest.raises(ValueError, match="align_corners=True only"):
-        FF.fada_loss(disc, seg, "source", size=SIZE, backend="kernel", align_corners=False)
-    with pytest.raises(ValueError, match="align_corners=True only"):
-        FF.upsampled_cross_entropy(seg, labels, backend="kernel", align_corners=False)
-    # "auto" computes eagerly instead, whether or not the kernels are loaded
-    got = FF.fada_loss(disc, seg, "source", size=SIZE, backend="auto", align_corners=False)
-    assert torch.equal(got, FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager", align_corners=False))
-    got = FF.upsampled_cross_entropy(seg, labels, backend="auto", align_corners=False)
-    assert torch.equal(got, FF.upsampled_cross_entropy(seg, labels, backend="eager", align_corners=False))
+    for reduction in ("mean", "none"):
+        d_kernel = disc.clone().requires_grad_(True)
+        d_eager = disc.clone().requires_grad_(True)
+        got = FF.fada_loss(d_kernel, seg, "target", size=SIZE, reduction=reduction, backend="kernel",
+                           align_corners=align_corners)
+        want = FF.fada_loss(d_eager, seg, "target", size=SIZE, reduction=reduction, backend="eager",
+                            align_corners=align_corners)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(d_kernel.grad, d_eager.grad, rtol=2e-5, atol=2e-7)
+    s_kernel = seg.clone().requires_grad_(True)
+    s_eager = seg.clone().requires_grad_(True)
+    got = UpsampledCrossEntropy(1.8, backend="kernel", align_corners=align_corners)(s_kernel, labels)
+    want = UpsampledCrossEntropy(1.8, backend="eager", align_corners=align_corners)(s_eager, labels)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(s_kernel.grad, s_eager.grad, rtol=2e-5, atol=2e-7)
+    module = FADALoss(3, backend="kernel", align_corners=align_corners)(disc, seg, "source", SIZE)
+    want = FF.fada_loss(disc, seg, "source", size=SIZE, backend="eager", align_corners=align_corners)
+    torch.testing.assert_close(module, want, rtol=2e-5, atol=2e-6)
+
+
+def test_ops_default_to_align_corners_true(kernel_ops):
+    """align_corners is the last argument of every loss op, default True: calls without it keep FADA's convention."""
+    disc, seg, labels = _inputs(torch.float32)
+    for op in ("fada_loss", "fada_loss_backward", "fada_loss_with_grad", "upsampled_cross_entropy",
+               "upsampled_cross_entropy_backward", "upsampled_cross_entropy_with_grad"):
+        last = getattr(kernel_ops, op).default._schema.arguments[-1]
+        assert (last.name, str(last.type), last.default_value) == ("align_corners", "bool", True)
+    args = (0, 1.8, 0.9, *SIZE, None, 1)
+    default = kernel_ops.fada_loss(disc, seg, *args)
+    assert torch.equal(default, kernel_ops.fada_loss(disc, seg, *args, True))
+    assert not torch.equal(default, kernel_ops.fada_loss(disc, seg, *args, False))
+    default = kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), seg, labels, 1.8, 255, 1)
+    assert torch.equal(default, kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), seg, labels, 1.8, 255, 1,
+                                                                            True))
+    assert not torch.equal(default, kernel_ops.upsampled_cross_entropy_backward(torch.tensor(1.0), seg, labels, 1.8,
+                                                                                255, 1, False))
 
 
 def test_align_corners_must_be_a_bool():
@@ -149,3 +184,37 @@ def test_cuda_autocast_losses_are_float32_and_match(dtype, backend):
     tol = 2e-6 if backend == "eager" else 1e-2
     torch.testing.assert_close(loss, want, rtol=tol, atol=tol)
     torch.testing.assert_close(ce, want_ce, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("general", [False, True])  # the staged fast paths; the general kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_kernels_half_pixel_convention(cuda_kernel_ops, monkeypatch, general, dtype):
+    """align_corners=False on the GPU, every loss op, against the float64 reference rounded to the dtype."""
+    from fada_core import _reference
+    from kernel_testing import assert_close_scaled, cross_entropy_inputs, fada_loss_inputs
+
+    if general:
+        monkeypatch.setenv("FADA_CORE_CUDA_GENERAL_KERNELS", "1")
+    shapes = [((64, 128), (512, 1024)), ((9, 17), (65, 129)), ((1, 1), (5, 7)), ((6, 5), (3, 9)), ((2, 2), (3, 300))]
+    for i, ((h, w), (out_h, out_w)) in enumerate(shapes):
+        k = 19 if h >= 9 else 3
+        disc, seg, weight = fada_loss_inputs(2, k, h, w, h, w, out_h, out_w, dtype, i, True, 2.0, "cuda")
+        logits, labels = cross_entropy_inputs(2, k, h, w, out_h, out_w, dtype, i, 0.2, scale=2.0, device="cuda")
+        d64 = disc.double().requires_grad_(True)
+        want = _reference.fada_loss(d64, seg.double(), "target", 1.8, 0.9, (out_h, out_w), weight.double(), "mean",
+                                    False)
+        want.backward()
+        got, got_grad = cuda_kernel_ops.fada_loss_with_grad(disc, seg, 1, 1.8, 0.9, out_h, out_w, weight, 1, False)
+        assert_close_scaled(got, want.detach().to(dtype), dtype)
+        assert_close_scaled(got_grad, d64.grad.to(dtype), dtype)
+        per_pixel = cuda_kernel_ops.fada_loss(disc, seg, 1, 1.8, 0.9, out_h, out_w, weight, 0, False)
+        want = _reference.fada_loss(disc.double(), seg.double(), "target", 1.8, 0.9, (out_h, out_w), weight.double(),
+                                    "none", False)
+        assert_close_scaled(per_pixel, want.to(dtype), dtype)
+        x64 = logits.double().requires_grad_(True)
+        want = _reference.upsampled_cross_entropy(x64, labels, 1.8, 255, "mean", False)
+        want.backward()
+        got, got_grad = cuda_kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, 1, False)
+        assert_close_scaled(got, want.detach().to(dtype), dtype)
+        assert_close_scaled(got_grad, x64.grad.to(dtype), dtype)

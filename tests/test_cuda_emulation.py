@@ -11,6 +11,9 @@ to run on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -37,31 +40,51 @@ H100_SHARED_BYTES = 227 * 1024  # what the emulation reports as the opt-in share
 EXAMPLES = settings(max_examples=100)
 
 
-def _loss_pair(ops, disc, seg, domain, size, weight, reduction):
+@contextlib.contextmanager
+def kernels(general):
+    """general=True: FADA_CORE_CUDA_GENERAL_KERNELS=1, the staged fast paths off (csrc/cuda/staged_rows.cuh),
+    so the shapes they would take reach the general kernels; False: the usual choice."""
+    old = os.environ.pop("FADA_CORE_CUDA_GENERAL_KERNELS", None)
+    if general:
+        os.environ["FADA_CORE_CUDA_GENERAL_KERNELS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("FADA_CORE_CUDA_GENERAL_KERNELS", None)
+        if old is not None:
+            os.environ["FADA_CORE_CUDA_GENERAL_KERNELS"] = old
+
+
+def _loss_pair(ops, disc, seg, domain, size, weight, reduction, align_corners=True):
     """(reference value, grad), (emulated value, grad). The reference runs in float64 on the same
     values and is rounded to the inputs' dtype; both get the same upstream gradient."""
     dtype = disc.dtype
     w64 = None if weight is None else weight.double()
     want, want_grad, grad_out = forward_backward(
-        lambda d: _reference.fada_loss(d, seg.double(), DOMAINS[domain], T, CAP, size, w64, REDUCTIONS[reduction]),
+        lambda d: _reference.fada_loss(
+            d, seg.double(), DOMAINS[domain], T, CAP, size, w64, REDUCTIONS[reduction], align_corners
+        ),
         disc.double(),
     )
     grad_out = grad_out.to(dtype)
-    got = ops.fada_loss(disc, seg, domain, T, CAP, size[0], size[1], weight, reduction)
-    got_grad = ops.fada_loss_backward(grad_out, disc, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+    args = (domain, T, CAP, size[0], size[1], weight, reduction, align_corners)
+    got = ops.fada_loss(disc, seg, *args)
+    got_grad = ops.fada_loss_backward(grad_out, disc, seg, *args)
     return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
 
 
-def _ce_pair(ops, logits, labels, ignore_index, reduction):
+def _ce_pair(ops, logits, labels, ignore_index, reduction, align_corners=True):
     """As _loss_pair, for the upsampled cross-entropy."""
     dtype = logits.dtype
     want, want_grad, grad_out = forward_backward(
-        lambda x: _reference.upsampled_cross_entropy(x, labels, T, ignore_index, REDUCTIONS[reduction]),
+        lambda x: _reference.upsampled_cross_entropy(
+            x, labels, T, ignore_index, REDUCTIONS[reduction], align_corners
+        ),
         logits.double(),
     )
     grad_out = grad_out.to(dtype)
-    got = ops.upsampled_cross_entropy(logits, labels, T, ignore_index, reduction)
-    got_grad = ops.upsampled_cross_entropy_backward(grad_out, logits, labels, T, ignore_index, reduction)
+    got = ops.upsampled_cross_entropy(logits, labels, T, ignore_index, reduction, align_corners)
+    got_grad = ops.upsampled_cross_entropy_backward(grad_out, logits, labels, T, ignore_index, reduction, align_corners)
     return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
 
 
@@ -81,17 +104,20 @@ HALF_AND_FULL = st.sampled_from([torch.float32, torch.float64, torch.float16, to
     weighted=st.booleans(),
     dtype=HALF_AND_FULL,
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    align_corners=st.booleans(),
+    general=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, seg_size, out_size, domain, reduction,
-                                           weighted, dtype, layout, seed):
+                                           weighted, dtype, layout, align_corners, general, seed):
     hs, ws = seg_size if seg_size is not None else (h, w)
     out_h, out_w = out_size if out_size is not None else (h, w)
     disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
-    (want, want_grad), (got, got_grad) = _loss_pair(
-        emulated_cuda_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w), weight,
-        reduction,
-    )
+    with kernels(general):
+        (want, want_grad), (got, got_grad) = _loss_pair(
+            emulated_cuda_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w), weight,
+            reduction, align_corners,
+        )
     assert_close_scaled(got, want, dtype)
     assert_close_scaled(got_grad, want_grad, dtype)
     assert want_grad.abs().max() > 0  # the comparison is not between zeros
@@ -109,33 +135,38 @@ def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, se
     reduction=st.sampled_from([0, 1, 2]),
     dtype=HALF_AND_FULL,
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    align_corners=st.booleans(),
+    general=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_cross_entropy_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, out_size, ignore_index, ignore_frac,
-                                               reduction, dtype, layout, seed):
+                                               reduction, dtype, layout, align_corners, general, seed):
     out_h, out_w = out_size if out_size is not None else (h, w)
     logits, labels = cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
-    (want, want_grad), (got, got_grad) = _ce_pair(
-        emulated_cuda_ops, with_layout(logits, layout), with_layout(labels, layout), ignore_index, reduction
-    )
+    with kernels(general):
+        (want, want_grad), (got, got_grad) = _ce_pair(
+            emulated_cuda_ops, with_layout(logits, layout), with_layout(labels, layout), ignore_index, reduction,
+            align_corners,
+        )
     assert_close_scaled(got, want, dtype, equal_nan=True)  # mean over no pixel: NaN, as torch
     assert_close_scaled(got_grad, want_grad, dtype)
     if (labels != ignore_index).any() and k > 1:
         assert want_grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128))])
-def test_realistic_shapes(emulated_cuda_ops, sizes):
+def test_realistic_shapes(emulated_cuda_ops, sizes, align_corners):
     """K = 19 at 8x upsampling: many output columns per source column, several chunks per block."""
     (h, w), (out_h, out_w) = sizes
     disc, seg, _ = fada_loss_inputs(1, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
     for reduction in (0, 1):
         (want, want_grad), (got, got_grad) = _loss_pair(emulated_cuda_ops, disc, seg, 1, (out_h, out_w), None,
-                                                        reduction)
+                                                        reduction, align_corners)
         assert_close_scaled(got, want, torch.float32)
         assert_close_scaled(got_grad, want_grad, torch.float32)
     logits, labels = cross_entropy_inputs(1, 19, h, w, out_h, out_w, torch.float32, 1, 0.2, 255)
-    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1)
+    (want, want_grad), (got, got_grad) = _ce_pair(emulated_cuda_ops, logits, labels, 255, 1, align_corners)
     assert_close_scaled(got, want, torch.float32)
     assert_close_scaled(got_grad, want_grad, torch.float32)
 
@@ -279,16 +310,19 @@ FAST_SHAPES = [  # (h, w) -> (H, W)
 ]
 
 
-def _fused_pair(ops, disc, seg, domain, size, weight, reduction, cap=CAP):
+def _fused_pair(ops, disc, seg, domain, size, weight, reduction, cap=CAP, align_corners=True):
     """Reference (value, grad for an upstream 1) and the emulated fada_loss_with_grad."""
     dtype = disc.dtype
     w64 = None if weight is None else weight.double()
     want, want_grad, _ = forward_backward(
-        lambda d: _reference.fada_loss(d, seg.double(), DOMAINS[domain], T, cap, size, w64, REDUCTIONS[reduction]),
+        lambda d: _reference.fada_loss(
+            d, seg.double(), DOMAINS[domain], T, cap, size, w64, REDUCTIONS[reduction], align_corners
+        ),
         disc.double(),
         torch.tensor(1.0, dtype=torch.float64),
     )
-    got, got_grad = ops.fada_loss_with_grad(disc, seg, domain, T, cap, size[0], size[1], weight, reduction)
+    got, got_grad = ops.fada_loss_with_grad(disc, seg, domain, T, cap, size[0], size[1], weight, reduction,
+                                            align_corners)
     return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
 
 
@@ -371,14 +405,18 @@ def test_fused_equals_separate_ops_bitwise(emulated_cuda_ops, shape):
     weighted=st.booleans(),
     dtype=HALF_AND_FULL,
     layout=st.sampled_from(["contiguous", "channels_last"]),
+    align_corners=st.booleans(),
+    general=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, domain, reduction, weighted, dtype,
-                                 layout, seed):
+                                 layout, align_corners, general, seed):
     disc, seg, weight = fada_loss_inputs(batch, k, h, w, h, w, *out_size, dtype, seed, weighted)
-    (want, want_grad), (got, got_grad) = _fused_pair(
-        emulated_cuda_ops, with_layout(disc, layout), seg, domain, out_size, weight, reduction
-    )
+    with kernels(general):
+        (want, want_grad), (got, got_grad) = _fused_pair(
+            emulated_cuda_ops, with_layout(disc, layout), seg, domain, out_size, weight, reduction,
+            align_corners=align_corners,
+        )
     assert_close_scaled(got, want, dtype)
     assert_close_scaled(got_grad, want_grad, dtype)
 
@@ -388,15 +426,17 @@ def test_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, do
 # (csrc/cuda/cross_entropy_kernel.cu, "fast path"); beyond that the general kernels.
 
 
-def _ce_fused_pair(ops, logits, labels, ignore_index, reduction):
+def _ce_fused_pair(ops, logits, labels, ignore_index, reduction, align_corners=True):
     """Reference (value, grad for an upstream 1) and the emulated upsampled_cross_entropy_with_grad."""
     dtype = logits.dtype
     want, want_grad, _ = forward_backward(
-        lambda x: _reference.upsampled_cross_entropy(x, labels, T, ignore_index, REDUCTIONS[reduction]),
+        lambda x: _reference.upsampled_cross_entropy(
+            x, labels, T, ignore_index, REDUCTIONS[reduction], align_corners
+        ),
         logits.double(),
         torch.tensor(1.0, dtype=torch.float64),
     )
-    got, got_grad = ops.upsampled_cross_entropy_with_grad(logits, labels, T, ignore_index, reduction)
+    got, got_grad = ops.upsampled_cross_entropy_with_grad(logits, labels, T, ignore_index, reduction, align_corners)
     return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
 
 
@@ -498,13 +538,63 @@ def test_ce_fast_path_benchmark_shapes(emulated_cuda_ops, sizes):
     reduction=st.sampled_from([1, 2]),
     dtype=HALF_AND_FULL,
     layout=st.sampled_from(["contiguous", "channels_last"]),
+    align_corners=st.booleans(),
+    general=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_ce_fused_matches_reference(emulated_cuda_ops, batch, k, h, w, out_size, ignore_index, ignore_frac,
-                                    reduction, dtype, layout, seed):
+                                    reduction, dtype, layout, align_corners, general, seed):
     logits, labels = cross_entropy_inputs(batch, k, h, w, *out_size, dtype, seed, ignore_frac, ignore_index)
-    (want, want_grad), (got, got_grad) = _ce_fused_pair(
-        emulated_cuda_ops, with_layout(logits, layout), labels, ignore_index, reduction
-    )
+    with kernels(general):
+        (want, want_grad), (got, got_grad) = _ce_fused_pair(
+            emulated_cuda_ops, with_layout(logits, layout), labels, ignore_index, reduction, align_corners
+        )
     assert_close_scaled(got, want, dtype, equal_nan=True)  # mean over no pixel: NaN, as torch
     assert_close_scaled(got_grad, want_grad, dtype)
+
+
+# ----------------------------------------------------------------------------- align_corners=False, both paths
+
+
+@pytest.mark.parametrize("general", [False, True])
+@pytest.mark.parametrize("shapes", FAST_SHAPES)
+def test_half_pixel_convention_on_both_paths(emulated_cuda_ops, shapes, general):
+    """align_corners=False on the fixed shapes (h = 1, w = 1, H < h, W < w, several tiles, long runs):
+    every op of the loss and the cross-entropy, on the fast paths and the general kernels."""
+    (h, w), (out_h, out_w) = shapes
+    disc, seg, weight = fada_loss_inputs(2, 3, h, w, h, w, out_h, out_w, torch.float32, h * 7 + w, True)
+    logits, labels = cross_entropy_inputs(2, 4, h, w, out_h, out_w, torch.float32, h * 5 + w, 0.3)
+    with kernels(general):
+        for domain, reduction in ((0, 0), (1, 1), (0, 2)):
+            pairs = [_loss_pair(emulated_cuda_ops, disc, seg, domain, (out_h, out_w), weight, reduction, False),
+                     _ce_pair(emulated_cuda_ops, logits, labels, 255, reduction, False)]
+            if reduction != 0:
+                pairs += [_fused_pair(emulated_cuda_ops, disc, seg, domain, (out_h, out_w), weight, reduction,
+                                      align_corners=False),
+                          _ce_fused_pair(emulated_cuda_ops, logits, labels, 255, reduction, False)]
+            for (want, want_grad), (got, got_grad) in pairs:
+                assert_close_scaled(got, want, torch.float32)
+                assert_close_scaled(got_grad, want_grad, torch.float32)
+                assert want_grad.abs().max() > 0
+
+
+def test_general_kernels_switch_takes_effect(emulated_cuda_ops):
+    """FADA_CORE_CUDA_GENERAL_KERNELS=1 reaches other kernels: their float32 per-pixel losses (exp, not
+    exp2 of pre-scaled values) differ from the fast path's in some last bits, and both match the reference."""
+    disc, seg, _ = fada_loss_inputs(1, 3, 4, 5, 4, 5, 13, 17, torch.float32, 23, False)
+    logits, labels = cross_entropy_inputs(1, 4, 4, 5, 13, 17, torch.float32, 24, 0.0)
+    results = {}
+    for general in (False, True):
+        with kernels(general):
+            results[general] = (
+                emulated_cuda_ops.fada_loss(disc, seg, 1, T, CAP, 13, 17, None, 0, False),
+                emulated_cuda_ops.upsampled_cross_entropy(logits, labels, T, 255, 0, False),
+            )
+    want = (
+        _reference.fada_loss(disc.double(), seg.double(), "target", T, CAP, (13, 17), None, "none", False).float(),
+        _reference.upsampled_cross_entropy(logits.double(), labels, T, 255, "none", False).float(),
+    )
+    for i in range(2):
+        assert not torch.equal(results[False][i], results[True][i])
+        assert_close_scaled(results[False][i], want[i], torch.float32)
+        assert_close_scaled(results[True][i], want[i], torch.float32)

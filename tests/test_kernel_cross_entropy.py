@@ -27,19 +27,19 @@ def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
 
 
-def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None):
+def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None, align_corners=True):
     def fn(x):
         # the reference returns half losses in float32; the op in the inputs' dtype
-        return _reference.upsampled_cross_entropy(x, labels, temperature, ignore_index, REDUCTIONS[reduction]).to(
-            x.dtype
-        )
+        return _reference.upsampled_cross_entropy(
+            x, labels, temperature, ignore_index, REDUCTIONS[reduction], align_corners
+        ).to(x.dtype)
 
     return forward_backward(fn, logits, grad_out)
 
 
-def _kernel(ops, logits, labels, temperature, ignore_index, reduction, grad_out):
+def _kernel(ops, logits, labels, temperature, ignore_index, reduction, grad_out, align_corners=True):
     def fn(x):
-        return ops.upsampled_cross_entropy(x, labels, temperature, ignore_index, reduction)
+        return ops.upsampled_cross_entropy(x, labels, temperature, ignore_index, reduction, align_corners)
 
     return forward_backward(fn, logits, grad_out)[:2]
 
@@ -61,38 +61,41 @@ def _assert_close(got, want, dtype):
     reduction=st.sampled_from([0, 1, 2]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    align_corners=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_reference(isa_kernel_ops, batch, k, h, w, out_size, temperature, ignore_index, ignore_frac, reduction,
-                           dtype, layout, seed):
+                           dtype, layout, align_corners, seed):
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     logits, labels = cross_entropy_inputs(batch, k, h, w, out_h, out_w, dtype, seed, ignore_frac, ignore_index)
-    want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction)
+    want, want_grad, grad_out = _eager(logits, labels, temperature, ignore_index, reduction, None, align_corners)
     got, got_grad = _kernel(isa_kernel_ops, with_layout(logits, layout), with_layout(labels, layout), temperature, ignore_index,
-                            reduction, grad_out)
+                            reduction, grad_out, align_corners)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
     if (labels != ignore_index).any() and k > 1:
         assert want_grad.abs().max() > 0  # the comparison is not between zeros
 
 
-def test_realistic_shapes_and_official_formula(isa_kernel_ops):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_realistic_shapes_and_official_formula(isa_kernel_ops, align_corners):
     logits, labels = cross_entropy_inputs(2, 19, 9, 17, 65, 129, torch.float32, 0, 0.2)
     x = logits.clone().requires_grad_(True)
-    up = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=True)
+    up = F.interpolate(x, size=(65, 129), mode="bilinear", align_corners=align_corners)
     want = torch.nn.CrossEntropyLoss(ignore_index=255)(up / 1.8, labels)
     want.backward()
-    got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, 1, torch.tensor(1.0))
+    got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, 1, torch.tensor(1.0), align_corners)
     _assert_close(got, want.detach(), torch.float32)
     _assert_close(got_grad, x.grad, torch.float32)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_cpu(isa_kernel_ops, dtype):
+def test_half_precision_cpu(isa_kernel_ops, dtype, align_corners):
     logits, labels = cross_entropy_inputs(2, 5, 6, 7, 23, 17, dtype, 1, 0.2, scale=2.0)
     for reduction in (0, 1, 2):
-        want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction)
-        got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out)
+        want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction, None, align_corners)
+        got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out, align_corners)
         assert got.dtype == dtype and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
@@ -122,17 +125,21 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
     logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
     logits.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.upsampled_cross_entropy.default, (logits, labels, 1.8, 255, reduction))
+    torch.library.opcheck(kernel_ops.upsampled_cross_entropy.default, (logits, labels, 1.8, 255, reduction, False))
     grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)
-    torch.library.opcheck(
-        kernel_ops.upsampled_cross_entropy_backward.default, (grad, logits.detach(), labels, 1.8, 255, reduction)
-    )
+    for align_corners in (True, False):
+        torch.library.opcheck(
+            kernel_ops.upsampled_cross_entropy_backward.default,
+            (grad, logits.detach(), labels, 1.8, 255, reduction, align_corners),
+        )
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_gradcheck(isa_kernel_ops, reduction):
+def test_gradcheck(isa_kernel_ops, reduction, align_corners):
     logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
     logits.requires_grad_(True)
-    fn = lambda x: isa_kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction)  # noqa: E731
+    fn = lambda x: isa_kernel_ops.upsampled_cross_entropy(x, labels, 1.8, 255, reduction, align_corners)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
 
 
@@ -162,6 +169,9 @@ def test_opcheck_with_grad(kernel_ops, requires_grad, reduction):
     logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, torch.float32, 4, 0.2)
     logits.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.upsampled_cross_entropy_with_grad.default, (logits, labels, 1.8, 255, reduction))
+    torch.library.opcheck(
+        kernel_ops.upsampled_cross_entropy_with_grad.default, (logits, labels, 1.8, 255, reduction, False)
+    )
 
 
 @pytest.mark.parametrize("reduction", [1, 2])
@@ -179,11 +189,12 @@ def test_with_grad_equals_forward_and_backward(kernel_ops, reduction):
         kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, 0)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [1, 2])
-def test_gradcheck_with_grad(kernel_ops, reduction):
+def test_gradcheck_with_grad(kernel_ops, reduction, align_corners):
     logits, labels = cross_entropy_inputs(1, 3, 3, 4, 5, 7, torch.float64, 5, 0.2)
     logits.requires_grad_(True)
-    fn = lambda x: kernel_ops.upsampled_cross_entropy_with_grad(x, labels, 1.8, 255, reduction)[0]  # noqa: E731
+    fn = lambda x: kernel_ops.upsampled_cross_entropy_with_grad(x, labels, 1.8, 255, reduction, align_corners)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
 
 

@@ -27,17 +27,19 @@ def poison(monkeypatch):
     monkeypatch.setenv("FADA_CORE_DEBUG_POISON", "1")
 
 
-def _eager(disc, seg, domain, size, weight, reduction, grad_out=None):
+def _eager(disc, seg, domain, size, weight, reduction, grad_out=None, align_corners=True):
     def fn(d):
         # the reference returns half losses in float32; the op in the inputs' dtype
-        return _reference.fada_loss(d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction]).to(d.dtype)
+        return _reference.fada_loss(
+            d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction], align_corners
+        ).to(d.dtype)
 
     return forward_backward(fn, disc, grad_out)
 
 
-def _kernel(ops, disc, seg, domain, size, weight, reduction, grad_out):
+def _kernel(ops, disc, seg, domain, size, weight, reduction, grad_out, align_corners=True):
     def fn(d):
-        return ops.fada_loss(d, seg, domain, T, CAP, size[0], size[1], weight, reduction)
+        return ops.fada_loss(d, seg, domain, T, CAP, size[0], size[1], weight, reduction, align_corners)
 
     return forward_backward(fn, disc, grad_out)[:2]
 
@@ -59,39 +61,43 @@ def _assert_close(got, want, dtype):
     weighted=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    align_corners=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_matches_reference(isa_kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted, dtype,
-                           layout, seed):
+                           layout, align_corners, seed):
     hs, ws = seg_size if seg_size is not None else (h, w)
     out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
     disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
-    want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction)
+    want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction, None, align_corners)
     got, got_grad = _kernel(isa_kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
-                            weight, reduction, grad_out)
+                            weight, reduction, grad_out, align_corners)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
     assert want_grad.abs().max() > 0  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("domain", [0, 1])
 @pytest.mark.parametrize("sizes", [((9, 17), (65, 129)), ((8, 16), (64, 128)), ((7, 11), (40, 24))])
-def test_realistic_shapes(isa_kernel_ops, domain, sizes):
+def test_realistic_shapes(isa_kernel_ops, domain, sizes, align_corners):
     (h, w), (out_h, out_w) = sizes
     disc, seg, _ = fada_loss_inputs(2, 19, h, w, h, w, out_h, out_w, torch.float32, 0, False)
     for reduction in (0, 1):
-        want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), None, reduction)
-        got, got_grad = _kernel(isa_kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out)
+        want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), None, reduction, None, align_corners)
+        got, got_grad = _kernel(isa_kernel_ops, disc, seg, domain, (out_h, out_w), None, reduction, grad_out,
+                                align_corners)
         _assert_close(got, want, torch.float32)
         _assert_close(got_grad, want_grad, torch.float32)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_cpu(isa_kernel_ops, dtype):
+def test_half_precision_cpu(isa_kernel_ops, dtype, align_corners):
     disc, seg, weight = fada_loss_inputs(2, 5, 6, 7, 6, 7, 23, 17, dtype, 1, True, scale=2.0)
     for reduction in (0, 1, 2):
-        want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction)
-        got, got_grad = _kernel(isa_kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out)
+        want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction, None, align_corners)
+        got, got_grad = _kernel(isa_kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out, align_corners)
         assert got.dtype == dtype and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
@@ -121,10 +127,13 @@ def test_opcheck(kernel_ops, requires_grad, reduction):
     disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 3, 4, 7, 9, torch.float32, 4, True)
     disc.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 1, T, CAP, 7, 9, weight, reduction))
-    torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction))
+    torch.library.opcheck(kernel_ops.fada_loss.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction, False))
     grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)
     torch.library.opcheck(
         kernel_ops.fada_loss_backward.default, (grad, disc.detach(), seg, 1, T, CAP, 7, 9, weight, reduction)
+    )
+    torch.library.opcheck(
+        kernel_ops.fada_loss_backward.default, (grad, disc.detach(), seg, 1, T, CAP, 7, 9, weight, reduction, False)
     )
 
 
@@ -134,7 +143,7 @@ def test_opcheck_with_grad(kernel_ops, requires_grad, reduction):
     disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 9, torch.float32, 4, True)
     disc.requires_grad_(requires_grad)
     torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 1, T, CAP, 7, 9, weight, reduction))
-    torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction))
+    torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction, False))
 
 
 @pytest.mark.parametrize("reduction", [1, 2])
@@ -152,11 +161,12 @@ def test_with_grad_equals_forward_and_backward(kernel_ops, reduction):
         kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 0)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [1, 2])
-def test_gradcheck_with_grad(kernel_ops, reduction):
+def test_gradcheck_with_grad(kernel_ops, reduction, align_corners):
     disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 3, 4, 5, 7, torch.float64, 5, True)
     disc.requires_grad_(True)
-    fn = lambda d: kernel_ops.fada_loss_with_grad(d, seg, 1, T, CAP, 5, 7, weight, reduction)[0]  # noqa: E731
+    fn = lambda d: kernel_ops.fada_loss_with_grad(d, seg, 1, T, CAP, 5, 7, weight, reduction, align_corners)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
 
 
@@ -183,11 +193,12 @@ def test_torch_compile_fullgraph_functional(kernel_ops):
     torch.testing.assert_close(d2.grad, d1.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
-def test_gradcheck(isa_kernel_ops, reduction):
+def test_gradcheck(isa_kernel_ops, reduction, align_corners):
     disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 2, 3, 5, 7, torch.float64, 5, True)
     disc.requires_grad_(True)
-    fn = lambda d: isa_kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction)  # noqa: E731
+    fn = lambda d: isa_kernel_ops.fada_loss(d, seg, 1, T, CAP, 5, 7, weight, reduction, align_corners)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
 
 

@@ -5,17 +5,18 @@
 
 #include <torch/library.h>
 
+#include "common/op_schemas.h"
 #include "cuda/class_stats_kernel.cu"
 #include "cuda/cross_entropy_kernel.cu"
 #include "cuda/fada_loss_kernel.cu"
 
 TORCH_LIBRARY(fada_core_emulated, m) {
-  m.def("fada_loss", &fada::cuda::fada_loss_cuda);
-  m.def("fada_loss_backward", &fada::cuda::fada_loss_backward_cuda);
-  m.def("fada_loss_with_grad", &fada::cuda::fada_loss_with_grad_cuda);
-  m.def("upsampled_cross_entropy", &fada::cuda::upsampled_cross_entropy_cuda);
-  m.def("upsampled_cross_entropy_backward", &fada::cuda::upsampled_cross_entropy_backward_cuda);
-  m.def("upsampled_cross_entropy_with_grad", &fada::cuda::upsampled_cross_entropy_with_grad_cuda);
-  m.def("class_center_stats", &fada_core::class_center_stats_cuda);
+  m.def(fada::schema::kFadaLoss, &fada::cuda::fada_loss_cuda);
+  m.def(fada::schema::kFadaLossBackward, &fada::cuda::fada_loss_backward_cuda);
+  m.def(fada::schema::kFadaLossWithGrad, &fada::cuda::fada_loss_with_grad_cuda);
+  m.def(fada::schema::kUpsampledCrossEntropy, &fada::cuda::upsampled_cross_entropy_cuda);
+  m.def(fada::schema::kUpsampledCrossEntropyBackward, &fada::cuda::upsampled_cross_entropy_backward_cuda);
+  m.def(fada::schema::kUpsampledCrossEntropyWithGrad, &fada::cuda::upsampled_cross_entropy_with_grad_cuda);
+  m.def(fada::schema::kClassCenterStats, &fada_core::class_center_stats_cuda);
   m.def("check_label_errors", &fada::cuda::raise_pending_label_errors);
 }

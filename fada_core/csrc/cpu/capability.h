@@ -25,13 +25,14 @@ namespace cpu_dispatch {
 
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512": the FADA_CORE_CPU_CAPABILITY values
+  // the last bool of the loss entries: align_corners
   at::Tensor (*fada_loss)(const at::Tensor&, const at::Tensor&, int64_t, double, double, int64_t, int64_t,
-                          const c10::optional<at::Tensor>&, int64_t);
+                          const c10::optional<at::Tensor>&, int64_t, bool);
   at::Tensor (*fada_loss_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
-                                   int64_t, int64_t, const c10::optional<at::Tensor>&, int64_t);
-  at::Tensor (*upsampled_cross_entropy)(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t);
+                                   int64_t, int64_t, const c10::optional<at::Tensor>&, int64_t, bool);
+  at::Tensor (*upsampled_cross_entropy)(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, bool);
   at::Tensor (*upsampled_cross_entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                 int64_t, int64_t);
+                                                 int64_t, int64_t, bool);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*class_center_stats)(const at::Tensor&, const at::Tensor&, int64_t,
                                                                        int64_t);
 };

@@ -210,7 +210,7 @@ constexpr const char* kBadLabel =
 
 // The CPU launches; everything around them is common/cross_entropy_host.h.
 at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
-                                       int64_t ignore_index, int64_t reduction) {
+                                       int64_t ignore_index, int64_t reduction, bool align_corners) {
   return host::upsampled_cross_entropy_forward(
       logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
@@ -218,7 +218,7 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
         const int64_t B = labels.size(0), H = labels.size(1);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, true);
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
           bool ok;
           if (reduction == 0) {
             ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr, nullptr);
@@ -242,7 +242,7 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
 
 at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in,
                                                 const at::Tensor& labels_in, double temperature, int64_t ignore_index,
-                                                int64_t reduction) {
+                                                int64_t reduction, bool align_corners) {
   return host::upsampled_cross_entropy_backward(
       grad_in, logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
@@ -251,7 +251,7 @@ at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const
                                         "upsampled_cross_entropy_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, true);
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
           at::Tensor g = grad.to(acc_type).contiguous();
           acc_t grad_scale = 1;
           const acc_t* grad_map = nullptr;

@@ -77,24 +77,28 @@ Active& active() {
 const Kernels& kernels() { return *active().kernels.load(std::memory_order_relaxed); }
 
 at::Tensor fada_loss(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, double cap,
-                     int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction) {
-  return kernels().fada_loss(disc, seg, domain, temperature, cap, out_h, out_w, weight, reduction);
+                     int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction,
+                     bool align_corners) {
+  return kernels().fada_loss(disc, seg, domain, temperature, cap, out_h, out_w, weight, reduction, align_corners);
 }
 
 at::Tensor fada_loss_backward(const at::Tensor& grad, const at::Tensor& disc, const at::Tensor& seg, int64_t domain,
                               double temperature, double cap, int64_t out_h, int64_t out_w,
-                              const c10::optional<at::Tensor>& weight, int64_t reduction) {
-  return kernels().fada_loss_backward(grad, disc, seg, domain, temperature, cap, out_h, out_w, weight, reduction);
+                              const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
+  return kernels().fada_loss_backward(grad, disc, seg, domain, temperature, cap, out_h, out_w, weight, reduction,
+                                      align_corners);
 }
 
 at::Tensor upsampled_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, double temperature,
-                                   int64_t ignore_index, int64_t reduction) {
-  return kernels().upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction);
+                                   int64_t ignore_index, int64_t reduction, bool align_corners) {
+  return kernels().upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners);
 }
 
 at::Tensor upsampled_cross_entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
-                                            double temperature, int64_t ignore_index, int64_t reduction) {
-  return kernels().upsampled_cross_entropy_backward(grad, logits, labels, temperature, ignore_index, reduction);
+                                            double temperature, int64_t ignore_index, int64_t reduction,
+                                            bool align_corners) {
+  return kernels().upsampled_cross_entropy_backward(grad, logits, labels, temperature, ignore_index, reduction,
+                                                    align_corners);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats(const at::Tensor& features,

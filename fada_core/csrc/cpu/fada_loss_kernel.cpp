@@ -317,7 +317,7 @@ at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, at::ScalarType ac
 
 at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
                          double temperature, double cap, int64_t out_h, int64_t out_w,
-                         const c10::optional<at::Tensor>& weight, int64_t reduction) {
+                         const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
   check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
   TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss (CPU kernel): expected CPU tensors");
   const at::Tensor disc = disc_logits.contiguous();
@@ -332,7 +332,7 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wt = acc_weight(weight, c10::CppTypeToScalarType<acc_t>::value);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, true);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, align_corners);
     if (reduction == 0) {
       fada_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr);
     } else {
@@ -349,7 +349,7 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
 
 at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc_logits, const at::Tensor& seg_logits,
                                   int64_t domain, double temperature, double cap, int64_t out_h, int64_t out_w,
-                                  const c10::optional<at::Tensor>& weight, int64_t reduction) {
+                                  const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
   check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
   TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss_backward (CPU kernel): expected CPU tensors");
   TORCH_CHECK(grad.device() == disc_logits.device(), "fada_loss_backward: grad must be on ", disc_logits.device());
@@ -369,7 +369,7 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = acc_weight(weight, acc_type);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, true);
+    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, align_corners);
     at::Tensor g = grad.to(acc_type).contiguous();
     acc_t grad_scale = 1;
     const acc_t* grad_map = nullptr;

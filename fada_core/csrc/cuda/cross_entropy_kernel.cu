@@ -550,7 +550,7 @@ void ce_backward_into(const at::Tensor& g_acc, const at::Tensor& logits, const a
 }
 
 at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
-                                        int64_t ignore_index, int64_t reduction) {
+                                        int64_t ignore_index, int64_t reduction, bool align_corners) {
   raise_pending_label_errors();
   return host::upsampled_cross_entropy_forward(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
@@ -560,7 +560,7 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
           const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
         });
@@ -569,7 +569,7 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
 
 at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in,
                                                  const at::Tensor& labels_in, double temperature, int64_t ignore_index,
-                                                 int64_t reduction) {
+                                                 int64_t reduction, bool align_corners) {
   raise_pending_label_errors();
   return host::upsampled_cross_entropy_backward(
       grad_in, logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
@@ -581,7 +581,7 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
                                         "upsampled_cross_entropy_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const at::Tensor g_acc = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
           const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           ce_backward_into<scalar_t, acc_t>(g_acc, logits, labels, g, cfg, reduction, grad_logits, stream);
         });
@@ -595,7 +595,7 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
 std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const at::Tensor& logits_in,
                                                                           const at::Tensor& labels_in,
                                                                           double temperature, int64_t ignore_index,
-                                                                          int64_t reduction) {
+                                                                          int64_t reduction, bool align_corners) {
   raise_pending_label_errors();
   return host::upsampled_cross_entropy_with_grad(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
@@ -606,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const 
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                         "upsampled_cross_entropy_with_grad_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, true);
+          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
           const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
           if (cfg.tiles == 0) {
             ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);

@@ -575,7 +575,7 @@ at::Tensor loss_output(const at::Tensor& disc, int64_t out_h, int64_t out_w, int
 
 at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
                           double temperature, double cap, int64_t out_h, int64_t out_w,
-                          const c10::optional<at::Tensor>& weight, int64_t reduction) {
+                          const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
   check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
   c10::cuda::CUDAGuard guard(disc_logits.device());
   const at::Tensor disc = disc_logits.contiguous();
@@ -587,8 +587,8 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wt = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
                                              : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
     forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
   });
   return out;
@@ -596,7 +596,8 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
 
 at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& disc_logits, const at::Tensor& seg_logits,
                                    int64_t domain, double temperature, double cap, int64_t out_h, int64_t out_w,
-                                   const c10::optional<at::Tensor>& weight, int64_t reduction) {
+                                   const c10::optional<at::Tensor>& weight, int64_t reduction,
+                                   bool align_corners) {
   check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
   TORCH_CHECK(grad.device() == disc_logits.device(), "fada_loss_backward: grad must be on ", disc_logits.device());
   const int64_t B = disc_logits.size(0);
@@ -618,8 +619,8 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& dis
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
     const at::Tensor g_acc = grad.to(acc_type).contiguous();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
     backward_into<scalar_t, acc_t>(g_acc, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
   });
   if (!grad_disc.is_same(result)) result.copy_(grad_disc);
@@ -634,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& di
                                                             const at::Tensor& seg_logits, int64_t domain,
                                                             double temperature, double cap, int64_t out_h,
                                                             int64_t out_w, const c10::optional<at::Tensor>& weight,
-                                                            int64_t reduction) {
+                                                            int64_t reduction, bool align_corners) {
   check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
   TORCH_CHECK(reduction != 0, "fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)");
   c10::cuda::CUDAGuard guard(disc_logits.device());
@@ -649,8 +650,8 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& di
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, true);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, true);
+    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
+    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
     if (cfg.tiles == 0) {
       forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
       backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg, reduction,

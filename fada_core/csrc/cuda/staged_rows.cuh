@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -55,8 +56,10 @@ struct StagedConfig {
 };
 
 // Host: first output index whose lower source index is >= j, for j = 0..in
-// (the last entry is out). The same float arithmetic as source_index on the
-// device, so host and device agree on every boundary.
+// (the last entry is out), by the device's source_index. Only the choice of
+// the block shape depends on it (the kernels find their ranges on the device),
+// so an output index on which the host and an FMA-contracting device disagree
+// (align_corners=False: scale * (dst + 1/2) - 1/2) costs no correctness.
 template <typename acc_t>
 std::vector<int64_t> first_output_at_or_beyond(const AxisMap<acc_t>& map, int64_t in, int64_t out) {
   std::vector<int64_t> first(static_cast<size_t>(in + 1), out);
@@ -68,13 +71,24 @@ std::vector<int64_t> first_output_at_or_beyond(const AxisMap<acc_t>& map, int64_
   return first;
 }
 
+// Host: FADA_CORE_CUDA_GENERAL_KERNELS=1 turns the staged fast paths off, so
+// every shape takes the general kernels. For the tests only, which hold the
+// general kernels to the reference on random shapes that way (the fast paths
+// take nearly all of them otherwise); read at every call, so a test can switch.
+inline bool general_kernels_forced() {
+  const char* v = std::getenv("FADA_CORE_CUDA_GENERAL_KERNELS");
+  return v != nullptr && v[0] == '1';
+}
+
 // Host: the tile width and block size that waste the fewest thread-chunk slots
 // on the widest tile (idle lanes), among those whose shared memory fits in
 // `limit` (smem_of(nx, tj) bytes). Ties go to the wider tile (fewer staged
 // halo columns). tiles == 0 when nothing fits. Depends only on the shapes and
-// `limit`, so the summation order is the same on every run.
+// `limit`, so the summation order is the same on every run. tiles == 0 too
+// when general_kernels_forced().
 template <typename acc_t, typename SmemOf>
 StagedConfig choose_staged_config(const AxisMap<acc_t>& sx, int64_t w, int64_t W, size_t limit, SmemOf smem_of) {
+  if (general_kernels_forced()) return StagedConfig();
   const std::vector<int64_t> first = first_output_at_or_beyond<acc_t>(sx, w, W);
   StagedConfig best;
   int64_t best_cost = -1;
