@@ -198,9 +198,8 @@ def _successors(fn: Function, i: int) -> List[int]:
 
 def shortest_path(fn: Function, k: int) -> int:
     """Instructions on the shortest path through loop k's body, from its first instruction to its
-    back branch (both counted): the iteration that takes every fast path. Blocks nvcc moved out of
-    the loop's address range count where the path goes through them; a path may not leave
-    backwards (to an enclosing loop's head). Only for a loop with no loop nested in it."""
+    back branch (both counted), within the loop's address range: the iteration that takes every
+    fast path. Only for a loop with no loop nested in it."""
     lp = fn.loops[k]
     if any(o.parent == k for o in fn.loops):
         raise ValueError(f"{fn.name}: the loop at line {lp.line} has nested loops; no shortest path model for it")
@@ -210,7 +209,7 @@ def shortest_path(fn: Function, k: int) -> int:
         nxt = []
         for i in frontier:
             for j in _successors(fn, i):
-                if j >= lp.start and j not in dist:
+                if lp.start <= j <= lp.end and j not in dist:
                     dist[j] = dist[i] + 1
                     nxt.append(j)
         frontier = nxt
