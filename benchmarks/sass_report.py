@@ -94,6 +94,7 @@ _LABEL = re.compile(r"^(\.L_x_\d+|\$\S+):")
 _INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\d+)")
+_MOVE = re.compile(r"\b(?:IMAD\.MOV\.U32|MOV)\s+(R\d+),\s*(?:RZ,\s*RZ,\s*)?(R\d+)\s*$")
 _INCREMENT = re.compile(r"\b(?:U?IADD3|VIADD)\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(U?R\d+),\s*(-?0x[0-9a-f]+|-?\d+)\b")
 
 
@@ -171,9 +172,14 @@ def _induction_step(body: List[Instruction]) -> int:
         m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
         if m and m.group(1) in compared:
             feeds.update(r.lstrip("-") for r in m.group(2, 3))
+    # c' = c + immediate into another register, then moved back into c (``left -= 32`` on sm_90)
+    sums = {m.group(1): (m.group(2), m.group(3)) for m in map(_INCREMENT.search, (i.text for i in body)) if m}
     for wanted in (compared, feeds):
         for ins in reversed(body):
             m = _INCREMENT.search(ins.text)
+            moved = _MOVE.search(ins.text)
+            if moved and sums.get(moved.group(2), ("", ""))[0] == moved.group(1) and moved.group(1) in wanted:
+                m = _INCREMENT.search(f"IADD3 {moved.group(1)}, {moved.group(1)}, {sums[moved.group(2)][1]}")
             if m and m.group(1) == m.group(2) and m.group(1) in wanted:
                 step = int(m.group(3), 0)
                 step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
@@ -439,18 +445,21 @@ def staged_partials(s: LossShape) -> float:  # one per staged block
 # The statistics kernel's benchmark shape (issue 11's): B=2, C=2048 channels, K=19 classes, 65x129
 # (NCHW with h*w % 4 == 0 takes the 16-byte path, costed at 64x128).
 STATS_SHAPE = dict(B=2, C=2048, K=19, h=65, w=129)
-STATS_MIN_SPLIT, STATS_MAX_SPLITS, LANES = 1024, 64, 32  # kMinSplit, kMaxSplits, kLanes
+STATS_MIN_SPLIT, STATS_MAX_SPLIT, STATS_MAX_SPLITS, LANES = 1024, 1 << 30, 64, 32  # kMinSplit, ..., kLanes
 
 
 def stats_split_length(batch: int, hw: int) -> int:
     """Pixels of one image per split, as split_length picks them (csrc/cuda/class_stats_kernel.cu)."""
-    n = max(-(-batch * hw // STATS_MAX_SPLITS), STATS_MIN_SPLIT)
+    n = min(max(-(-batch * hw // STATS_MAX_SPLITS), STATS_MIN_SPLIT), STATS_MAX_SPLIT)
     return -(-n // LANES) * LANES
 
 
 # partial_stats_kernel's layouts as the report names its instantiations' template arguments
 LAYOUT = "(fada_core::(anonymous namespace)::Layout)"
 STATS_LAYOUTS = {0: "channels_last", 1: "NCHW", 2: "NCHW, h*w % 4 == 0 (16-byte loads; 64x128)"}
+
+
+STATS_STEP = r"for \(int left = "  # the walk over a split, a 32-pixel step per iteration
 
 
 def partial_stats_model(targs: str) -> Model:
@@ -467,8 +476,8 @@ def partial_stats_model(targs: str) -> Model:
     return Model(
         threads=units * LANES,
         outputs=B * hw * C,
-        trips=[(r"for \(int64_t base = p_begin", steps, LANES), (r"for \(int k = 0; k < num_classes; \+\+k\)", K, 1)],
-        fast_path=(r"for \(int64_t base = p_begin",),
+        trips=[(STATS_STEP, steps, LANES), (r"for \(int k = 0; k < num_classes; \+\+k\)", K, 1)],
+        fast_path=(STATS_STEP,),
     )
 
 

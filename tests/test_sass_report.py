@@ -114,20 +114,28 @@ k2:
         /*00b0*/                   BRA `(.L_x_12);
 """
 
-SOURCE_FAST_PATH = {"k.cu": [""] * 29 + ["for (int64_t base = p_begin; base < p_end; base += kLanes) {"]}
+SOURCE_FAST_PATH = {"k.cu": [""] * 29 + ["for (int left = n; left > 0; left -= kLanes) {"]}
 
 
 def test_fast_path_counts_the_shortest_way_through_the_loop():
     fn = S.parse_sass(SASS_FAST_PATH)["k2"]
     assert [(lp.line, lp.exclusive, lp.step) for lp in fn.loops] == [(30, 9, 32)]
     assert S.shortest_path(fn, 0) == 6  # LDG, ISETP, BRA, IADD3, ISETP, BRA: the FADD/FMUL block skipped
-    trips = [(r"for \(int64_t base = p_begin", 10, 32)]
+    trips = [(S.STATS_STEP, 10, 32)]
     every = S.cost_of(fn, S.Model(threads=32, outputs=32 * 32 * 10, trips=trips), SOURCE_FAST_PATH)
     fast = S.cost_of(fn, S.Model(threads=32, outputs=32 * 32 * 10, trips=trips, fast_path=(trips[0][0],)),
                      SOURCE_FAST_PATH)
     # per thread: 3 top level (MOV, EXIT, the trap branch) + 10 steps of 9 (every instruction) or 6
     assert every.per_output == pytest.approx((3 + 10 * 9) / (32 * 10))
     assert fast.per_output == pytest.approx((3 + 10 * 6) / (32 * 10))
+
+
+def test_induction_step_through_another_register():
+    """``left -= 32`` compiled as a sum into another register that is moved back."""
+    body = [S.Instruction(t, "k.cu", 1) for t in (
+        "ISETP.GT.AND P0, PT, R26, 0x20, PT", "VIADD R19, R26, 0xffffffe0", "IADD3 R13, P3, R13, 0x40, RZ",
+        "IMAD.MOV.U32 R26, RZ, RZ, R19", "@P0 BRA `(.L_x_54)")]
+    assert S._induction_step(body) == 32
 
 
 def test_fast_path_needs_a_loop_without_nested_loops():
@@ -140,6 +148,7 @@ def test_stats_model_follows_the_kernels_splits():
     assert S.stats_split_length(2, 65 * 129) == 1024  # at least kMinSplit
     assert S.stats_split_length(64, 512 * 1024) == 512 * 1024  # about kMaxSplits splits over the batch
     assert S.stats_split_length(3, 40000) % 32 == 0
+    assert S.stats_split_length(1, 1 << 40) == 1 << 30  # kMaxSplit: a split's pixels fit an int
     B, C, hw = 2, 2048, 65 * 129
     m = S.partial_stats_model(f"float, {S.LAYOUT}1")
     # 9 splits per image (8 of 1024 pixels, one of 193): 64 channel groups x 18 splits, one warp each
