@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
@@ -86,6 +87,25 @@ struct Geometry {
 
 template <typename scalar_t>
 __device__ __forceinline__ double to_double(scalar_t v) {
+#if defined(__CUDA_ARCH__)
+  // Half and bfloat16 straight to double: one conversion instruction (exact, as
+  // through float; nvcc converts twice otherwise). cvt.f64.bf16 needs sm_90.
+  constexpr bool kHalf = std::is_same<scalar_t, at::Half>::value;
+#if __CUDA_ARCH__ >= 900
+  constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
+#else
+  constexpr bool kBFloat16 = false;
+#endif
+  if constexpr (kHalf || kBFloat16) {
+    double d;
+    if constexpr (kHalf) {
+      asm("cvt.f64.f16 %0, %1;" : "=d"(d) : "h"(v.x));
+    } else {
+      asm("cvt.f64.bf16 %0, %1;" : "=d"(d) : "h"(v.x));
+    }
+    return d;
+  }
+#endif
   return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
 }
 
@@ -164,19 +184,16 @@ enum class Layout : int {
 
 // How a warp fills the NCHW tile, 32 channel rows x 32 pixels. A load takes
 // kRows rows, each a run of kRun lanes x kVec pixels. 16-byte loads
-// (kPlanesVec16): a run is a row's 32 pixels. 4-byte loads (rows not 16-byte
-// aligned): runs of 64 bytes, so that one 64-bit row address serves
-// 32 / kRunPixels loads at immediate offsets (such an address costs two
-// instructions: with lane = pixel, one per load); the runs stay whole sector
-// pairs. Lane group g's row in pass `it`: g * kGroupStride + it * kPassStride,
-// chosen so that the tile stores of one load land in distinct banks (row
-// stride 33).
+// (kPlanesVec16): a run is a row's 32 pixels. Element loads (rows not 16-byte
+// aligned): two rows per load, runs of 16 pixels (64 bytes in float32), so
+// that one 64-bit row address serves two loads at immediate offsets (such an
+// address costs two instructions: with lane = pixel, one per load). Lane
+// group g's row in pass `it`: g * kGroupStride + it * kPassStride, chosen so
+// that the tile stores of one load land in distinct banks (row stride 33).
 template <typename scalar_t, Layout kLayout>
 struct TileLoads {
   static constexpr int kVec = kLayout == Layout::kPlanesVec16 ? 16 / sizeof(scalar_t) : 1;
-  static constexpr int kRunBytes = kVec > 1 ? kLanes * static_cast<int>(sizeof(scalar_t)) : 64;
-  static constexpr int kRunLanes = kRunBytes / (kVec * static_cast<int>(sizeof(scalar_t)));
-  static constexpr int kRun = kRunLanes < kLanes ? kRunLanes : kLanes;
+  static constexpr int kRun = kVec > 1 ? kLanes / kVec : kLanes / 2;
   static constexpr int kRows = kLanes / kRun;
   static constexpr int kRunPixels = kRun * kVec;
   static constexpr int kGroupStride = kVec > 1 ? 1 : kRun;
