@@ -172,19 +172,25 @@ def _induction_step(body: List[Instruction]) -> int:
         m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
         if m and m.group(1) in compared:
             feeds.update(r.lstrip("-") for r in m.group(2, 3))
-    # c' = c + immediate into another register, then moved back into c (``left -= 32`` on sm_90)
-    sums = {m.group(1): (m.group(2), m.group(3)) for m in map(_INCREMENT.search, (i.text for i in body)) if m}
+    # (register, source, immediate) of every add of an immediate; c + immediate may go into another
+    # register that is then moved back into c (``left -= 32`` on sm_90)
+    adds = [m.group(1, 2, 3) for m in map(_INCREMENT.search, (i.text for i in body)) if m]
     for wanted in (compared, feeds):
         for ins in reversed(body):
-            m = _INCREMENT.search(ins.text)
-            moved = _MOVE.search(ins.text)
-            if moved and sums.get(moved.group(2), ("", ""))[0] == moved.group(1) and moved.group(1) in wanted:
-                m = _INCREMENT.search(f"IADD3 {moved.group(1)}, {moved.group(1)}, {sums[moved.group(2)][1]}")
+            m, moved = _INCREMENT.search(ins.text), _MOVE.search(ins.text)
             if m and m.group(1) == m.group(2) and m.group(1) in wanted:
-                step = int(m.group(3), 0)
-                step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
-                return abs(step) if step else 1
+                return _step(m.group(3))
+            if moved and moved.group(1) in wanted:
+                into = [imm for reg, src, imm in adds if reg == moved.group(2) and src == moved.group(1)]
+                if into:
+                    return _step(into[-1])
     return 1
+
+
+def _step(immediate: str) -> int:
+    step = int(immediate, 0)
+    step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
+    return abs(step) if step else 1
 
 
 _ENDS = re.compile(r"^(?:EXIT|RET)\b")

@@ -17,7 +17,7 @@
 //     in both layouts: channels_last reads 32 consecutive channels of a pixel
 //     straight into the lanes; NCHW reads runs of a channel's consecutive
 //     pixels (a row's 32 in 16-byte vectors when planes are 16-byte aligned,
-//     else 64-byte runs of two rows per instruction: TileLoads) into a
+//     else runs of 16 pixels of two rows per instruction: TileLoads) into a
 //     shared-memory tile, which each lane then reads along its channel. No
 //     64-bit division and no 64-bit pixel counter in the loop.
 //  4. reduce_splits: per (class, channel), sums the splits in order and
