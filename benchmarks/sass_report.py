@@ -3,15 +3,16 @@
 Compiles every ``fada_core/csrc/cuda/*.cu`` for one architecture (default sm_90) against torch's
 headers with the library's own nvcc flags, disassembles the cubin (``nvdisasm``, with line info)
 and prints, per kernel: registers and spill bytes (ptxas), SASS instructions, loops, and, where a
-trip-count model below covers the kernel, SASS instructions per output (per output pixel for the
-losses) at the benchmark shape B=4, K=19, 64x128 -> 512x1024.
+trip-count model below covers the kernel, SASS instructions per output at the benchmark shapes: per
+output pixel for the losses at B=4, K=19, 64x128 -> 512x1024; per element (one pixel of one channel)
+for the class statistics at B=2, C=2048, K=19, 65x129.
 
 How the per-output figure is derived:
 
 1. Loops are found in the SASS: a branch back to an earlier label closes a loop; loops nest by
    address range. Each instruction counts once, in its innermost loop (or at top level).
 2. Each SASS loop is tied to a source loop by the line info of its back branch: that line's text
-   is matched against the kernel's model (``MODELS``), which gives the source loop's trip count
+   is matched against the kernel's model (``models()``), which gives the source loop's trip count
    per execution of its enclosing loop at the benchmark shape (and its source step, e.g. 4 for
    ``y0 += kRows``).
 3. Unrolling: the loop's induction register is found (compared in the loop, directly or through
@@ -19,7 +20,9 @@ How the per-output figure is derived:
    1 above 16 or for loops that run at most once per thread: that step is a pointer's). The most unrolled loop on a line runs
    floor(trips / u) times, other loops on the line (remainders) take what is left in turn; a
    peeled remainder is straight code of the enclosing loop and counted with it.
-4. Per thread: sum of (instructions in loop x executions of its body); top-level code counts once
+4. Per thread: sum of (instructions in loop x executions of its body); a loop the model marks
+   ``fast_path`` counts only the shortest path through its body (the class statistics' 32-pixel step
+   without a class change: a figure for the common case, not a bound); top-level code counts once
    (both sides of every branch: an upper bound), except the subroutines nvcc appends for slow
    paths (64-bit division when an operand exceeds 32 bits); an outermost loop whose first
    iteration was peeled into the code before it runs one iteration fewer. Times the threads launched (the model's
@@ -83,13 +86,15 @@ class Function:
     instructions: List[Instruction] = field(default_factory=list)
     loops: List[Loop] = field(default_factory=list)
     subroutine_instructions: int = 0  # in CALL targets outside every loop
+    labels: Dict[str, int] = field(default_factory=dict)  # branch target -> index of its instruction
 
 
 _FILE_LINE = re.compile(r'\s*//## File "(.*)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+|\$\S+):")
 _INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
-_BACK_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\d+)")
+_MOVE = re.compile(r"\b(?:IMAD\.MOV\.U32|MOV)\s+(R\d+),\s*(?:RZ,\s*RZ,\s*)?(R\d+)\s*$")
 _INCREMENT = re.compile(r"\b(?:U?IADD3|VIADD)\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(U?R\d+),\s*(-?0x[0-9a-f]+|-?\d+)\b")
 
 
@@ -113,6 +118,7 @@ def parse_sass(text: str) -> Dict[str, Function]:
             m = _INSTR.match(raw)
             if m:
                 fn.instructions.append(Instruction(m.group(1), *where))
+        fn.labels = labels
         _find_loops(fn, labels)
         _find_subroutines(fn, labels)
         functions[name] = fn
@@ -137,7 +143,7 @@ def _peeled(fn: Function, k: int) -> bool:
 
 def _find_loops(fn: Function, labels: Dict[str, int]) -> None:
     for i, ins in enumerate(fn.instructions):
-        m = _BACK_BRANCH.search(ins.text)
+        m = _BRANCH.search(ins.text)
         if m and labels.get(m.group(1), len(fn.instructions)) <= i:
             start = labels[m.group(1)]
             if start == i and "@" not in ins.text:  # the trap loop at the end of every kernel
@@ -166,14 +172,62 @@ def _induction_step(body: List[Instruction]) -> int:
         m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
         if m and m.group(1) in compared:
             feeds.update(r.lstrip("-") for r in m.group(2, 3))
+    # (register, source, immediate) of every add of an immediate; c + immediate may go into another
+    # register that is then moved back into c (``left -= 32`` on sm_90)
+    adds = [m.group(1, 2, 3) for m in map(_INCREMENT.search, (i.text for i in body)) if m]
     for wanted in (compared, feeds):
         for ins in reversed(body):
-            m = _INCREMENT.search(ins.text)
+            m, moved = _INCREMENT.search(ins.text), _MOVE.search(ins.text)
             if m and m.group(1) == m.group(2) and m.group(1) in wanted:
-                step = int(m.group(3), 0)
-                step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
-                return abs(step) if step else 1
+                return _step(m.group(3))
+            if moved and moved.group(1) in wanted:
+                into = [imm for reg, src, imm in adds if reg == moved.group(2) and src == moved.group(1)]
+                if into:
+                    return _step(into[-1])
     return 1
+
+
+def _step(immediate: str) -> int:
+    step = int(immediate, 0)
+    step = step - (1 << 32) if step >= 1 << 31 else step  # 32-bit immediates: 0xfffffffc is -4
+    return abs(step) if step else 1
+
+
+_ENDS = re.compile(r"^(?:EXIT|RET)\b")
+
+
+def _successors(fn: Function, i: int) -> List[int]:
+    """Where control can go after instruction i: the next one unless an unpredicated branch, EXIT or
+    RET, and a branch's target."""
+    text = fn.instructions[i].text
+    predicated = text.startswith("@")
+    m = _BRANCH.search(text)
+    out = [fn.labels[m.group(1)]] if m and m.group(1) in fn.labels else []
+    if predicated or (not m and not _ENDS.match(text)):
+        out.append(i + 1)
+    return [j for j in out if j < len(fn.instructions)]
+
+
+def shortest_path(fn: Function, k: int) -> int:
+    """Instructions on the shortest path through loop k's body, from its first instruction to its
+    back branch (both counted), within the loop's address range: the iteration that takes every
+    fast path. Only for a loop with no loop nested in it."""
+    lp = fn.loops[k]
+    if any(o.parent == k for o in fn.loops):
+        raise ValueError(f"{fn.name}: the loop at line {lp.line} has nested loops; no shortest path model for it")
+    dist = {lp.start: 1}
+    frontier = [lp.start]
+    while frontier and lp.end not in dist:
+        nxt = []
+        for i in frontier:
+            for j in _successors(fn, i):
+                if lp.start <= j <= lp.end and j not in dist:
+                    dist[j] = dist[i] + 1
+                    nxt.append(j)
+        frontier = nxt
+    if lp.end not in dist:
+        raise ValueError(f"{fn.name}: no path through the loop at line {lp.line}")
+    return dist[lp.end]
 
 
 def top_level_count(fn: Function) -> int:
@@ -262,188 +316,217 @@ def old_adjoint_config(C: int, w: int, W: int) -> Tuple[int, int]:
 
 @dataclass
 class Model:
-    """Trip counts of one kernel at the benchmark shape: (regex on the loop's source line, trips, step)."""
+    """Trip counts of one kernel at its benchmark shape: (regex on the loop's source line, trips, step).
+    A loop whose line matches a ``fast_path`` regex counts the shortest path through its body (every
+    fast path taken) instead of all its instructions."""
 
     threads: float
     outputs: float
     trips: List[Tuple[str, float, int]]
+    fast_path: Tuple[str, ...] = ()
 
 
-def fada_models() -> Dict[str, Callable[[], Model]]:
-    B, K, h, w, H, W = (SHAPE[k] for k in ("B", "K", "h", "w", "H", "W"))
-    C = 2 * K
-    pixels = B * H * W
-    search = math.ceil(math.log2(W)) + 1  # binary searches over output indices
-    cols_per_source = W / w
-    rows_per_group = H / h
-    i0y = source_i0(h, H)
-    groups = [i0y.count(r) for r in range(h)]
-    batches = sum(-(-n // 4) for n in groups) / h  # passes of kRows = 4 rows per row group
-    tj, nx = staged_config(K, w, W)
+@dataclass
+class LossShape:
+    """The benchmark shape as one loss's kernels see it, and the tilings their host code derives."""
+
+    C: int  # logit channels per pixel (FADA: the discriminator's 2K; cross-entropy: K)
+    staged_channels: float  # planes per stage_rows call, averaged over the kernel's calls
+    B: int = SHAPE["B"]
+    K: int = SHAPE["K"]
+    h: int = SHAPE["h"]
+    w: int = SHAPE["w"]
+    H: int = SHAPE["H"]
+    W: int = SHAPE["W"]
+    staged: Tuple[int, int] = (1, 32)  # (tj, nx) of the staged kernel
+    adjoint: Tuple[int, int] = (1, 32)  # (tj, nx) of the general backward
+
+    @property
+    def pixels(self) -> int:
+        return self.B * self.H * self.W
+
+    @property
+    def search(self) -> int:  # binary searches over output indices
+        return math.ceil(math.log2(self.W)) + 1
+
+    @property
+    def batches(self) -> float:  # passes of kRows = 4 rows per row group
+        i0y = source_i0(self.h, self.H)
+        return sum(-(-i0y.count(r) // 4) for r in range(self.h)) / self.h
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.w // self.staged[0])
+
+
+def loss_shape(C: int, staged_channels: float, smem_of: Callable[[int, int, int], int],
+               smem_limit: int = 227 * 1024) -> LossShape:
+    s = LossShape(C, staged_channels)
+    s.staged = staged_config(s.K, s.w, s.W, smem_of, smem_limit)
+    s.adjoint = old_adjoint_config(C, s.w, s.W)
+    return s
+
+
+# The kernels of both losses, as functions of the loss's shape. Lines that only one loss's source
+# has match nothing in the other's.
+def staged_model(s: LossShape) -> Model:
+    tj, nx = s.staged
     ns = tj + 1
-    tiles = -(-w // tj)
-    otj, onx = old_adjoint_config(C, w, W)
-    common = [(r"while \(lo < hi\)", search, 1), (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1)]
-
-    def staged() -> Model:
-        return Model(
-            threads=B * h * tiles * nx,
-            outputs=pixels,
-            trips=common
-            + [
-                (r"for \(int e = tid; e < static_cast<int>\(C \* 2 \* ns_max\)", math.ceil(C * 2 * ns / nx), 1),
-                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
-                (r"for \(int e = threadIdx.x; e < total;", 1.5 * K * 2 * ns / nx, 1),  # disc (2K), seg (K) rows
-                (r"for \(int cx0 = xa", 1, 1),
-                (r"for \(int c = 0; c < 3 \* k", 3 * K, 1),
-                (r"for \(int y0 = ya", batches, 4),
-                (r"for \(int c = 0; c < c2; \+\+c\)", C, 1),
-                (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
-                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(C * ns / nx), 1),
-                (r"for \(int x = lo; x < hi", cols_per_source, 1),
-                (r"for \(int tb = 0; tb < 2", 2, 1),
-            ],
-        )
-
-    def forward() -> Model:
-        return Model(
-            threads=pixels,
-            outputs=pixels,
-            trips=[
-                (r"for \(int64_t idx = ", 1, 1),
-                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
-                (r"for \(int64_t c = 0; c < 2 \* g.K", C, 1),
-                (r"for \(int stride = blockDim.x / 2", 8, 1),
-            ],
-        )
-
-    def backward() -> Model:
-        return Model(
-            threads=B * h * -(-w // otj) * onx,
-            outputs=pixels,
-            trips=[
-                (r"while \(lo < hi\)", search, 1),
-                (r"for \(int64_t cx0 = blk.xa", 1, 1),
-                (r"for \(int64_t y = blk.ya", rows_per_group, 1),
-                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
-                (r"for \(int64_t c = 0; c < 2 \* g.K", C, 1),
-                (r"for \(int64_t c = 0; c < C; \+\+c\)", C, 1),
-                (r"for \(int64_t c = 0; c < blk.channels", C, 1),
-                (r"e < channels \* tj", math.ceil(C * otj / onx), 1),
-                (r"jj < blk.nj", 1, 1),
-                (r"e < blk.channels \* blk.nj", math.ceil(C * otj / onx), 1),
-                (r"for \(int64_t xx = lo", 2 * cols_per_source, 1),
-            ],
-        )
-
-    def gather() -> Model:  # one thread per low-resolution gradient element
-        return Model(threads=B * C * h * w, outputs=pixels, trips=[(r"for \(int64_t idx = ", 1, 1)])
-
-    def reduce_partials() -> Model:
-        partials = tiles * h * B
-        return Model(threads=1024, outputs=pixels,
-                     trips=[(r"i < n; i \+= blockDim.x", partials / 1024, 1), (r"for \(int stride", 10, 1)])
-
-    return {
-        "fada_staged_kernel": staged,
-        "fada_forward_kernel": forward,
-        "fada_backward_kernel": backward,
-        "staged_gather_kernel": gather,
-        "gather_partials_kernel": gather,
-        "reduce_partials_kernel": reduce_partials,
-    }
+    return Model(
+        threads=s.B * s.h * s.tiles * nx,
+        outputs=s.pixels,
+        trips=[
+            (r"while \(lo < hi\)", s.search, 1),
+            (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
+            (r"for \(int e = tid; e < (static_cast<int>\(C|k) \* 2 \* ns", math.ceil(s.C * 2 * ns / nx), 1),
+            (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
+            (r"for \(int e = threadIdx.x; e < total;", s.staged_channels * 2 * ns / nx, 1),
+            (r"for \(int cx0 = xa", 1, 1),
+            (r"for \(int c = 0; c < 3 \* k", 3 * s.K, 1),  # FADA
+            (r"for \(int y0 = ya", s.batches, 4),
+            (r"for \(int c = 0; c < c2; \+\+c\)", s.C, 1),  # FADA
+            (r"for \(int c = 0; c < k; \+\+c\)", s.K, 1),
+            (r"e < static_cast<int>\(channels\) \* ns", math.ceil(s.C * ns / nx), 1),
+            (r"for \(int x = lo; x < hi", s.W / s.w, 1),
+            (r"for \(int tb = 0; tb < 2", 2, 1),
+        ],
+    )
 
 
-def ce_models() -> Dict[str, Callable[[], Model]]:
-    """The upsampled cross-entropy's kernels (csrc/cuda/cross_entropy_kernel.cu) at the same shape."""
-    B, K, h, w, H, W = (SHAPE[k] for k in ("B", "K", "h", "w", "H", "W"))
-    pixels = B * H * W
-    search = math.ceil(math.log2(W)) + 1
-    cols_per_source = W / w
-    rows_per_group = H / h
-    i0y = source_i0(h, H)
-    groups = [i0y.count(r) for r in range(h)]
-    batches = sum(-(-n // 4) for n in groups) / h
+def forward_model(s: LossShape) -> Model:
+    return Model(
+        threads=s.pixels,
+        outputs=s.pixels,
+        trips=[
+            (r"for \(int64_t idx = ", 1, 1),
+            (r"for \(int64_t c = 0; c < g.K; \+\+c\)", s.K, 1),
+            (r"for \(int64_t c = 0; c < 2 \* g.K", 2 * s.K, 1),  # FADA
+            (r"for \(int stride = blockDim.x / 2", 8, 1),
+        ],
+    )
+
+
+def backward_model(s: LossShape) -> Model:
+    tj, nx = s.adjoint
+    return Model(
+        threads=s.B * s.h * -(-s.w // tj) * nx,
+        outputs=s.pixels,
+        trips=[
+            (r"while \(lo < hi\)", s.search, 1),
+            (r"for \(int64_t cx0 = blk.xa", 1, 1),
+            (r"for \(int64_t y = blk.ya", s.H / s.h, 1),
+            (r"for \(int64_t c = 0; c < g.K; \+\+c\)", s.K, 1),
+            (r"for \(int64_t c = 0; c < 2 \* g.K", 2 * s.K, 1),  # FADA
+            (r"for \(int64_t c = 0; c < C; \+\+c\)", s.C, 1),
+            (r"for \(int64_t c = 0; c < blk.channels", s.C, 1),
+            (r"e < channels \* tj", math.ceil(s.C * tj / nx), 1),
+            (r"jj < blk.nj", 1, 1),
+            (r"e < blk.channels \* blk.nj", math.ceil(s.C * tj / nx), 1),
+            (r"for \(int64_t xx = lo", 2 * s.W / s.w, 1),
+        ],
+    )
+
+
+def gather_model(s: LossShape) -> Model:  # one thread per low-resolution gradient element
+    return Model(threads=s.B * s.C * s.h * s.w, outputs=s.pixels, trips=[(r"for \(int64_t idx = ", 1, 1)])
+
+
+def count_valid_model(s: LossShape) -> Model:
+    return Model(threads=s.pixels, outputs=s.pixels,
+                 trips=[(r"for \(int64_t idx = ", 1, 1), (r"for \(int stride = blockDim.x / 2", 8, 1)])
+
+
+def one_block_model(partials: Callable[[LossShape], float]) -> Callable[[LossShape], Model]:
+    """A final sum over `partials(s)` values by one block of 1024 threads."""
+    return lambda s: Model(threads=1024, outputs=s.pixels,
+                           trips=[(r"i < n; i \+= blockDim.x", partials(s) / 1024, 1), (r"for \(int stride", 10, 1)])
+
+
+def staged_partials(s: LossShape) -> float:  # one per staged block
+    return s.tiles * s.h * s.B
+
+
+# ---------------------------------------------------------------- class statistics
+
+# The statistics kernel's benchmark shape (issue 11's): B=2, C=2048 channels, K=19 classes, 65x129
+# (NCHW with h*w % 4 == 0 takes the 16-byte path, costed at 64x128).
+STATS_SHAPE = dict(B=2, C=2048, K=19, h=65, w=129)
+STATS_MIN_SPLIT, STATS_MAX_SPLIT, STATS_MAX_SPLITS, LANES = 1024, 1 << 30, 64, 32  # kMinSplit, ..., kLanes
+
+
+def stats_split_length(batch: int, hw: int) -> int:
+    """Pixels of one image per split, as split_length picks them (csrc/cuda/class_stats_kernel.cu)."""
+    n = min(max(-(-batch * hw // STATS_MAX_SPLITS), STATS_MIN_SPLIT), STATS_MAX_SPLIT)
+    return -(-n // LANES) * LANES
+
+
+# partial_stats_kernel's layouts as the report names its instantiations' template arguments
+LAYOUT = "(fada_core::(anonymous namespace)::Layout)"
+STATS_LAYOUTS = {0: "channels_last", 1: "NCHW", 2: "NCHW, h*w % 4 == 0 (16-byte loads; 64x128)"}
+
+
+STATS_STEP = r"for \(int left = "  # the walk over a split, a 32-pixel step per iteration
+
+
+def partial_stats_model(targs: str) -> Model:
+    """One warp per (32-channel group, split of an image's pixels), stepping 32 pixels at a time;
+    per output element (one pixel of one channel). Each step counts the path of a step without a
+    class change (the fast path; a change adds a test per pixel and a flush per change)."""
+    B, C, K = STATS_SHAPE["B"], STATS_SHAPE["C"], STATS_SHAPE["K"]
+    h, w = (64, 128) if targs.endswith(f"{LAYOUT}2") else (STATS_SHAPE["h"], STATS_SHAPE["w"])
+    hw = h * w
+    split = stats_split_length(B, hw)
+    splits = -(-hw // split)
+    steps = sum(-(-min(split, hw - p) // LANES) for p in range(0, hw, split)) / splits  # per unit
+    units = -(-C // LANES) * B * splits
+    return Model(
+        threads=units * LANES,
+        outputs=B * hw * C,
+        trips=[(STATS_STEP, steps, LANES), (r"for \(int k = 0; k < num_classes; \+\+k\)", K, 1)],
+        fast_path=(STATS_STEP,),
+    )
+
+
+FADA, CE, STATS = "fada_loss_kernel.cu", "cross_entropy_kernel.cu", "class_stats_kernel.cu"
+
+
+def models() -> Dict[str, Dict[str, Callable[[str], Model]]]:
+    """Per source file, per kernel: its model, given the instantiation's template arguments."""
+    K = SHAPE["K"]
+    fada = loss_shape(2 * K, 1.5 * K, fada_staged_smem)  # stages the discriminator's 2K and the seg's K planes
     # float32; the block sums' static shared memory (2 x 128 x (4 + 8) bytes) comes off the limit
-    tj, nx = staged_config(K, w, W, ce_staged_smem, 227 * 1024 - 128 * 12)
-    ns = tj + 1
-    tiles = -(-w // tj)
-    otj, onx = old_adjoint_config(K, w, W)
-
-    def staged() -> Model:
-        return Model(
-            threads=B * h * tiles * nx,
-            outputs=pixels,
-            trips=[
-                (r"while \(lo < hi\)", search, 1),
-                (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
-                (r"for \(int e = tid; e < k \* 2 \* ns", math.ceil(K * 2 * ns / nx), 1),
-                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
-                (r"for \(int e = threadIdx.x; e < total;", K * 2 * ns / nx, 1),
-                (r"for \(int cx0 = xa", 1, 1),
-                (r"for \(int y0 = ya", batches, 4),
-                (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
-                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(K * ns / nx), 1),
-                (r"for \(int x = lo; x < hi", cols_per_source, 1),
-                (r"for \(int tb = 0; tb < 2", 2, 1),
-            ],
-        )
-
-    def forward() -> Model:
-        return Model(
-            threads=pixels,
-            outputs=pixels,
-            trips=[
-                (r"for \(int64_t idx = ", 1, 1),
-                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
-                (r"for \(int stride = blockDim.x / 2", 8, 1),
-            ],
-        )
-
-    def backward() -> Model:
-        return Model(
-            threads=B * h * -(-w // otj) * onx,
-            outputs=pixels,
-            trips=[
-                (r"while \(lo < hi\)", search, 1),
-                (r"for \(int64_t cx0 = blk.xa", 1, 1),
-                (r"for \(int64_t y = blk.ya", rows_per_group, 1),
-                (r"for \(int64_t c = 0; c < g.K; \+\+c\)", K, 1),
-                (r"for \(int64_t c = 0; c < C; \+\+c\)", K, 1),
-                (r"for \(int64_t c = 0; c < blk.channels", K, 1),
-                (r"e < channels \* tj", math.ceil(K * otj / onx), 1),
-                (r"jj < blk.nj", 1, 1),
-                (r"e < blk.channels \* blk.nj", math.ceil(K * otj / onx), 1),
-                (r"for \(int64_t xx = lo", 2 * cols_per_source, 1),
-            ],
-        )
-
-    def gather() -> Model:  # one thread per low-resolution gradient element
-        return Model(threads=B * K * h * w, outputs=pixels, trips=[(r"for \(int64_t idx = ", 1, 1)])
-
-    def final(partials: float) -> Callable[[], Model]:  # one block of 1024 threads
-        return lambda: Model(threads=1024, outputs=pixels,
-                             trips=[(r"i < n; i \+= blockDim.x", partials / 1024, 1), (r"for \(int stride", 10, 1)])
-
-    def count_valid() -> Model:
-        return Model(threads=pixels, outputs=pixels,
-                     trips=[(r"for \(int64_t idx = ", 1, 1), (r"for \(int stride = blockDim.x / 2", 8, 1)])
-
-    return {
-        "ce_staged_kernel": staged,
-        "ce_forward_kernel": forward,
-        "ce_backward_kernel": backward,
-        "count_valid_kernel": count_valid,
-        "staged_gather_kernel": gather,
-        "staged_gather_divided_kernel": gather,
-        "gather_partials_kernel": gather,
-        "reduce_partials_kernel": final(min(pixels // 256, 65536)),  # general path: one partial per forward block
-        "sum_counts_kernel": final(tiles * h * B),
+    ce = loss_shape(K, K, ce_staged_smem, 227 * 1024 - 128 * 12)
+    per_loss = {
+        FADA: (fada, {
+            "fada_staged_kernel": staged_model,
+            "fada_forward_kernel": forward_model,
+            "fada_backward_kernel": backward_model,
+            "staged_gather_kernel": gather_model,
+            "gather_partials_kernel": gather_model,
+            "reduce_partials_kernel": one_block_model(staged_partials),
+        }),
+        CE: (ce, {
+            "ce_staged_kernel": staged_model,
+            "ce_forward_kernel": forward_model,
+            "ce_backward_kernel": backward_model,
+            "count_valid_kernel": count_valid_model,
+            "staged_gather_kernel": gather_model,
+            "staged_gather_divided_kernel": gather_model,
+            "gather_partials_kernel": gather_model,
+            # general path: one partial per forward block
+            "reduce_partials_kernel": one_block_model(lambda s: min(s.pixels // 256, 65536)),
+            "sum_counts_kernel": one_block_model(staged_partials),
+        }),
     }
+    out: Dict[str, Dict[str, Callable[[str], Model]]] = {
+        file: {kernel: (lambda targs, m=m, s=s: m(s)) for kernel, m in kernels.items()}
+        for file, (s, kernels) in per_loss.items()
+    }
+    out[STATS] = {"partial_stats_kernel": partial_stats_model}
+    return out
 
 
 # The launches of one loss forward + backward (reduction mean), float32: (file, kernel, template args).
-FADA, CE = "fada_loss_kernel.cu", "cross_entropy_kernel.cu"
 PATHS = {
     "FADA loss fwd+bwd, general kernels (fallback)": [
         (FADA, "fada_forward_kernel", "float, float"),
@@ -484,6 +567,7 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
     """SASS instructions per output (see the module docstring)."""
     unmodelled: List[str] = []
     iterations: Dict[int, float] = {}
+    size = {k: lp.exclusive for k, lp in enumerate(fn.loops)}  # instructions one iteration runs
     by_line: Dict[Tuple[str, int], List[int]] = {}
     for k, lp in enumerate(fn.loops):
         by_line.setdefault((lp.file, lp.line), []).append(k)
@@ -496,6 +580,8 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
                 iterations[k] = 0.0
             continue
         trips, source_step = match
+        if any(re.search(rx, text) for rx in model.fast_path):
+            size.update({k: shortest_path(fn, k) for k in ids})
         # the most unrolled loop on the line first, then its remainders, each taking what is left
         left = float(trips)
         for k in sorted(ids, key=lambda j: -fn.loops[j].step):
@@ -513,13 +599,19 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
             executions[k] = iterations[k] * (1.0 if parent is None else body_runs(parent))
         return executions[k]
 
-    per_thread = top_level_count(fn) + sum(lp.exclusive * body_runs(k) for k, lp in enumerate(fn.loops))
+    per_thread = top_level_count(fn) + sum(size[k] * body_runs(k) for k in size)
     scale = model.threads / model.outputs
-    lines = [f"top level: {top_level_count(fn)} instructions, {top_level_count(fn) * scale:,.0f} per output"]
+    lines = [f"top level: {top_level_count(fn)} instructions, {per(top_level_count(fn) * scale)} per output"]
     for k, lp in enumerate(fn.loops):
-        lines.append(f"{lp.file}:{lp.line}: {lp.exclusive} instructions (step {lp.step}) x {body_runs(k):.2f} runs "
-                     f"per thread = {lp.exclusive * body_runs(k) * scale:,.0f} per output")
+        path = f" (fast path of {lp.exclusive})" if size[k] != lp.exclusive else ""
+        lines.append(f"{lp.file}:{lp.line}: {size[k]} instructions{path} (step {lp.step}) x {body_runs(k):.2f} runs "
+                     f"per thread = {per(size[k] * body_runs(k) * scale)} per output")
     return Cost(per_thread * scale, unmodelled, lines)
+
+
+def per(x: float) -> str:
+    """A per-output figure: whole instructions, tenths below 100 (per-element kernels)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
 # ----------------------------------------------------------------------------- compile, disassemble, report
@@ -543,7 +635,7 @@ def compile_cubin(source: str, csrc: str, arch: str, workdir: str) -> Tuple[str,
 
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in cpp.include_paths(device_type="cuda")] + [f"-I{csrc}"]
-    includes += [f for d in _build._cuda_extra_include_paths(home) for f in ("-isystem", d)]
+    includes += _build._cuda_fallback_includes(home)
     cubin = os.path.join(workdir, os.path.basename(source) + ".cubin")
     cmd = [os.path.join(home, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-std=c++20", *cpp.COMMON_NVCC_FLAGS,
            *_build.cuda_cflags(ptxas_verbose=True), "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1",
@@ -572,7 +664,7 @@ def short_name(pretty: str) -> Tuple[str, str]:
 
 
 def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = False) -> str:
-    models = {FADA: fada_models(), CE: ce_models()}  # per source file: kernels' trip-count models
+    kernel_models = models()
     sources = {}
     for path in glob.glob(os.path.join(csrc, "**", "*.cu*"), recursive=True) + glob.glob(
         os.path.join(csrc, "**", "*.h"), recursive=True
@@ -598,26 +690,33 @@ def report(csrc: str, arch: str, keep: Optional[str] = None, show_loops: bool = 
                 kernel, targs = short_name(pretty[name])
                 regs, st, ld = ptxas.get(name, (-1, -1, -1))
                 cost = None
-                file_models = models.get(os.path.basename(source), {})
+                file_models = kernel_models.get(os.path.basename(source), {})
                 if kernel in file_models:
-                    cost = cost_of(fn, file_models[kernel](), sources)
+                    cost = cost_of(fn, file_models[kernel](targs), sources)
                     per_kernel[(os.path.basename(source), kernel, targs)] = cost
                 rows.append((os.path.basename(source), kernel, targs, regs, st, ld, len(fn.instructions),
                              len(fn.loops), cost))
     lines = [f"SASS for {arch}; per-output figures at B={SHAPE['B']}, K={SHAPE['K']}, "
-             f"{SHAPE['h']}x{SHAPE['w']} -> {SHAPE['H']}x{SHAPE['W']} (per output pixel)", ""]
+             f"{SHAPE['h']}x{SHAPE['w']} -> {SHAPE['H']}x{SHAPE['W']} (per output pixel; class statistics: per "
+             f"element, one pixel of one channel, at B={STATS_SHAPE['B']}, C={STATS_SHAPE['C']}, "
+             f"K={STATS_SHAPE['K']}, {STATS_SHAPE['h']}x{STATS_SHAPE['w']})", ""]
     lines.append("| file | kernel | template args | regs | spill st/ld B | SASS | loops | SASS / output |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for file, kernel, targs, regs, st, ld, n, nl, cost in rows:
-        per = "no model" if cost is None else f"{cost.per_output:,.0f}{'+' if cost.unmodelled else ''}"
-        lines.append(f"| {file} | {kernel} | {targs} | {regs} | {st}/{ld} | {n} | {nl} | {per} |")
+        figure = "no model" if cost is None else f"{per(cost.per_output)}{'+' if cost.unmodelled else ''}"
+        lines.append(f"| {file} | {kernel} | {targs} | {regs} | {st}/{ld} | {n} | {nl} | {figure} |")
     lines.append("")
     for path, parts in PATHS.items():
         costs = [per_kernel.get(p) for p in parts]
         if all(c is not None for c in costs):
             total = sum(c.per_output for c in costs)
-            detail = " + ".join(f"{k} {c.per_output:,.0f}" for (_, k, _), c in zip(parts, costs))
+            detail = " + ".join(f"{k} {per(c.per_output)}" for (_, k, _), c in zip(parts, costs))
             lines.append(f"{path}: {total:,.0f} SASS instructions per output pixel ({detail})")
+    stats = [f"{name} {per(per_kernel[(STATS, 'partial_stats_kernel', f'float, {LAYOUT}{n}')].per_output)}"
+             for n, name in STATS_LAYOUTS.items() if (STATS, "partial_stats_kernel", f"float, {LAYOUT}{n}") in per_kernel]
+    if stats:
+        lines.append("Class statistics, partial_stats_kernel<float>, SASS instructions per element on the step "
+                     "without a class change: " + "; ".join(stats))
     if show_loops:
         for (_, kernel, targs), cost in per_kernel.items():
             lines += ["", f"{kernel}<{targs}>:"] + ["  " + x for x in cost.loops]

@@ -239,6 +239,17 @@ def test_class_stats_layouts_and_splits(emulated_cuda_ops, layout, channels, num
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, w", [(5, 13), (4, 16)])
+def test_class_stats_nchw_tile_loads_every_dtype(emulated_cuda_ops, dtype, h, w):
+    """The NCHW tile's loads per dtype, whole tiles and partial ones: 5x13 takes the element loads
+    (two channel rows per load), 4x16 the 16-byte loads; 36 channels: a whole channel group and
+    one of 4; 5x13 also ends in a 1-pixel step."""
+    features, labels = class_stats_inputs(2, 36, h, w, 3, dtype, 10.0, 0.1, 7)
+    got = emulated_cuda_ops.class_center_stats(features, labels, 3, 255)
+    assert_class_stats_close(got, _reference.class_center_stats(features.double(), labels, 3, 255), 10.0)
+
+
 def test_class_stats_long_runs_and_changes(emulated_cuda_ops):
     """Whole 32-pixel steps of one class (the no-change path) next to steps that change class at
     every pixel, and runs that carry over from one step to the next."""

@@ -87,3 +87,92 @@ def test_source_index_matches_the_kernels_float32_arithmetic():
     assert i0[0] == 0 and i0[-1] == 63 and all(b - a in (0, 1) for a, b in zip(i0, i0[1:]))
     tj, nx = S.staged_config(19, 128, 1024)
     assert nx in (32, 64, 128) and 1 <= tj <= 32
+
+
+# A loop (back branch on line 30) whose body skips a slow block (line 32) when P0 is set.
+SASS_FAST_PATH = """
+//--------------------- .text.k2 --------------------------
+k2:
+	//## File "/src/k.cu", line 29
+        /*0000*/                   MOV R2, RZ ;
+.L_x_10:
+	//## File "/src/k.cu", line 31
+        /*0010*/                   LDG.E R4, desc[UR4][R6.64] ;
+        /*0020*/                   ISETP.NE.AND P0, PT, R4, RZ, PT ;
+        /*0030*/               @P0 BRA `(.L_x_11) ;
+	//## File "/src/k.cu", line 32
+        /*0040*/                   FADD R5, R5, R4 ;
+        /*0050*/                   FMUL R5, R5, R4 ;
+        /*0060*/                   FMUL R5, R5, R4 ;
+.L_x_11:
+	//## File "/src/k.cu", line 30
+        /*0070*/                   IADD3 R2, R2, 0x20, RZ ;
+        /*0080*/                   ISETP.GE.AND P1, PT, R2, R8, PT ;
+        /*0090*/              @!P1 BRA `(.L_x_10) ;
+        /*00a0*/                   EXIT ;
+.L_x_12:
+        /*00b0*/                   BRA `(.L_x_12);
+"""
+
+SOURCE_FAST_PATH = {"k.cu": [""] * 29 + ["for (int left = n; left > 0; left -= kLanes) {"]}
+
+
+def test_fast_path_counts_the_shortest_way_through_the_loop():
+    fn = S.parse_sass(SASS_FAST_PATH)["k2"]
+    assert [(lp.line, lp.exclusive, lp.step) for lp in fn.loops] == [(30, 9, 32)]
+    assert S.shortest_path(fn, 0) == 6  # LDG, ISETP, BRA, IADD3, ISETP, BRA: the FADD/FMUL block skipped
+    trips = [(S.STATS_STEP, 10, 32)]
+    every = S.cost_of(fn, S.Model(threads=32, outputs=32 * 32 * 10, trips=trips), SOURCE_FAST_PATH)
+    fast = S.cost_of(fn, S.Model(threads=32, outputs=32 * 32 * 10, trips=trips, fast_path=(trips[0][0],)),
+                     SOURCE_FAST_PATH)
+    # per thread: 3 top level (MOV, EXIT, the trap branch) + 10 steps of 9 (every instruction) or 6
+    assert every.per_output == pytest.approx((3 + 10 * 9) / (32 * 10))
+    assert fast.per_output == pytest.approx((3 + 10 * 6) / (32 * 10))
+
+
+def test_induction_step_through_another_register():
+    """``left -= 32`` compiled as a sum into another register that is moved back."""
+    body = [S.Instruction(t, "k.cu", 1) for t in (
+        "ISETP.GT.AND P0, PT, R26, 0x20, PT", "VIADD R19, R26, 0xffffffe0", "IADD3 R13, P3, R13, 0x40, RZ",
+        "IMAD.MOV.U32 R26, RZ, RZ, R19", "@P0 BRA `(.L_x_54)")]
+    assert S._induction_step(body) == 32
+
+
+def test_fast_path_needs_a_loop_without_nested_loops():
+    fn = S.parse_sass(SASS)["k1"]
+    with pytest.raises(ValueError, match="nested loops"):
+        S.shortest_path(fn, 0)
+
+
+def test_stats_model_follows_the_kernels_splits():
+    assert S.stats_split_length(2, 65 * 129) == 1024  # at least kMinSplit
+    assert S.stats_split_length(64, 512 * 1024) == 512 * 1024  # about kMaxSplits splits over the batch
+    assert S.stats_split_length(3, 40000) % 32 == 0
+    assert S.stats_split_length(1, 1 << 40) == 1 << 30  # kMaxSplit: a split's pixels fit an int
+    B, C, hw = 2, 2048, 65 * 129
+    m = S.partial_stats_model(f"float, {S.LAYOUT}1")
+    # 9 splits per image (8 of 1024 pixels, one of 193): 64 channel groups x 18 splits, one warp each
+    assert m.threads == 64 * 18 * 32 and m.outputs == B * hw * C
+    (base, steps, step), classes = m.trips
+    assert step == 32 and steps == pytest.approx((8 * 32 + 7) / 9) and m.fast_path == (base,)
+    assert classes[1] == 19
+    vec16 = S.partial_stats_model(f"float, {S.LAYOUT}2")  # costed at 64x128 (h*w % 4 == 0)
+    assert vec16.outputs == B * 64 * 128 * C and vec16.trips[0][1] == 32
+
+
+def test_models_cover_every_kernel_of_each_file_with_its_own_shape():
+    models = S.models()
+    assert set(models) == {S.FADA, S.CE, S.STATS}
+    # the gradient gather reads the loss's logits: 2K discriminator channels for FADA, K for CE
+    K, B, h, w = (S.SHAPE[k] for k in ("K", "B", "h", "w"))
+    assert models[S.FADA]["staged_gather_kernel"]("float, float").threads == B * 2 * K * h * w
+    assert models[S.CE]["staged_gather_kernel"]("float, float").threads == B * K * h * w
+    for file, kernels in models.items():
+        for kernel, model in kernels.items():
+            targs = f"float, {S.LAYOUT}0" if file == S.STATS else "float, float"
+            m = model(targs)
+            assert m.threads > 0 and m.outputs > 0 and m.trips, (file, kernel)
+
+
+def test_per_output_figures_keep_tenths_below_100():
+    assert S.per(9.66) == "9.7" and S.per(1761.4) == "1,761"

@@ -15,15 +15,18 @@
 //     per-class accumulators only when the class changes (uniform across the
 //     warp: no divergence, no shuffles per pixel). Feature loads are coalesced
 //     in both layouts: channels_last reads 32 consecutive channels of a pixel
-//     straight into the lanes; NCHW reads 32 consecutive pixels of a channel
-//     per instruction into a shared-memory tile, which each lane then reads
-//     along its channel. No 64-bit division anywhere in the loop.
+//     straight into the lanes; NCHW reads runs of a channel's consecutive
+//     pixels (a row's 32 in 16-byte vectors when planes are 16-byte aligned,
+//     else runs of 16 pixels of two rows per instruction: TileLoads) into a
+//     shared-memory tile, which each lane then reads along its channel. No
+//     64-bit division and no 64-bit pixel counter in the loop.
 //  4. reduce_splits: per (class, channel), sums the splits in order and
 //     finishes the mean and the channel's share of the centred sum of squares.
 //  5. finish_classes: per class, a fixed-order block reduction over channels.
 //
-// Static cost (sm_90, float32, nvdisasm of the 32-pixel step, see
-// benchmarks/RESULTS.md): recorded there per layout.
+// Static cost (sm_90, float32, SASS instructions per element on the 32-pixel
+// step without a class change): benchmarks/sass_report.py prints it per
+// layout; benchmarks/RESULTS.md records it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
@@ -48,7 +52,8 @@ constexpr int kMaxWarpsPerBlock = 4;
 constexpr int64_t kDefaultSharedBytes = 48 * 1024;
 constexpr int kReduceThreads = 256;
 constexpr int64_t kMinSplit = 1024;  // pixels per (channel group, split) unit, at least
-constexpr int64_t kMaxSplits = 64;   // bounds the partials to ~64 * K * C * 2 doubles
+constexpr int64_t kMaxSplits = 64;   // bounds the partials to ~64 * K * C * 2 doubles (but see kMaxSplit)
+constexpr int64_t kMaxSplit = int64_t{1} << 30;  // pixels per split, at most: the walk counts them in an int
 constexpr unsigned kFullMask = 0xffffffffu;
 
 using u64 = unsigned long long;
@@ -82,6 +87,25 @@ struct Geometry {
 
 template <typename scalar_t>
 __device__ __forceinline__ double to_double(scalar_t v) {
+#if defined(__CUDA_ARCH__)
+  // Half and bfloat16 straight to double: one conversion instruction (exact, as
+  // through float; nvcc converts twice otherwise). cvt.f64.bf16 needs sm_90.
+  constexpr bool kHalf = std::is_same<scalar_t, at::Half>::value;
+#if __CUDA_ARCH__ >= 900
+  constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
+#else
+  constexpr bool kBFloat16 = false;
+#endif
+  if constexpr (kHalf || kBFloat16) {
+    double d;
+    if constexpr (kHalf) {
+      asm("cvt.f64.f16 %0, %1;" : "=d"(d) : "h"(v.x));
+    } else {
+      asm("cvt.f64.bf16 %0, %1;" : "=d"(d) : "h"(v.x));
+    }
+    return d;
+  }
+#endif
   return static_cast<double>(static_cast<at::opmath_type<scalar_t>>(v));
 }
 
@@ -158,48 +182,67 @@ enum class Layout : int {
   kPlanesVec16,   // NCHW, planes 16-byte aligned: the tile filled with 16-byte loads
 };
 
-// NCHW: channels [c0, c0 + 32) x pixels [base, base + 32) of image plane
-// `x_c0` (channel c0, pixel 0) into tile[channel][pixel]; zeros past n pixels
-// or past the last channel. `full`: 32 pixels and 32 channels (no test per load).
+// How a warp fills the NCHW tile, 32 channel rows x 32 pixels. A load takes
+// kRows rows, each a run of kRun lanes x kVec pixels. 16-byte loads
+// (kPlanesVec16): a run is a row's 32 pixels. Element loads (rows not 16-byte
+// aligned): two rows per load, runs of 16 pixels (64 bytes in float32), so
+// that one 64-bit row address serves two loads at immediate offsets (such an
+// address costs two instructions: with lane = pixel, one per load). Lane
+// group g's row in pass `it`: g * kGroupStride + it * kPassStride, chosen so
+// that the tile stores of one load land in distinct banks (row stride 33).
 template <typename scalar_t, Layout kLayout>
-__device__ __forceinline__ void fill_tile(scalar_t* tile, const scalar_t* x_c0, int64_t stride_c, int64_t base,
-                                          int64_t n, int64_t channels_left, bool full, int lane) {
-  if (kLayout == Layout::kPlanesVec16) {
-    // kVec pixels per lane and load, 32 / kVec lanes per channel row, kVec
-    // rows per instruction. Tile stores of a load land in distinct banks.
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    constexpr int kLanesPerRow = kLanes / kVec;
-    const int q = lane % kLanesPerRow;  // which kVec pixels
-    const int r0 = lane / kLanesPerRow;  // first channel row
-    const bool in = q * kVec < n;  // n is a multiple of kVec (host: hw % kVec == 0)
-    const scalar_t* src = x_c0 + r0 * stride_c + base + q * kVec;
-#pragma unroll
-    for (int it = 0; it < kLanes / kVec; ++it) {
-      const int r = r0 + it * kVec;
+struct TileLoads {
+  static constexpr int kVec = kLayout == Layout::kPlanesVec16 ? 16 / sizeof(scalar_t) : 1;
+  static constexpr int kRun = kVec > 1 ? kLanes / kVec : kLanes / 2;
+  static constexpr int kRows = kLanes / kRun;
+  static constexpr int kRunPixels = kRun * kVec;
+  static constexpr int kGroupStride = kVec > 1 ? 1 : kRun;
+  static constexpr int kPassStride = kVec > 1 ? kRows : 1;
+  // The lane's row in pass 0 and its first pixel of a run.
+  static __device__ __forceinline__ int row(int lane) { return lane / kRun * kGroupStride; }
+  static __device__ __forceinline__ int pixel(int lane) { return lane % kRun * kVec; }
+};
+
+// NCHW: channels [c0, c0 + 32) x pixels [base, base + 32) of an image into
+// tile[channel][pixel]; `src`: the lane's first element (channel
+// c0 + row(lane), pixel base + pixel(lane)). Zeros past n pixels or past the
+// last channel. `full`: 32 pixels and 32 channels (no test per load).
+// `pass_stride`: kPassStride * the channel stride.
+template <typename scalar_t, Layout kLayout>
+__device__ __forceinline__ void fill_tile(scalar_t* tile, const scalar_t* src, int64_t pass_stride, int n,
+                                          int channels_left, bool full, int lane) {
+  using L = TileLoads<scalar_t, kLayout>;
+  scalar_t* dst = tile + L::row(lane) * kTileStride + L::pixel(lane);
+  auto load = [&](int it, int h, bool guard) {  // pass it, run h: pixels [h, h + 1) * kRunPixels
+    const int r = L::row(lane) + it * L::kPassStride;
+    const int p = h * L::kRunPixels + L::pixel(lane);  // n: a multiple of kVec (host: hw % kVec == 0)
+    scalar_t* to = dst + it * L::kPassStride * kTileStride + h * L::kRunPixels;
+    const bool in = !guard || (p < n && r < channels_left);
+    if (L::kVec > 1) {
       uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-      if (full || (in && r < channels_left)) raw = *reinterpret_cast<const uint4*>(src);
-      scalar_t vals[kVec];
+      if (in) raw = *reinterpret_cast<const uint4*>(src + h * L::kRunPixels);
+      scalar_t vals[L::kVec];
       memcpy(vals, &raw, sizeof(raw));
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) tile[r * kTileStride + q * kVec + i] = vals[i];
-      src += kVec * stride_c;
+      for (int i = 0; i < L::kVec; ++i) to[i] = vals[i];
+    } else {
+      *to = in ? src[h * L::kRunPixels] : scalar_t(0);
     }
-  } else {
-    const bool in = lane < n;
-    const scalar_t* src = x_c0 + base + lane;
-    if (full) {
+  };
+  if (full) {
 #pragma unroll
-      for (int r = 0; r < kLanes; ++r) {
-        tile[r * kTileStride + lane] = *src;
-        src += stride_c;
-      }
-      return;
-    }
+    for (int it = 0; it < kLanes / L::kRows; ++it) {
+      if (it > 0) src += pass_stride;
 #pragma unroll
-    for (int r = 0; r < kLanes; ++r) {
-      tile[r * kTileStride + lane] = (in && r < channels_left) ? *src : scalar_t(0);
-      src += stride_c;
+      for (int h = 0; h < kLanes / L::kRunPixels; ++h) load(it, h, false);
     }
+    return;
+  }
+#pragma unroll
+  for (int it = 0; it < kLanes / L::kRows; ++it) {
+    if (it > 0) src += pass_stride;
+#pragma unroll
+    for (int h = 0; h < kLanes / L::kRunPixels; ++h) load(it, h, true);
   }
 }
 
@@ -248,24 +291,31 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
     }
   }
   const double* shifts_c = shifts + c;
-  const int32_t* slot_b = slot + b * g.hw;
   const scalar_t* x_b = x + b * g.stride_b;
   // channels_last: lanes past the last channel read the last one (never stored)
   const scalar_t* x_lane = x_b + (active ? c : g.channels - 1) * g.stride_c;
-  const scalar_t* x_c0 = x_b + c0 * g.stride_c;
-  const int64_t channels_left = g.channels - c0;
+  const int channels_left = g.channels - c0 < kLanes ? static_cast<int>(g.channels - c0) : kLanes;
+  // The walk: pointers advance a step at a time and the pixel count is 32-bit
+  // (split_length keeps a split below 2^31 pixels): little bookkeeping per step.
+  // x_step: channels_last, this lane's channel; NCHW, the lane's first tile element.
+  using Loads = TileLoads<scalar_t, kLayout>;
+  const int32_t* slot_step = slot + b * g.hw + p_begin + lane;
+  const scalar_t* x_step = kLayout == Layout::kChannelsLast
+                               ? x_lane + p_begin * g.stride_p
+                               : x_b + (c0 + Loads::row(lane)) * g.stride_c + p_begin + Loads::pixel(lane);
+  const int64_t x_advance = kLayout == Layout::kChannelsLast ? kLanes * g.stride_p : kLanes;  // NCHW: stride_p 1
+  const int64_t pass_stride = Loads::kPassStride * g.stride_c;
   ClassRun run{num_classes, 0.0, 0.0, 0.0};
 
-  for (int64_t base = p_begin; base < p_end; base += kLanes) {
-    const int64_t n = p_end - base;  // pixels left; the step takes min(n, 32)
-    const int k = lane < n ? slot_b[base + lane] : num_classes;
+  for (int left = static_cast<int>(p_end - p_begin); left > 0; left -= kLanes) {  // the step takes min(left, 32)
+    const int k = lane < left ? *slot_step : num_classes;
     int before = __shfl_up_sync(kFullMask, k, 1);
     if (lane == 0) before = run.k;
     const unsigned change = __ballot_sync(kFullMask, k != before);
     if (kLayout == Layout::kChannelsLast) {
       scalar_t v[kLanes];
-      const scalar_t* src = x_lane + base * g.stride_p;
-      if (n >= kLanes) {  // a whole step: no test per pixel
+      const scalar_t* src = x_step;
+      if (left >= kLanes) {  // a whole step: no test per pixel
 #pragma unroll
         for (int j = 0; j < kLanes; ++j) {
           v[j] = *src;
@@ -274,21 +324,23 @@ __global__ void partial_stats_kernel(const scalar_t* __restrict__ x, Geometry g,
       } else {
 #pragma unroll
         for (int j = 0; j < kLanes; ++j) {
-          v[j] = j < n ? *src : scalar_t(0);
+          v[j] = j < left ? *src : scalar_t(0);
           src += g.stride_p;
         }
       }
       accumulate_step(run, change, k, acc, active, num_classes, shifts_c, g.channels,
                       [&](int j) { return to_double(v[j]); });
     } else {
-      fill_tile<scalar_t, kLayout>(tile, x_c0, g.stride_c, base, n, channels_left, n >= kLanes && channels_left >= kLanes,
-                                   lane);
+      fill_tile<scalar_t, kLayout>(tile, x_step, pass_stride, left, channels_left,
+                                   left >= kLanes && channels_left == kLanes, lane);
       __syncwarp();
       const scalar_t* row = tile + lane * kTileStride;
       accumulate_step(run, change, k, acc, active, num_classes, shifts_c, g.channels,
                       [&](int j) { return to_double(row[j]); });
       __syncwarp();  // the tile is rewritten next step
     }
+    slot_step += kLanes;
+    x_step += x_advance;
   }
   flush_run(run, acc, active, num_classes, num_classes, shifts_c, g.channels);
   if (shared_acc && active) {
@@ -345,11 +397,12 @@ int64_t blocks_for(int64_t work, int64_t threads) {
   return blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535;
 }
 
-// Pixels of one image per split: at least kMinSplit, a multiple of 32, and
-// about kMaxSplits splits over the batch. A function of the sizes only.
+// Pixels of one image per split: at least kMinSplit, at most kMaxSplit, a
+// multiple of 32, and about kMaxSplits splits over the batch. A function of
+// the sizes only.
 int64_t split_length(int64_t batch, int64_t hw) {
   int64_t len = (batch * hw + kMaxSplits - 1) / kMaxSplits;
-  len = len < kMinSplit ? kMinSplit : len;
+  len = len < kMinSplit ? kMinSplit : (len > kMaxSplit ? kMaxSplit : len);
   return (len + kLanes - 1) / kLanes * kLanes;
 }
 
