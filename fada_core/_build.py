@@ -293,9 +293,9 @@ def op_devices() -> Dict[str, List[str]]:
     """``{operator: devices it has kernels for}`` of the loaded library (empty before loading);
     ``["any"]`` for the operators without tensors (the limits, the label-error check)."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {name: ["any"] if has(name, "CompositeImplicitAutograd") else [k.lower() for k in ("CPU", "CUDA")
-                                                                         if has(name, k)]
-            for name in sorted(torch._C._dispatch_get_all_op_names()) if name.startswith("fada_core::")}
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fada_core::"))
+    return {n: ["any"] if has(n, "CompositeImplicitAutograd") else [d.lower() for d in ("CPU", "CUDA") if has(n, d)]
+            for n in names}
 
 
 def kernels_available(device: Any = "cpu", op: Optional[str] = None) -> bool:
