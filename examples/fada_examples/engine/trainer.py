@@ -8,9 +8,10 @@ Stage ``adv`` (fine-grained adversarial), per iteration, batch = half source + h
      (a_t = min(softmax(upsample(C(F(x_t))) / T), 0.9), detached)
   3. loss_D = 0.5 soft_ce(D(F(x_s)^), [a_s, 0]) + 0.5 soft_ce(D(F(x_t)^), [0, a_t])   (^ detached)
      backward; step D.
-  Steps 2-3 use :class:`fada_core.FineGrainedAdversary`, step 1
-  :class:`fada_core.UpsampledCrossEntropy`; both get the *low-resolution* logits and upsample
-  on the fly, so no full-resolution logit tensor is built.
+  The iteration is :class:`fada_core.AdversarialStep` (the official order), with
+  :class:`fada_core.UpsampledCrossEntropy` for step 1 and :class:`fada_core.FineGrainedAdversary`
+  for steps 2-3; both get the *low-resolution* logits and upsample on the fly, so no
+  full-resolution logit tensor is built.
 Stage ``sd`` (self-distillation): pseudo labels = argmax of the stage-2 model on the target
   training images, made at the teacher's own test size (logits upsampled to the label size); a
   fresh ImageNet-initialised model (BN not frozen in the official ResNet config) is trained on
