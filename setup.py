@@ -52,5 +52,6 @@ else:
     with_cuda, reason = build.cuda_decision()
     if not with_cuda:
         print(f"fada_core: building the CPU kernels only ({reason})")
-    with build.cuda_environment(with_cuda):
-        setup(ext_modules=[build.extension(with_cuda)], cmdclass={"build_ext": build._cpp_extension().BuildExtension})
+    if with_cuda:
+        build.use_cuda_toolkit()
+    setup(ext_modules=[build.extension(with_cuda)], cmdclass={"build_ext": build._cpp_extension().BuildExtension})

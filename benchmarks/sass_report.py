@@ -635,10 +635,10 @@ def compile_cubin(source: str, csrc: str, arch: str, workdir: str) -> Tuple[str,
 
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in cpp.include_paths(device_type="cuda")] + [f"-I{csrc}"]
-    includes += _build._cuda_fallback_includes(home)
     cubin = os.path.join(workdir, os.path.basename(source) + ".cubin")
     cmd = [os.path.join(home, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-std=c++20", *cpp.COMMON_NVCC_FLAGS,
-           *_build.cuda_cflags(ptxas_verbose=True), "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1",
+           *_build.compile_args(True, ptxas_verbose=True)["nvcc"], "-DTORCH_API_INCLUDE_EXTENSION_H",
+           "-D_GLIBCXX_USE_CXX11_ABI=1",
            *includes, "-o", cubin, source]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:

@@ -38,22 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, nargs="+", help="one or more training checkpoints (.pth)")
     p.add_argument("--labels", nargs="+", default=None,
                    help="one label per checkpoint for tables and plots (default: file names)")
-    p.add_argument("--data-root", default=None, help="labelled target data root (default: first checkpoint's config)")
-    p.add_argument("--dataset", default=None, help="cityscapes | crosscity | ... (default: config datasets.test)")
-    p.add_argument("--split", default=None, help="split (default: config datasets.test_split)")
-    p.add_argument("--city", default=None, help="Cross-City city")
-    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
-                   help="resize images to W H (default: config input.size_test)")
-    p.add_argument("--native-size", action="store_true", help="do not resize the images")
-    p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0 = all)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=("auto", "kernel", "eager"),
                    help="fada_core backend for the class statistics")
     p.add_argument("--log-scale", action="store_true", help="logarithmic CCD axis in the figures")
-    p.add_argument("--synthetic-dir", default=None)
+    E.add_test_data_arguments(p)
     return p.parse_args(argv)
 
 
@@ -89,12 +77,7 @@ def main(argv=None):
         if num_classes is None:
             num_classes = k
             names = E.class_names_for(k)
-            dataset = E.make_test_dataset(  # data from the first checkpoint's config
-                cfg, data_root=args.data_root, name=args.dataset, split=args.split, city=args.city,
-                size=args.size, native_size=args.native_size, max_images=args.max_images,
-                synthetic_dir=args.synthetic_dir)
-            loader = E.build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         distributed=distributed, pin_memory=device.type == "cuda")
+            dataset, loader = E.eval_data_from_args(cfg, args, device, distributed)  # the first config's data
             if rank == 0:
                 print(f"images: {len(dataset)}   classes: {k}   device: {device}")
         elif k != num_classes:

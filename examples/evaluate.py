@@ -50,13 +50,6 @@ def parse_args(argv=None):
                         "examples/configs/deeplabv2_r101_adv.yaml")
     p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
                    help="config overrides applied to --config (e.g. model.num_classes=16)")
-    p.add_argument("--data-root", default=None, help="test data root (default: from the checkpoint's config)")
-    p.add_argument("--dataset", default=None, help="cityscapes | crosscity | synthia | gta5 (default: config)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: config datasets.test_split)")
-    p.add_argument("--city", default=None, help="Cross-City city (Rome, Rio, Tokyo, Taipei)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
-                   help="resize the image to W H before inference (default: config input.size_test)")
-    p.add_argument("--native-size", action="store_true", help="do not resize the images")
     p.add_argument("--flip", action="store_true", help="average with horizontally flipped inputs")
     p.add_argument("--multi-scale", action="store_true", help="average over input scales 0.7, 1.0, 1.3")
     p.add_argument("--scales", type=float, nargs="+", default=None, help="custom input scales")
@@ -66,14 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--official-check", action="store_true",
                    help="with --save-label-ids on Cityscapes: also score the saved PNGs with "
                         "cityscapesscripts' evalPixelLevelSemanticLabeling and print both mIoUs")
-    p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                    help="run the networks under autocast (softmax and scores stay float32)")
-    p.add_argument("--synthetic-dir", default=None, help="where the synthetic data lives / is generated")
+    E.add_test_data_arguments(p)
     return p.parse_args(argv)
 
 
@@ -112,11 +100,7 @@ def main(argv=None):
     feature_extractor, classifier, cfg = load_models(args.checkpoint, device, args.config, args.overrides)
     num_classes = int(cfg["model"]["num_classes"])
     names = E.class_names_for(num_classes)
-    dataset = E.make_test_dataset(cfg, data_root=args.data_root, name=args.dataset, split=args.split,
-                                  city=args.city, size=args.size, native_size=args.native_size,
-                                  max_images=args.max_images, synthetic_dir=args.synthetic_dir)
-    loader = E.build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                 distributed=distributed, pin_memory=device.type == "cuda")
+    dataset, loader = E.eval_data_from_args(cfg, args, device, distributed)
     scales = tuple(args.scales) if args.scales else (E.MULTI_SCALES if args.multi_scale else (1.0,))
 
     label_id_dir = lut = None

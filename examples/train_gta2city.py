@@ -44,6 +44,9 @@ def parse_args(argv=None):
                    help="continue exactly from a checkpoint (default: <output_dir>/last.pth; with --stage all "
                         "every stage resumes from its own last.pth and finished stages are skipped)")
     p.add_argument("--init", default=None, metavar="CKPT", help="stage adv: the stage-1 checkpoint to start from")
+    p.add_argument("--init-discriminator", choices=("auto", "require", "skip"), default=None,
+                   help="stage adv: load the discriminator from --init too (an official adversarial checkpoint's "
+                        "model_D): auto = when it has one (default), require = error if it has none, skip = never")
     p.add_argument("--teacher", default=None, metavar="CKPT",
                    help="stage sd: the stage-2 checkpoint whose argmax predictions become the pseudo labels")
     p.add_argument("--backend", choices=("auto", "kernel", "eager"), default=None, help="fada_core loss backend")
@@ -75,8 +78,9 @@ def build_configs(args):
     for key, value in (("backend", args.backend), ("amp", args.amp), ("device", args.device)):
         if value is not None:
             extra.append(f"{key}={value}")
-    if args.init:
-        extra.append(f"adv.init_from={args.init}" if args.stage == "all" else f"init_from={args.init}")
+    for key, value in (("init_from", args.init), ("init_discriminator", args.init_discriminator)):
+        if value:
+            extra.append(f"adv.{key}={value}" if args.stage == "all" else f"{key}={value}")
     if args.teacher:
         extra.append(f"sd.teacher={args.teacher}" if args.stage == "all" else f"teacher={args.teacher}")
     cfgs = {}

@@ -156,7 +156,7 @@ def class_center_stats(
     """
     channels = features.shape[1]
     x = rearrange(features.detach(), "b c h w -> (b h w) c").double()
-    y = labels.reshape(-1).long()
+    y = rearrange(labels, "b h w -> (b h w)").long()  # the pixel order of x
     valid = y != ignore_index
     x, y = x[valid], y[valid]
     counts = torch.zeros(num_classes, dtype=torch.float64, device=features.device)

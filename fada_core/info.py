@@ -19,8 +19,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from typing import Any, Dict, List, Optional
+
+import torch
+
+from fada_core import _build
+
+
+def _version_line(cmd: List[str], containing: str = "") -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((line.strip() for line in out.splitlines() if line.strip() and containing in line), None)
+
+
+def _ninja_version() -> Optional[str]:
+    try:
+        _build.ensure_ninja()  # (finds the pip package's ninja next to the interpreter, as a build does)
+    except RuntimeError:
+        return None
+    return _version_line(["ninja", "--version"])
+
+
+def status() -> Dict[str, Any]:
+    """What a user has: versions, toolchain, and whether and which kernels are loaded
+    (:func:`fada_core._build.status`). Loads nothing."""
+    home = _build.cuda_home()
+    with_gpu = torch.cuda.is_available()
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": with_gpu,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cuda_home": home,
+        "nvcc": _version_line([os.path.join(home, "bin", "nvcc"), "--version"], "release") if home else None,
+        "cxx": _version_line([os.environ.get("CXX", "c++"), "--version"]),
+        "ninja": _ninja_version(),
+        "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")
+        or (None if with_gpu else f"{_build.DEFAULT_CUDA_ARCH_LIST} (default)"),
+        **_build.status(),
+    }
 
 
 def _print_status(status: Dict[str, Any]) -> None:
@@ -33,7 +76,7 @@ def _print_status(status: Dict[str, Any]) -> None:
         ("CUDA_HOME", status["cuda_home"] or "not found"),
         ("nvcc", status["nvcc"] or "not found"),
         ("C++ compiler", status["cxx"] or "not found"),
-        ("ninja", status["ninja"]),
+        ("ninja", status["ninja"] or "not found (pip install ninja)"),
         ("TORCH_CUDA_ARCH_LIST", status["torch_cuda_arch_list"] or "auto (visible GPUs)"),
         ("AOT extension", status["aot_extension"] or "none"),
         ("build dir", status["build_dir"]),
@@ -70,28 +113,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
 
-    from fada_core import _build
-
     error: Optional[str] = None
     build = args.build or args.cuda
     if build or not args.no_load:
         try:
             _build.load(verbose=args.verbose or args.cuda, force_cuda=args.cuda, ptxas_verbose=args.cuda,
-                        jit=args.build, build=build)
+                        build=build)
         except RuntimeError as exc:
             error = str(exc)
-    status = _build.status()
+    report = status()
     if args.json:
-        print(json.dumps(status, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str))
     else:
-        _print_status(status)
+        _print_status(report)
         if build or not args.no_load:
-            _print_kernels(status, error)
+            _print_kernels(report, error)
     if build and error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if args.cuda and not status["cuda_kernels"]:
-        print(f"error: CUDA kernels were not built: {status['cuda_kernels_reason']}", file=sys.stderr)
+    if args.cuda and not report["cuda_kernels"]:
+        print(f"error: CUDA kernels were not built: {report['cuda_kernels_reason']}", file=sys.stderr)
         return 1
     return 0
 

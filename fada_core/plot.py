@@ -71,8 +71,22 @@ def _class_names(class_names: Optional[Sequence[str]], k: int) -> list:
     return list(class_names)
 
 
-def _finish(fig, canvas_cls, path: Optional[str], dpi: int, rect=(0, 0, 1, 1)):
-    canvas_cls(fig)
+def _class_axes(names: Sequence[str], figsize, ylabel: str, title: str):
+    """``(figure, axes, x)``: one panel, a tick per class at ``x`` labelled with its name, a y grid."""
+    Figure, _, _ = _matplotlib()
+    fig = Figure(figsize=figsize)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(names))
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return fig, ax, x
+
+
+def _finish(fig, path: Optional[str], dpi: int, rect=(0, 0, 1, 1)):
+    _matplotlib()[1](fig)  # the Agg canvas: no pyplot, no backend change
     fig.tight_layout(rect=rect)
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -99,15 +113,12 @@ def plot_per_class_iou(
         miou: the line's value (default: the mean of the finite IoUs).
         colors: optional (K, 3) uint8 palette for the bars.
     """
-    Figure, Canvas, _ = _matplotlib()
     values = _values(iou)
     names = _class_names(class_names, len(values))
     finite = np.isfinite(values)
     miou = _nanmean(values) if miou is None else miou
     pct = np.where(finite, values * 100.0, 0.0)
-    fig = Figure(figsize=(max(6.0, 0.5 * len(values) + 2), 4.2))
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(values))
+    fig, ax, x = _class_axes(names, (max(6.0, 0.5 * len(values) + 2), 4.2), "IoU (%)", title or "Per-class IoU")
     bar_colors = None
     if colors is not None:
         bar_colors = [tuple(np.asarray(c, dtype=float) / 255.0) for c in np.asarray(colors)[: len(values)]]
@@ -118,13 +129,8 @@ def plot_per_class_iou(
     if np.isfinite(miou):
         ax.axhline(miou * 100.0, color="tab:red", linestyle="--", linewidth=1.0, label=f"mIoU {miou * 100.0:.2f} %")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 110)
-    ax.set_title(title or "Per-class IoU")
-    ax.grid(axis="y", alpha=0.3)
-    return _finish(fig, Canvas, path, dpi)
+    return _finish(fig, path, dpi)
 
 
 def plot_ccd(
@@ -149,30 +155,24 @@ def plot_ccd(
             the mean of the finite per-class values).
         log_scale: logarithmic y axis.
     """
-    Figure, Canvas, _ = _matplotlib()
     runs, data, names = _runs(results, class_names)
     names = names + ["mean"]
     if means is None:
         means = {label: (r.mean if isinstance(r, CCDResult) else _nanmean(data[label])) for label, r in runs.items()}
-    x = np.arange(len(names))
     width = 0.8 / len(data)
-    fig = Figure(figsize=(max(7.0, 0.45 * len(names) * len(data) ** 0.5 + 2), 4.5))
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax, x = _class_axes(names, (max(7.0, 0.45 * len(names) * len(data) ** 0.5 + 2), 4.5),
+                             "CCD (intra-class variance / centre distance$^2$)",
+                             title or "Class Center Distance per class (lower is better)")
     for j, (label, v) in enumerate(data.items()):
         values = np.append(v, means[label])
         heights = np.where(np.isfinite(values), values, np.nan if log_scale else 0.0)
         ax.bar(x - 0.4 + width * (j + 0.5), heights, width=width, label=label or None, edgecolor="black",
                linewidth=0.3)
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("CCD (intra-class variance / centre distance$^2$)")
     if log_scale:
         ax.set_yscale("log")
-    ax.set_title(title or "Class Center Distance per class (lower is better)")
     if any(data):
         ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return _finish(fig, Canvas, path, dpi)
+    return _finish(fig, path, dpi)
 
 
 def plot_ccd_grid(
@@ -187,7 +187,7 @@ def plot_ccd_grid(
 ):
     """One small panel per class, one bar per model (same colours everywhere), each class at its
     own scale; absent classes read "absent". Arguments as :func:`plot_ccd`."""
-    Figure, Canvas, Patch = _matplotlib()
+    Figure, _, Patch = _matplotlib()
     _, data, names = _runs(results, class_names)
     k = len(names)
     labels = list(data)
@@ -213,4 +213,4 @@ def plot_ccd_grid(
         handles = [Patch(color=c, label=label) for c, label in zip(colours, labels)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.suptitle(title or "CCD per class (lower is better)", fontsize=11)
-    return _finish(fig, Canvas, path, dpi, rect=(0, 0.06, 1, 0.95))
+    return _finish(fig, path, dpi, rect=(0, 0.06, 1, 0.95))

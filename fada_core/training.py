@@ -11,6 +11,10 @@ from torch import Tensor
 from .loss import FineGrainedAdversary, UpsampledCrossEntropy
 
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
+Segmenter = Union[
+    Callable[[Tensor], Tuple[Tensor, Tensor]],  # images -> (features, logits)
+    Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]],  # (images -> features, features -> logits)
+]
 
 
 class StepLosses(NamedTuple):
@@ -41,7 +45,12 @@ class AdversarialStep:
 
     Args:
         model: images :math:`(B, 3, H, W)` → ``(features, low-resolution logits)``:
-            an adapter of :mod:`fada_core.adapters`, or any callable returning the pair.
+            an adapter of :mod:`fada_core.adapters`, or any callable returning the pair;
+            or a pair ``(features, classifier)`` of callables (images → features,
+            features → logits). With the pair, the target logits, which only give the
+            generator step its (detached) soft labels, are computed without autograd:
+            less memory, and a ``DistributedDataParallel`` classifier is not left
+            waiting for gradients that never come.
         adversary: the :class:`~fada_core.FineGrainedAdversary` (holds the discriminator).
         optimizer: the segmentation network's optimizer, or several (the official
             code has one for the feature extractor and one for the classifier).
@@ -74,7 +83,7 @@ class AdversarialStep:
 
     def __init__(
         self,
-        model: Callable[[Tensor], Tuple[Tensor, Tensor]],
+        model: Segmenter,
         adversary: FineGrainedAdversary,
         optimizer: Optimizers,
         discriminator_optimizer: torch.optim.Optimizer,
@@ -84,6 +93,9 @@ class AdversarialStep:
         discriminator_scaler: Optional["torch.amp.GradScaler"] = None,
         on_discriminator_gradients: Optional[Callable[[], None]] = None,
     ) -> None:
+        if not (callable(model) or (isinstance(model, tuple) and len(model) == 2 and all(map(callable, model)))):
+            raise TypeError("model must be a callable images -> (features, logits) or a pair (features, classifier) "
+                            f"of callables, got {type(model).__name__}")
         if not isinstance(adversary, FineGrainedAdversary):
             raise TypeError(f"adversary must be a FineGrainedAdversary, got {type(adversary).__name__}")
         self.optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
@@ -109,6 +121,14 @@ class AdversarialStep:
         self.autocast_dtype = autocast_dtype
         self.on_discriminator_gradients = on_discriminator_gradients
 
+    def _forward(self, images: Tensor, logits_need_grad: bool) -> Tuple[Tensor, Tensor]:
+        if not isinstance(self.model, tuple):
+            return self.model(images)
+        features, classifier = self.model
+        f = features(images)
+        with torch.set_grad_enabled(logits_need_grad and torch.is_grad_enabled()):
+            return f, classifier(f)
+
     def _autocast(self, like: Tensor):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -131,13 +151,13 @@ class AdversarialStep:
         size_s, size_t = tuple(source_images.shape[-2:]), tuple(target_images.shape[-2:])
 
         with self._autocast(source_images):
-            f_s, z_s = self.model(source_images)
+            f_s, z_s = self._forward(source_images, logits_need_grad=True)
             loss_seg = self.seg_loss(z_s, source_labels)
         scaler, scaler_d = self.scaler, self.discriminator_scaler
         self._backward(loss_seg, scaler)  # frees the source graph before the target forward, as the official code
 
         with self._autocast(target_images):
-            f_t, z_t = self.model(target_images)
+            f_t, z_t = self._forward(target_images, logits_need_grad=False)
             loss_adv = self.adversary.generator_loss(f_t, z_t, size_t)
         self._backward(loss_adv, scaler)
         for opt in self.optimizers:

@@ -37,7 +37,9 @@ STATUS_KEYS = {
 
 
 def test_status_keys_and_values():
-    status = _build.status()
+    from fada_core.info import status as info_status
+
+    status = info_status()
     assert STATUS_KEYS <= set(status)
     assert status["torch"] == torch.__version__
     assert status["cuda_available"] == torch.cuda.is_available()
@@ -56,7 +58,7 @@ def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
     assert _build.kernels_available(torch.device("cpu"), "fada_core::class_center_stats")
     assert _build.kernels_available(torch.zeros(1), "class_center_stats")
     # device-independent operators (no tensors) count for every device
-    assert status["ops"]["fada_core::cuda_backward_max_channels"] == ["any (device-independent)"]
+    assert status["ops"]["fada_core::cuda_backward_max_channels"] == ["any"]
     assert _build.kernels_available("cpu")
     cpu = status["cpu_capability"]
     assert cpu["supported"][0] == "default" and cpu["in_use"] in cpu["supported"] and cpu["reason"]
@@ -75,10 +77,11 @@ def test_sources_and_flags():
     assert not any(s.endswith("_kernel.cpp") for s in cpu)
     assert not any(s.endswith(".cu") for s in cpu)
     assert any(s.endswith("class_stats_kernel.cu") for s in cuda) and set(cpu) <= set(cuda)
-    assert not any(f.startswith("-march") for f in _build.cflags())  # the same library for every CPU
-    assert _build.build_name(False) != _build.build_name(True)
-    assert "--use_fast_math" not in _build.cuda_cflags()
-    assert "-v" in _build.cuda_cflags(ptxas_verbose=True)
+    assert not any(f.startswith("-march") for f in _build.compile_args(False)["cxx"])  # one library, every CPU
+    assert _build.build_directory(False) != _build.build_directory(True)
+    assert "--use_fast_math" not in _build.compile_args(True)["nvcc"]
+    assert "-v" in _build.compile_args(True, ptxas_verbose=True)["nvcc"]
+    assert "-v" not in _build.compile_args(True)["nvcc"]
 
 
 def test_cuda_decision_without_gpu(monkeypatch):
@@ -149,7 +152,7 @@ def test_disable_kernels_env_falls_back_to_eager():
 
 
 def test_failed_build_warns_once_and_falls_back(tmp_path):
-    if _build._aot_spec() is not None:
+    if _build.aot_extension() is not None:
         pytest.skip("an ahead-of-time fada_core._C is installed; no JIT build would run")
     proc = _run_python(
         """
@@ -189,7 +192,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
 
 def test_info_does_not_build(tmp_path):
-    if _build._aot_spec() is not None:
+    if _build.aot_extension() is not None:
         pytest.skip("an ahead-of-time fada_core._C is installed")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
     env.pop("FADA_CORE_DISABLE_KERNELS", None)

@@ -89,6 +89,23 @@ def test_same_parameters_as_the_official_iteration():
     assert not all(torch.equal(a, b) for a, b in zip(_params(D), _params(kept_D)))
 
 
+def test_features_classifier_pair_matches_and_keeps_no_target_logit_graph():
+    """model=(features, classifier): the same updates as the callable form, and the target logits
+    (only the detached soft labels need them) are computed without autograd."""
+    model, D, losses = _helper_run()
+    pair_model, pair_D, opts, opt_D = _setup()
+    graphs = []
+    pair_model.classifier.register_forward_hook(lambda module, args, out: graphs.append(out.requires_grad))
+    step = AdversarialStep((pair_model.features, pair_model.classifier), FineGrainedAdversary(pair_D, backend="eager"),
+                           opts, opt_D)
+    for i in range(2):
+        pair_losses = step(*_batch(i))
+    assert graphs == [True, False] * 2  # source logits with a graph, target logits without
+    for got, want in zip(_params(pair_model, pair_D), _params(model, D)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.stack(pair_losses), torch.stack(losses), rtol=1e-6, atol=1e-7)
+
+
 def test_with_a_grad_scaler():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     model, D, _ = _helper_run(scaler=scaler)
@@ -161,6 +178,8 @@ def test_arguments_checked():
         AdversarialStep(model, adv, [], opt_D)
     with pytest.raises(ValueError, match="autocast_dtype"):
         AdversarialStep(model, adv, opts, opt_D, autocast_dtype=torch.float64)
+    with pytest.raises(TypeError, match="model must be a callable"):
+        AdversarialStep((model.features,), adv, opts, opt_D)
 
 
 def test_default_seg_loss_follows_the_adversary():

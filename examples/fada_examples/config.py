@@ -108,6 +108,7 @@ DEFAULTS: Dict[str, Any] = {
     "device": "auto",                 # auto | cpu | cuda
     "log_period": 20,
     "init_from": "",                  # stage 2: the stage-1 checkpoint to start from
+    "init_discriminator": "auto",     # stage 2: D from init_from too: auto (if it has one) | require | skip
     "teacher": "",                    # stage 3: the stage-2 checkpoint that makes the pseudo labels
 }
 
@@ -115,6 +116,7 @@ _CHOICES = {
     "model.backbone": ("resnet101", "vgg16", "small"),
     "backend": ("auto", "kernel", "eager"),
     "amp": ("none", "bf16", "fp16"),
+    "init_discriminator": ("auto", "require", "skip"),
     "solver.lr_method": ("poly",),
 }
 

@@ -60,6 +60,8 @@ __all__ = [
     "resolve_test_root",
     "class_names_for",
     "make_test_dataset",
+    "add_test_data_arguments",
+    "eval_data_from_args",
     "setup_device",
     "colorize_prediction",
     "default_palette",
@@ -348,6 +350,34 @@ def make_test_dataset(cfg: dict, *, data_root: Optional[str] = None, name: Optio
     if max_images and max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, list(range(max_images)))
     return dataset
+
+
+def add_test_data_arguments(parser) -> None:
+    """The options evaluate.py and ccd_analysis.py share: the test data, its loader, the device and
+    the output folder (read by :func:`eval_data_from_args`)."""
+    p = parser
+    p.add_argument("--data-root", default=None, help="labelled test data root (default: from the checkpoint's config)")
+    p.add_argument("--dataset", default=None, help="cityscapes | crosscity | synthia | gta5 (default: config)")
+    p.add_argument("--split", default=None, help="split to use (default: config datasets.test_split)")
+    p.add_argument("--city", default=None, help="Cross-City city (Rome, Rio, Tokyo, Taipei)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="resize the image to W H before inference (default: config input.size_test)")
+    p.add_argument("--native-size", action="store_true", help="do not resize the images")
+    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--synthetic-dir", default=None, help="where the synthetic data lives / is generated")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def eval_data_from_args(cfg: dict, args, device: torch.device, distributed: bool):
+    """``(dataset, loader)`` as the options of :func:`add_test_data_arguments` ask."""
+    dataset = make_test_dataset(cfg, data_root=args.data_root, name=args.dataset, split=args.split, city=args.city,
+                                size=args.size, native_size=args.native_size, max_images=args.max_images,
+                                synthetic_dir=args.synthetic_dir)
+    return dataset, build_eval_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                      distributed=distributed, pin_memory=device.type == "cuda")
 
 
 def class_names_for(num_classes: int) -> List[str]:

@@ -238,6 +238,33 @@ def test_training_initialised_from_an_official_checkpoint(tmp_path):
     assert sd2.iteration == 1
 
 
+def test_init_loads_the_official_discriminator_when_present(tmp_path):
+    """init_from an official adversarial checkpoint: its model_D becomes stage 2's discriminator
+    (init_discriminator=auto); a stage-1 checkpoint has none (D starts afresh, or an error under
+    init_discriminator=require); init_discriminator=skip never loads it."""
+    from fada_examples.engine import trainer as T
+
+    torch.manual_seed(0)
+    fe, clf = M.build_segmentor("small", 19, None, freeze_bn=False)
+    d_o = O.OfficialPixelDiscriminator(M.feature_channels("small"), 16, 19)
+    _randomise(d_o, 3)
+    src = _as_official(fe.state_dict(), clf.state_dict())
+    torch.save(src, tmp_path / "src.pth")
+    torch.save(dict(src, model_D={f"module.{k}": v for k, v in d_o.state_dict().items()}), tmp_path / "adv.pth")
+    cpu, x = torch.device("cpu"), torch.randn(1, M.feature_channels("small"), 3, 4)
+
+    def discriminator(init, *overrides):
+        return T.build_models(_tiny_cfg("adv", tmp_path, f"init_from={tmp_path / init}", *overrides), "adv", cpu)[2]
+
+    torch.testing.assert_close(discriminator("adv.pth")(x), d_o(x))
+    fresh = discriminator("src.pth").state_dict()
+    assert not torch.equal(fresh["source_head.weight"], discriminator("adv.pth").state_dict()["source_head.weight"])
+    skipped = discriminator("adv.pth", "init_discriminator=skip").state_dict()
+    assert all(torch.equal(fresh[k], skipped[k]) for k in fresh)
+    with pytest.raises(ValueError, match="init_discriminator=require.*'model_D'"):
+        discriminator("src.pth", "init_discriminator=require")
+
+
 def test_partial_weights_only_when_the_config_asks(tmp_path):
     """model.weights with a tensor missing: an error listing it, unless model.partial_weights=true."""
     from fada_examples.config import load_config

@@ -8,9 +8,10 @@ Stage ``adv`` (fine-grained adversarial), per iteration, batch = half source + h
      (a_t = min(softmax(upsample(C(F(x_t))) / T), 0.9), detached)
   3. loss_D = 0.5 soft_ce(D(F(x_s)^), [a_s, 0]) + 0.5 soft_ce(D(F(x_t)^), [0, a_t])   (^ detached)
      backward; step D.
-  Steps 2-3 use :class:`fada_core.FineGrainedAdversary`, step 1
-  :class:`fada_core.UpsampledCrossEntropy`; both get the *low-resolution* logits and upsample
-  on the fly, so no full-resolution logit tensor is built.
+  The iteration is :class:`fada_core.AdversarialStep` (the official order), with
+  :class:`fada_core.UpsampledCrossEntropy` for step 1 and :class:`fada_core.FineGrainedAdversary`
+  for steps 2-3; both get the *low-resolution* logits and upsample on the fly, so no
+  full-resolution logit tensor is built.
 Stage ``sd`` (self-distillation): pseudo labels = argmax of the stage-2 model on the target
   training images, made at the teacher's own test size (logits upsampled to the label size); a
   fresh ImageNet-initialised model (BN not frozen in the official ResNet config) is trained on
@@ -251,10 +252,23 @@ def build_models(cfg: Dict[str, Any], stage: str, device: torch.device, ckpt: Op
         classifier.load_state_dict(M.strip_module_prefix(ckpt["classifier"]))
     elif init is not None:  # this project's or an official FADA checkpoint, loaded strictly
         M.load_model_states(init, features, classifier, backbone=cfg["model"]["backbone"],
+                            discriminator=_discriminator_to_init(cfg, init, discriminator),
                             source=repr(cfg["init_from"]))
     if ckpt is not None and discriminator is not None:
         discriminator.load_state_dict(M.strip_module_prefix(ckpt["discriminator"]))
     return features, classifier, discriminator
+
+
+def _discriminator_to_init(cfg: Dict[str, Any], init: Dict[str, Any], discriminator: Optional[nn.Module]):
+    """``discriminator`` when it is to be loaded from the ``init_from`` checkpoint too (its
+    ``discriminator``, or an official checkpoint's ``model_D``), as ``init_discriminator`` says."""
+    mode, key = cfg["init_discriminator"], "model_D" if M.is_official_checkpoint(init) else "discriminator"
+    if discriminator is None or mode == "skip" or (mode == "auto" and key not in init):
+        return None
+    if key not in init:
+        raise ValueError(f"init_discriminator=require, but init_from={cfg['init_from']!r} has no {key!r} entry "
+                         f"(keys: {sorted(init)}); a stage-1 checkpoint has none: use init_discriminator=auto")
+    return discriminator
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
@@ -310,10 +324,13 @@ def build_losses(cfg: Dict[str, Any], stage: str, discriminator: Optional[nn.Mod
     return seg_loss, adversary
 
 
+_AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _amp(cfg: Dict[str, Any], device: torch.device):
-    if cfg["amp"] == "none":
+    dtype = _AMP_DTYPES[cfg["amp"]]
+    if dtype is None:
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -365,6 +382,7 @@ class Training:
     seg_loss: nn.Module
     adversary: Optional[nn.Module]
     autocast: Callable[[], Any]
+    adversarial: Optional[fada_core.AdversarialStep] = None  # stage 'adv''s iteration
     iteration: int = 0
 
     def learning_rates(self) -> Dict[str, float]:
@@ -401,6 +419,8 @@ def build_training(cfg: Dict[str, Any], stage: str, device: torch.device,
     seg_loss, adversary = build_losses(cfg, stage, discriminator)
     t = Training(stage, device, features, classifier, discriminator, optimizers, schedulers, scalers, seg_loss,
                  adversary, _amp(cfg, device))
+    if stage == "adv":
+        t.adversarial = _adversarial_iteration(t, _AMP_DTYPES[cfg["amp"]])
     if ckpt is not None:
         _load_training_state(t, ckpt)
     return t
@@ -445,59 +465,44 @@ def _to_device(t: Training, batch):
     return (batch[0].to(t.device, non_blocking=True), batch[1].to(t.device, non_blocking=True).long())
 
 
-def _segmentation_backward(t: Training, x_s: torch.Tensor, y_s: torch.Tensor):
-    """Forward the labelled images, backward the segmentation loss; returns (features, logits, loss)."""
-    with t.autocast():
-        f_s = t.features(x_s)
-        z_s = t.classifier(f_s)                     # low-resolution logits
-    loss_seg = t.seg_loss(z_s.float(), y_s)         # upsampled inside, never materialised
-    t.scalers["G"].scale(loss_seg).backward()
-    return f_s, z_s, loss_seg
-
-
-def _step_segmentor(t: Training) -> None:
-    scaler = t.scalers["G"]
-    scaler.step(t.optimizers["fea"])
-    scaler.step(t.optimizers["cls"])
-    scaler.update()
-
-
 def supervised_step(t: Training, batches) -> Dict[str, torch.Tensor]:
     """Stages 'src' and 'sd' (official ``train_src.py`` / ``train_self_distill.py``: the same step,
     on source labels or on pseudo labels): CE on the labelled batch, one SGD step of F and C."""
     for name in ("fea", "cls"):
         t.optimizers[name].zero_grad(set_to_none=True)
-    _, _, loss_seg = _segmentation_backward(t, *_to_device(t, batches[0]))
-    _step_segmentor(t)
+    x, y = _to_device(t, batches[0])
+    with t.autocast():
+        logits = t.classifier(t.features(x))        # low-resolution logits
+    loss_seg = t.seg_loss(logits.float(), y)        # upsampled inside, never materialised
+    scaler = t.scalers["G"]
+    scaler.scale(loss_seg).backward()
+    scaler.step(t.optimizers["fea"])
+    scaler.step(t.optimizers["cls"])
+    scaler.update()
     return {"loss_seg": loss_seg.detach()}
+
+
+def _adversarial_iteration(t: Training, autocast_dtype: Optional[torch.dtype]) -> fada_core.AdversarialStep:
+    """Stage 'adv''s iteration, in the official ``train_adv.py`` order (see the module docstring).
+
+    The (features, classifier) pair lets the helper compute the target logits without autograd (only
+    the detached soft labels need them), so the DDP classifier gets gradients from the source alone;
+    logits reach the losses in float32 under autocast; D's gradients are averaged over the ranks by
+    hand (it runs two forwards before one backward, so it is not DDP-wrapped).
+    """
+    return fada_core.AdversarialStep(
+        (t.features, _Float32Output(t.classifier)), t.adversary, [t.optimizers["fea"], t.optimizers["cls"]],
+        t.optimizers["D"], seg_loss=t.seg_loss, scaler=t.scalers["G"], discriminator_scaler=t.scalers["D"],
+        autocast_dtype=autocast_dtype,
+        on_discriminator_gradients=lambda: D.average_gradients(t.discriminator.parameters()))
 
 
 def adversarial_step(t: Training, batches) -> Dict[str, torch.Tensor]:
     """Stage 'adv' (official ``train_adv.py``): the source CE and the fine-grained adversarial loss
     on the target batch step F and C; then the discriminator's loss on detached features steps D."""
-    for name in ("fea", "cls"):
-        t.optimizers[name].zero_grad(set_to_none=True)
     x_s, y_s = _to_device(t, batches[0])
-    x_t = batches[1][0].to(t.device, non_blocking=True)
-    f_s, z_s, loss_seg = _segmentation_backward(t, x_s, y_s)
-    size_s, size_t = tuple(x_s.shape[-2:]), tuple(x_t.shape[-2:])
-    with t.autocast():
-        f_t = t.features(x_t)
-        with torch.no_grad():                       # only the (detached) soft labels need it
-            z_t = D.unwrap(t.classifier)(f_t)
-        loss_adv = t.adversary.generator_loss(f_t, z_t.float(), size_t)
-    t.scalers["G"].scale(loss_adv).backward()
-    _step_segmentor(t)
-
-    t.optimizers["D"].zero_grad(set_to_none=True)   # drop the generator step's D gradients
-    with t.autocast():
-        loss_d = t.adversary.discriminator_loss(f_s.detach(), z_s.detach().float(), size_s,
-                                                f_t.detach(), z_t.float(), size_t)
-    t.scalers["D"].scale(loss_d).backward()
-    D.average_gradients(t.discriminator.parameters())
-    t.scalers["D"].step(t.optimizers["D"])
-    t.scalers["D"].update()
-    return {"loss_seg": loss_seg.detach(), "loss_adv": loss_adv.detach(), "loss_D": loss_d.detach()}
+    losses = t.adversarial(x_s, y_s, batches[1][0].to(t.device, non_blocking=True))
+    return {"loss_seg": losses.segmentation, "loss_adv": losses.adversarial, "loss_D": losses.discriminator}
 
 
 STEPS = {"src": supervised_step, "adv": adversarial_step, "sd": supervised_step}
