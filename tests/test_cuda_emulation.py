@@ -312,6 +312,20 @@ def test_fast_path_matches_reference(emulated_cuda_ops, shapes, dtype):
         assert want_grad.abs().max() > 0
 
 
+def test_staged_class_limits(kernel_ops):
+    """The staged kernels' class limits come from C++ (kernel_limits.h): 500 classes, which the
+    tests here use for the general kernels, exceed both on an H100 in float32 and float64."""
+    for acc_bytes in (4, 8):
+        fada = kernel_ops.cuda_staged_max_classes("fada_loss", acc_bytes, H100_SHARED_BYTES)
+        ce = kernel_ops.cuda_staged_max_classes("upsampled_cross_entropy", acc_bytes, H100_SHARED_BYTES)
+        assert 19 <= fada < ce < 500  # Cityscapes' 19 classes take the fast path
+        # less shared memory, fewer classes
+        assert kernel_ops.cuda_staged_max_classes("fada_loss", acc_bytes, H100_SHARED_BYTES - 4096) < fada
+    assert kernel_ops.cuda_staged_max_classes("fada_loss", 4, 1024) == 0
+    with pytest.raises(RuntimeError, match="op must be"):
+        kernel_ops.cuda_staged_max_classes("nope", 4, H100_SHARED_BYTES)
+
+
 @pytest.mark.parametrize("cap", [0.5, 0.3])  # 0.5: closed-form soft-label sum; 0.3: the general kernels
 def test_cap_around_one_half(emulated_cuda_ops, cap):
     disc, seg, weight = fada_loss_inputs(1, 4, 5, 6, 5, 6, 13, 17, torch.float32, 11, False, scale=6.0)
