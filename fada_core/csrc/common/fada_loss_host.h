@@ -72,10 +72,11 @@ inline at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, const at::
   return weight.has_value() ? weight->to(acc_type(disc)).contiguous() : at::Tensor();
 }
 
-// The loss, (B, H, W) for reduction none, else a scalar, in the logits' dtype;
-// for an empty batch already final (mean over no pixel: NaN, like torch).
+// The loss, (B, H, W) for reduction none, else a scalar, in the accumulation
+// type (float32 for half inputs, as torch's losses under autocast); for an
+// empty batch already final (mean over no pixel: NaN, like torch).
 inline at::Tensor loss_output(const at::Tensor& disc, const FadaLossArgs& a) {
-  const auto opts = disc.options();
+  const auto opts = disc.options().dtype(acc_type(disc));
   at::Tensor out = a.reduction == 0 ? at::empty({disc.size(0), a.out_h, a.out_w}, opts) : at::empty({}, opts);
   if (disc.size(0) == 0 && a.reduction != 0)
     out.fill_(a.reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);

@@ -184,7 +184,7 @@ struct FadaScratch {
 };
 
 template <typename scalar_t>
-void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, double* row_sums) {
+void fada_forward_kernel(const FadaProblem<scalar_t>& p, at::opmath_type<scalar_t>* out_map, double* row_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tasks = p.B * p.h;
   parallel_tasks(tasks, [&](const TaskQueue& queue) {
@@ -219,8 +219,7 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, doub
           for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
         }
         if (out_map != nullptr) {
-          scalar_t* __restrict o = out_map + pix;
-          for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
+          std::copy(loss, loss + n, out_map + pix);
         } else {
           double tile_total = 0;
           for (int64_t x = 0; x < n; ++x) tile_total += static_cast<double>(loss[x]);
@@ -295,7 +294,7 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
           using acc_t = at::opmath_type<scalar_t>;
           FadaProblem<scalar_t> p(disc, seg, wt, a);
           if (reduction == 0) {
-            fada_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr);
+            fada_forward_kernel<scalar_t>(p, out.data_ptr<acc_t>(), nullptr);
             return;
           }
           std::vector<double> rows(B * out_h, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);

@@ -73,7 +73,7 @@ __global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t t
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels, CeGeometry<acc_t> g,
-                      int64_t B, scalar_t* __restrict__ out_map, acc_t* __restrict__ partials) {
+                      int64_t B, acc_t* __restrict__ out_map, acc_t* __restrict__ partials) {
   __shared__ acc_t shared[kReduceThreads];
   const int64_t total = B * g.H * g.W;
   acc_t local = 0;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kReduceThreads)
       loss = ce_loss_term(m, log_acc(s), zl);
     }
     if (out_map != nullptr) {
-      out_map[idx] = static_cast<scalar_t>(loss);
+      out_map[idx] = loss;
     } else {
       local += loss;
     }
@@ -180,7 +180,7 @@ template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 __global__ void __launch_bounds__(kStagedMaxThreads)
     ce_staged_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels,
                      const acc_t* __restrict__ grad, bool grad_is_map, CeStagedGeometry<acc_t> sg,
-                     scalar_t* __restrict__ out_map, acc_t* __restrict__ partials, int64_t* __restrict__ counts,
+                     acc_t* __restrict__ out_map, acc_t* __restrict__ partials, int64_t* __restrict__ counts,
                      acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   FADA_DYNAMIC_SHARED(unsigned char, smem);
   const CeGeometry<acc_t>& g = sg.g;
@@ -272,7 +272,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
             }
             const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
             if (out_map != nullptr) {
-              out_map[pix] = static_cast<scalar_t>(l);
+              out_map[pix] = l;
             } else {
               local += l;
             }
@@ -385,7 +385,7 @@ void launch_ce_staged(const at::Tensor& logits, const at::Tensor& labels, const 
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
   FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
       logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), run.grad, run.grad_is_map, sg,
-      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials),
+      run.out_map.defined() ? run.out_map.template data_ptr<acc_t>() : nullptr, ptr(run.partials),
       run.counts.defined() ? run.counts.template data_ptr<int64_t>() : nullptr, ptr(run.part_main),
       ptr(run.part_spill));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -418,9 +418,9 @@ void ce_staged_reduce(const CeStagedRun<acc_t>& run, const at::Tensor& out, cuda
   }
   if (run.partials.defined()) {
     // "mean": over the non-ignored pixels (0 / 0 = NaN, like torch)
-    FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+    FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, int64_t>)(
         run.partials.template data_ptr<acc_t>(), run.partials.numel(),
-        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, static_cast<acc_t>(1), out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -452,7 +452,7 @@ void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const C
   const int64_t blocks = pixel_blocks(total);
   if (reduction == 0) {
     FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<acc_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -462,9 +462,9 @@ void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const C
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // "mean": divided by the non-ignored pixels counted on the device (0 / 0 = NaN, like torch)
   const at::Tensor count = reduction == 1 ? count_valid(labels, g.ignore_index, stream) : at::Tensor();
-  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, int64_t>)(
       partials.data_ptr<acc_t>(), blocks, count.defined() ? count.data_ptr<int64_t>() : nullptr,
-      static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+      static_cast<acc_t>(1), out.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -72,7 +72,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     fada_forward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                         const acc_t* __restrict__ weight, FadaGeometry<acc_t> g, int64_t B,
-                        scalar_t* __restrict__ out_map, acc_t* __restrict__ partials) {
+                        acc_t* __restrict__ out_map, acc_t* __restrict__ partials) {
   __shared__ acc_t shared[kReduceThreads];
   const int64_t total = B * g.H * g.W;
   acc_t local = 0;
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     }
     if (weight != nullptr) loss *= weight[idx];
     if (out_map != nullptr) {
-      out_map[idx] = static_cast<scalar_t>(loss);
+      out_map[idx] = loss;
     } else {
       local += loss;
     }
@@ -203,7 +203,7 @@ template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 __global__ void __launch_bounds__(kStagedMaxThreads)
     fada_staged_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                        const acc_t* __restrict__ weight, const acc_t* __restrict__ grad, bool grad_is_map,
-                       acc_t grad_div, StagedGeometry<acc_t> g, scalar_t* __restrict__ out_map,
+                       acc_t grad_div, StagedGeometry<acc_t> g, acc_t* __restrict__ out_map,
                        acc_t* __restrict__ partials, acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   FADA_DYNAMIC_SHARED(unsigned char, smem);
   const StagedLayout lay = staged_layout<acc_t>(g.K, g.nx, g.tj);
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
               acc_t l = loss[q] * ln2;
               if (weight != nullptr) l *= weight[pix];
               if (out_map != nullptr) {
-                out_map[pix] = static_cast<scalar_t>(l);
+                out_map[pix] = l;
               } else {
                 local += l;
               }
@@ -425,7 +425,7 @@ void launch_staged(const at::Tensor& disc, const at::Tensor& seg, const StagedGe
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
   FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
       disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), run.weight, run.grad, run.grad_is_map, run.grad_div, g,
-      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials), ptr(run.part_main),
+      run.out_map.defined() ? run.out_map.template data_ptr<acc_t>() : nullptr, ptr(run.partials), ptr(run.part_main),
       ptr(run.part_spill));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -444,8 +444,8 @@ void gather_staged(const StagedRun<acc_t>& run, const StagedConfig& cfg, const a
 // out[0] = sum of the partials / divisor, in a fixed order.
 template <typename scalar_t, typename acc_t>
 void reduce_loss(const at::Tensor& partials, acc_t divisor, const at::Tensor& out, cudaStream_t stream) {
-  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, acc_t>)(
-      partials.data_ptr<acc_t>(), partials.numel(), nullptr, divisor, out.data_ptr<scalar_t>());
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, acc_t>)(
+      partials.data_ptr<acc_t>(), partials.numel(), nullptr, divisor, out.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -469,7 +469,7 @@ void forward_into(const at::Tensor& disc, const at::Tensor& seg, const at::Tenso
   const int64_t blocks = pixel_blocks(total);
   if (reduction == 0) {
     FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
-        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<scalar_t>(), nullptr);
+        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<acc_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     at::Tensor partials = at::empty({blocks}, acc_opts);
