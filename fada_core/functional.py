@@ -44,11 +44,9 @@ __all__ = [
     "check_label_errors",
 ]
 
-# dtypes each backend's kernels take natively; others are computed in float32.
-_KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
+# dtypes the kernels (CPU and CUDA) take natively, half ones with float32
+# accumulators and a float32 loss; others are computed in float32.
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @torch.compiler.assume_constant_result
@@ -95,7 +93,7 @@ def _use_kernel(backend: str, x: Tensor, op: str, backward_channels: Optional[in
         return False
     if _kernels_ready(x.device.type, op):
         if backward_channels is not None and x.device.type == "cuda" and x.requires_grad:
-            dtype = _kernel_dtype(x.device, x.dtype)
+            dtype = _kernel_dtype(x.dtype)
             index = x.device.index if x.device.index is not None else torch.cuda.current_device()
             if not _cuda_backward_fits(backward_channels, dtype, _cuda_shared_bytes(index)):
                 if backend == "kernel":
@@ -113,10 +111,9 @@ def _use_kernel(backend: str, x: Tensor, op: str, backward_channels: Optional[in
     return False
 
 
-def _kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype to hand the kernel: the input's own if supported, else float32."""
-    supported = _KERNEL_DTYPES.get(device.type, (torch.float32, torch.float64))
-    return dtype if dtype in supported else torch.float32
+    return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
 def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -325,7 +322,7 @@ def fada_loss(
             disc_logits, seg_logits, domain, temperature, cap, size, weight, reduction, align_corners
         )
 
-    dtype = _kernel_dtype(disc_logits.device, torch.promote_types(disc_logits.dtype, seg_logits.dtype))
+    dtype = _kernel_dtype(torch.promote_types(disc_logits.dtype, seg_logits.dtype))
     # Training with a mean or sum: the loss and its gradient in one pass (one
     # launch on the CUDA fast path); the backward then only scales it.
     with_grad = reduction != "none" and disc_logits.requires_grad and torch.is_grad_enabled()
@@ -338,10 +335,12 @@ def fada_loss(
         cap,
         size[0],
         size[1],
-        None if weight is None else weight.detach().to(dtype),
+        None if weight is None else weight.detach(),  # the kernels read it in their accumulation type
         _REDUCTION_CODES[reduction],
         align_corners,
     )
+    # the kernels return the loss in float32 for half inputs already; this
+    # only matters for mixed dtypes (float32 disc, float64 seg: float32, as eager)
     return (out[0] if with_grad else out).to(_reference.opmath_dtype(disc_logits.dtype))
 
 
@@ -393,13 +392,13 @@ def upsampled_cross_entropy(
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners)
     if labels.device.type != "cuda":
         _check_label_range(labels, logits.shape[1], ignore_index)
-    dtype = _kernel_dtype(logits.device, logits.dtype)
+    dtype = _kernel_dtype(logits.dtype)
     # Training with a mean or sum: the loss and its gradient in one pass (one
     # launch on the CUDA fast path); the backward then only scales it.
     with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
     op = torch.ops.fada_core.upsampled_cross_entropy_with_grad if with_grad else torch.ops.fada_core.upsampled_cross_entropy
     out = op(logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction], align_corners)
-    return (out[0] if with_grad else out).to(_reference.opmath_dtype(logits.dtype))
+    return out[0] if with_grad else out  # float32 for half logits
 
 
 # --------------------------------------------------------------------------- class centers
@@ -460,7 +459,7 @@ def class_center_stats(
         _check_label_range(labels, num_classes, ignore_index)
     if use_kernel:
         counts, means, m2 = torch.ops.fada_core.class_center_stats(
-            features.to(_kernel_dtype(features.device, features.dtype)), labels, num_classes, ignore_index
+            features.to(_kernel_dtype(features.dtype)), labels, num_classes, ignore_index
         )
     else:
         counts, means, m2 = _reference.class_center_stats(features, labels, num_classes, ignore_index)

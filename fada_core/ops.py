@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._reference import opmath_dtype
+
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 DOMAINS = {"source": 0, "target": 1}
 
@@ -25,9 +27,11 @@ _registered = False
 
 
 def _loss_output(like: Tensor, batch: int, out_h: int, out_w: int, reduction: int) -> Tensor:
+    # the kernels' accumulation type: float32 for half logits (csrc/common/*_host.h)
+    dtype = opmath_dtype(like.dtype)
     if reduction == REDUCTIONS["none"]:
-        return like.new_empty((batch, out_h, out_w))
-    return like.new_empty(())
+        return like.new_empty((batch, out_h, out_w), dtype=dtype)
+    return like.new_empty((), dtype=dtype)
 
 
 def _fake_fada_loss(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
@@ -135,9 +139,10 @@ def _setup_with_grad(ctx, inputs, output):
 
 
 def _backward_with_grad(ctx, grad, _grad_of_grad):
-    # The loss is a mean or sum, so its gradient is grad * (the gradient for 1).
+    # The loss is a mean or sum, so its gradient is grad * (the gradient for 1),
+    # in the input's dtype (the loss, and so grad, is float32 for half inputs).
     (grad_first,) = ctx.saved_tensors
-    grad_in = grad * grad_first if ctx.needs_input_grad[0] else None
+    grad_in = (grad * grad_first).to(grad_first.dtype) if ctx.needs_input_grad[0] else None
     return (grad_in,) + (None,) * (ctx.num_inputs - 1)
 
 

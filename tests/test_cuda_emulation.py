@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fada_core import _reference
+from fada_core._reference import opmath_dtype
 from fada_core.functional import _cuda_backward_fits
 from kernel_testing import (
     assert_class_stats_close,
@@ -57,7 +58,8 @@ def kernels(general):
 
 def _loss_pair(ops, disc, seg, domain, size, weight, reduction, align_corners=True):
     """(reference value, grad), (emulated value, grad). The reference runs in float64 on the same
-    values and is rounded to the inputs' dtype; both get the same upstream gradient."""
+    values; its loss is rounded to float32 for half inputs (the kernels' loss dtype), else to the
+    inputs' dtype, its gradient to the inputs' dtype; both get the same upstream gradient."""
     dtype = disc.dtype
     w64 = None if weight is None else weight.double()
     want, want_grad, grad_out = forward_backward(
@@ -66,11 +68,11 @@ def _loss_pair(ops, disc, seg, domain, size, weight, reduction, align_corners=Tr
         ),
         disc.double(),
     )
-    grad_out = grad_out.to(dtype)
+    grad_out = grad_out.to(opmath_dtype(dtype))
     args = (domain, T, CAP, size[0], size[1], weight, reduction, align_corners)
     got = ops.fada_loss(disc, seg, *args)
     got_grad = ops.fada_loss_backward(grad_out, disc, seg, *args)
-    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+    return (want.to(opmath_dtype(dtype)), want_grad.to(dtype)), (got, got_grad)
 
 
 def _ce_pair(ops, logits, labels, ignore_index, reduction, align_corners=True):
@@ -82,10 +84,10 @@ def _ce_pair(ops, logits, labels, ignore_index, reduction, align_corners=True):
         ),
         logits.double(),
     )
-    grad_out = grad_out.to(dtype)
+    grad_out = grad_out.to(opmath_dtype(dtype))
     got = ops.upsampled_cross_entropy(logits, labels, T, ignore_index, reduction, align_corners)
     got_grad = ops.upsampled_cross_entropy_backward(grad_out, logits, labels, T, ignore_index, reduction, align_corners)
-    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+    return (want.to(opmath_dtype(dtype)), want_grad.to(dtype)), (got, got_grad)
 
 
 HALF_AND_FULL = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -334,7 +336,7 @@ def _fused_pair(ops, disc, seg, domain, size, weight, reduction, cap=CAP, align_
     )
     got, got_grad = ops.fada_loss_with_grad(disc, seg, domain, T, cap, size[0], size[1], weight, reduction,
                                             align_corners)
-    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+    return (want.to(opmath_dtype(dtype)), want_grad.to(dtype)), (got, got_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -355,6 +357,55 @@ def test_fast_path_matches_reference(emulated_cuda_ops, shapes, dtype):
             assert_close_scaled(got, want, dtype)
             assert_close_scaled(got_grad, want_grad, dtype)
         assert want_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cap, seg_size", [(0.9, (5, 6)), (0.3, (5, 6)), (0.9, (3, 4))])  # staged; general; general
+def test_half_inputs_float32_losses(emulated_cuda_ops, dtype, cap, seg_size):
+    """Half logits: the loss in float32 and the gradient in their dtype, each equal to what the kernels
+    give for the same values in float32 (read exactly, computed alike), fused and separate ops."""
+    disc, seg, weight = fada_loss_inputs(2, 3, 5, 6, *seg_size, 13, 17, dtype, 14, True)
+    full = (disc.float(), seg.float(), weight.float())
+    ops = emulated_cuda_ops
+    for reduction in (0, 1, 2):
+        args = (1, T, cap, 13, 17)
+        loss = ops.fada_loss(disc, seg, *args, weight, reduction)
+        assert loss.dtype == torch.float32
+        assert torch.equal(loss, ops.fada_loss(full[0], full[1], *args, full[2], reduction))
+        grad_out = torch.rand(2, 13, 17) if reduction == 0 else torch.tensor(0.6)
+        grad = ops.fada_loss_backward(grad_out, disc, seg, *args, weight, reduction)
+        assert grad.dtype == dtype
+        assert torch.equal(grad, ops.fada_loss_backward(grad_out, full[0], full[1], *args, full[2], reduction).to(dtype))
+        if reduction != 0:
+            fused = ops.fada_loss_with_grad(disc, seg, *args, weight, reduction)
+            fused_full = ops.fada_loss_with_grad(full[0], full[1], *args, full[2], reduction)
+            assert fused[0].dtype == torch.float32 and fused[1].dtype == dtype
+            assert torch.equal(fused[0], fused_full[0]) and torch.equal(fused[1], fused_full[1].to(dtype))
+    logits, labels = cross_entropy_inputs(2, 3, 5, 6, 13, 17, dtype, 15, 0.2)
+    for k_logits in (logits, torch.randn(1, 500, 2, 3).to(dtype)):  # staged; general (500 classes: see below)
+        lab = labels if k_logits is logits else torch.randint(0, 500, (1, 5, 7))
+        for reduction in (0, 1):
+            loss = ops.upsampled_cross_entropy(k_logits, lab, T, 255, reduction)
+            assert loss.dtype == torch.float32
+            assert torch.equal(loss, ops.upsampled_cross_entropy(k_logits.float(), lab, T, 255, reduction))
+        fused = ops.upsampled_cross_entropy_with_grad(k_logits, lab, T, 255, 1)
+        fused_full = ops.upsampled_cross_entropy_with_grad(k_logits.float(), lab, T, 255, 1)
+        assert fused[0].dtype == torch.float32 and fused[1].dtype == dtype
+        assert torch.equal(fused[0], fused_full[0]) and torch.equal(fused[1], fused_full[1].to(dtype))
+
+
+def test_staged_class_limits(kernel_ops):
+    """The staged kernels' class limits come from C++ (kernel_limits.h): 500 classes, which the
+    tests here use for the general kernels, exceed both on an H100 in float32 and float64."""
+    for acc_bytes in (4, 8):
+        fada = kernel_ops.cuda_staged_max_classes("fada_loss", acc_bytes, H100_SHARED_BYTES)
+        ce = kernel_ops.cuda_staged_max_classes("upsampled_cross_entropy", acc_bytes, H100_SHARED_BYTES)
+        assert 19 <= fada < ce < 500  # Cityscapes' 19 classes take the fast path
+        # less shared memory, fewer classes
+        assert kernel_ops.cuda_staged_max_classes("fada_loss", acc_bytes, H100_SHARED_BYTES - 4096) < fada
+    assert kernel_ops.cuda_staged_max_classes("fada_loss", 4, 1024) == 0
+    with pytest.raises(RuntimeError, match="op must be"):
+        kernel_ops.cuda_staged_max_classes("nope", 4, H100_SHARED_BYTES)
 
 
 @pytest.mark.parametrize("cap", [0.5, 0.3])  # 0.5: closed-form soft-label sum; 0.3: the general kernels
@@ -448,7 +499,7 @@ def _ce_fused_pair(ops, logits, labels, ignore_index, reduction, align_corners=T
         torch.tensor(1.0, dtype=torch.float64),
     )
     got, got_grad = ops.upsampled_cross_entropy_with_grad(logits, labels, T, ignore_index, reduction, align_corners)
-    return (want.to(dtype), want_grad.to(dtype)), (got, got_grad)
+    return (want.to(opmath_dtype(dtype)), want_grad.to(dtype)), (got, got_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -29,10 +29,10 @@ def poison(monkeypatch):
 
 def _eager(logits, labels, temperature, ignore_index, reduction, grad_out=None, align_corners=True):
     def fn(x):
-        # the reference returns half losses in float32; the op in the inputs' dtype
+        # the reference and the kernels return the loss of half inputs in float32
         return _reference.upsampled_cross_entropy(
             x, labels, temperature, ignore_index, REDUCTIONS[reduction], align_corners
-        ).to(x.dtype)
+        )
 
     return forward_backward(fn, logits, grad_out)
 
@@ -96,9 +96,29 @@ def test_half_precision_cpu(isa_kernel_ops, dtype, align_corners):
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(logits, labels, 1.8, 255, reduction, None, align_corners)
         got, got_grad = _kernel(isa_kernel_ops, logits, labels, 1.8, 255, reduction, grad_out, align_corners)
-        assert got.dtype == dtype and got_grad.dtype == dtype
+        assert got.dtype == torch.float32 and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
+        # the half kernels read the half values exactly and compute as the float32 ones do
+        full, full_grad = _kernel(isa_kernel_ops, logits.float(), labels, 1.8, 255, reduction, grad_out, align_corners)
+        assert torch.equal(got, full) and torch.equal(got_grad, full_grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_half(kernel_ops, dtype, reduction):
+    """Half logits: a float32 loss (the fake kernels say so too) and a gradient in the logits' dtype."""
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, dtype, 4, 0.2)
+    torch.library.opcheck(kernel_ops.upsampled_cross_entropy.default,
+                          (logits.requires_grad_(True), labels, 1.8, 255, reduction))
+    grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)  # float32, as the loss
+    torch.library.opcheck(
+        kernel_ops.upsampled_cross_entropy_backward.default, (grad, logits.detach(), labels, 1.8, 255, reduction)
+    )
+    if reduction != 0:
+        torch.library.opcheck(kernel_ops.upsampled_cross_entropy_with_grad.default, (logits, labels, 1.8, 255, reduction))
+        loss, grad_logits = kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, reduction)
+        assert loss.dtype == torch.float32 and grad_logits.dtype == dtype
 
 
 def test_same_bits_twice_and_across_thread_counts(isa_kernel_ops):

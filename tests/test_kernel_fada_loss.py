@@ -29,10 +29,10 @@ def poison(monkeypatch):
 
 def _eager(disc, seg, domain, size, weight, reduction, grad_out=None, align_corners=True):
     def fn(d):
-        # the reference returns half losses in float32; the op in the inputs' dtype
+        # the reference and the kernels return the loss of half inputs in float32
         return _reference.fada_loss(
             d, seg, DOMAINS[domain], T, CAP, size, weight, REDUCTIONS[reduction], align_corners
-        ).to(d.dtype)
+        )
 
     return forward_backward(fn, disc, grad_out)
 
@@ -98,9 +98,28 @@ def test_half_precision_cpu(isa_kernel_ops, dtype, align_corners):
     for reduction in (0, 1, 2):
         want, want_grad, grad_out = _eager(disc, seg, 1, (23, 17), weight, reduction, None, align_corners)
         got, got_grad = _kernel(isa_kernel_ops, disc, seg, 1, (23, 17), weight, reduction, grad_out, align_corners)
-        assert got.dtype == dtype and got_grad.dtype == dtype
+        assert got.dtype == torch.float32 and got_grad.dtype == dtype
         _assert_close(got, want, dtype)
         _assert_close(got_grad, want_grad, dtype)
+        # the half kernels read the half values exactly and compute as the float32 ones do
+        full, full_grad = _kernel(isa_kernel_ops, disc.float(), seg.float(), 1, (23, 17), weight.float(), reduction,
+                                  grad_out, align_corners)
+        assert torch.equal(got, full) and torch.equal(got_grad, full_grad.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_half(kernel_ops, dtype, reduction):
+    """Half logits: a float32 loss (the fake kernels say so too) and a gradient in the logits' dtype."""
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 3, 4, 7, 9, dtype, 4, True)
+    args = (1, T, CAP, 7, 9, weight, reduction)
+    torch.library.opcheck(kernel_ops.fada_loss.default, (disc.requires_grad_(True), seg, *args))
+    grad = torch.randn(2, 7, 9) if reduction == 0 else torch.tensor(0.7)  # float32, as the loss
+    torch.library.opcheck(kernel_ops.fada_loss_backward.default, (grad, disc.detach(), seg, *args))
+    if reduction != 0:
+        torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, *args))
+        loss, grad_disc = kernel_ops.fada_loss_with_grad(disc, seg, *args)
+        assert loss.dtype == torch.float32 and grad_disc.dtype == dtype
 
 
 def test_same_bits_twice_and_across_thread_counts(isa_kernel_ops):

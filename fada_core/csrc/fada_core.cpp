@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/kernel_limits.h"
 #include "common/op_schemas.h"
 
@@ -29,5 +31,15 @@ TORCH_LIBRARY(fada_core, m) {
   m.def("cuda_backward_max_channels(int acc_bytes, int shared_bytes) -> int",
         [](int64_t acc_bytes, int64_t shared_bytes) {
           return fada::limits::cuda_backward_max_channels(acc_bytes, shared_bytes);
+        });
+  // The most classes the staged (fast-path) CUDA kernel of `op` ("fada_loss"
+  // or "upsampled_cross_entropy") takes; more run the general kernels.
+  m.def("cuda_staged_max_classes(str op, int acc_bytes, int shared_bytes) -> int",
+        [](const std::string& op, int64_t acc_bytes, int64_t shared_bytes) {
+          TORCH_CHECK(op == "fada_loss" || op == "upsampled_cross_entropy",
+                      "cuda_staged_max_classes: op must be 'fada_loss' or 'upsampled_cross_entropy', got '", op, "'");
+          const auto footprint =
+              op == "fada_loss" ? fada::limits::fada_staged_footprint() : fada::limits::ce_staged_footprint();
+          return fada::limits::cuda_staged_max_classes(footprint, acc_bytes, shared_bytes);
         });
 }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cstdint>
 #include <limits>
@@ -37,14 +38,21 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& labels, 
   TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive, got ", temperature);
 }
 
+// The loss's options: the accumulation type of the logits (float32 for half
+// logits, as torch's losses under autocast).
+inline at::TensorOptions ce_loss_options(const at::Tensor& logits) {
+  return logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+}
+
 // Forward: `launch(logits, labels, out)` with contiguous inputs, B > 0, and
-// `out` allocated ((B, H, W) for reduction none, else a scalar).
+// `out` allocated ((B, H, W) for reduction none, else a scalar; ce_loss_options).
 template <typename Launch>
 at::Tensor upsampled_cross_entropy_forward(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
                                            int64_t reduction, const char* backend, bool on_device, Launch launch) {
   check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
   const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
-  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, logits_in.options()) : at::empty({}, logits_in.options());
+  const at::TensorOptions opts = ce_loss_options(logits_in);
+  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, opts) : at::empty({}, opts);
   if (B == 0) {  // mean over no pixel: NaN, like torch
     if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
     return out;
@@ -90,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad(const at::T
                                                                      bool on_device, Launch launch) {
   check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
   TORCH_CHECK(reduction != 0, "upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)");
-  at::Tensor out = at::empty({}, logits_in.options());
+  at::Tensor out = at::empty({}, ce_loss_options(logits_in));
   at::Tensor result = at::empty_like(logits_in);
   if (labels_in.size(0) == 0) {  // mean over no pixel: NaN, like torch
     out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);

@@ -123,7 +123,8 @@ struct CeScratch {
 };
 
 template <typename scalar_t>
-bool ce_forward_kernel(const CeProblem<scalar_t>& p, scalar_t* out_map, double* row_sums, int64_t* row_counts) {
+bool ce_forward_kernel(const CeProblem<scalar_t>& p, at::opmath_type<scalar_t>* out_map, double* row_sums,
+                       int64_t* row_counts) {
   using acc_t = at::opmath_type<scalar_t>;
   std::atomic<bool> bad{false};
   parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
@@ -152,8 +153,7 @@ bool ce_forward_kernel(const CeProblem<scalar_t>& p, scalar_t* out_map, double* 
         }
         const int64_t pix = (b * p.H + y) * p.W + x0;
         if (out_map != nullptr) {
-          scalar_t* __restrict o = out_map + pix;
-          for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
+          std::copy(loss, loss + n, out_map + pix);
         } else {
           double tile_total = 0;
           int64_t count = 0;
@@ -221,7 +221,7 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
           CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
           bool ok;
           if (reduction == 0) {
-            ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr, nullptr);
+            ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<acc_t>(), nullptr, nullptr);
           } else {
             std::vector<double> rows(B * H, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
             std::vector<int64_t> counts(B * H, 0);

@@ -26,42 +26,13 @@
 #include <limits>
 #include <vector>
 
+#include "../common/fada_loss_host.h"
 #include "../common/fada_math.h"
 #include "../common/upsample_rows.h"
 
 namespace fada {
 namespace cpu {
 namespace {
-
-void check_fada_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature,
-                       int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction) {
-  TORCH_CHECK(disc.dim() == 4, "fada_loss: disc_logits must be (B, 2K, h, w), got ", disc.sizes());
-  TORCH_CHECK(seg.dim() == 4, "fada_loss: seg_logits must be (B, K, h, w), got ", seg.sizes());
-  TORCH_CHECK(disc.device() == seg.device(), "fada_loss: disc_logits and seg_logits must be on the same device, got ",
-              disc.device(), " and ", seg.device());
-  TORCH_CHECK(disc.scalar_type() == seg.scalar_type(), "fada_loss: disc_logits and seg_logits must have the same dtype, got ",
-              disc.scalar_type(), " and ", seg.scalar_type());
-  TORCH_CHECK(at::isFloatingType(disc.scalar_type()), "fada_loss: expected floating point logits, got ",
-              disc.scalar_type());
-  TORCH_CHECK(disc.size(0) == seg.size(0), "fada_loss: batch sizes differ: ", disc.size(0), " vs ", seg.size(0));
-  TORCH_CHECK(seg.size(1) > 0, "fada_loss: seg_logits needs at least one class");
-  TORCH_CHECK(disc.size(1) == 2 * seg.size(1), "fada_loss: disc_logits needs 2K = ", 2 * seg.size(1),
-              " channels, got ", disc.size(1));
-  TORCH_CHECK(disc.size(2) > 0 && disc.size(3) > 0 && seg.size(2) > 0 && seg.size(3) > 0,
-              "fada_loss: empty spatial size");
-  TORCH_CHECK(out_h > 0 && out_w > 0, "fada_loss: output size must be positive, got ", out_h, "x", out_w);
-  TORCH_CHECK(domain == 0 || domain == 1, "fada_loss: domain must be 0 (source) or 1 (target), got ", domain);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fada_loss: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(temperature > 0, "fada_loss: temperature must be positive, got ", temperature);
-  if (weight.has_value()) {
-    const at::Tensor& wt = *weight;
-    TORCH_CHECK(wt.device() == disc.device(), "fada_loss: weight must be on ", disc.device(), ", got ", wt.device());
-    TORCH_CHECK(at::isFloatingType(wt.scalar_type()), "fada_loss: weight must be floating point");
-    TORCH_CHECK(wt.dim() == 3 && wt.size(0) == disc.size(0) && wt.size(1) == out_h && wt.size(2) == out_w,
-                "fada_loss: weight must be (B, H, W) = (", disc.size(0), ", ", out_h, ", ", out_w, "), got ",
-                wt.sizes());
-  }
-}
 
 // Per-channel passes over a tile's pixels. Each is a free function on
 // __restrict pointers so that GCC vectorises the loop over x.
@@ -128,8 +99,8 @@ struct FadaProblem {
   Axis<acc_t> dy, dx, sy, sx;
   std::vector<int64_t> groups;
 
-  FadaProblem(const at::Tensor& d, const at::Tensor& s, const at::Tensor& wt, int64_t domain, double temperature,
-              double cap_, int64_t out_h, int64_t out_w, bool align_corners)
+  // d, s: contiguous logits; wt: the weight in acc_t, or undefined.
+  FadaProblem(const at::Tensor& d, const at::Tensor& s, const at::Tensor& wt, const host::FadaLossArgs& a)
       : disc(d.data_ptr<scalar_t>()),
         seg(s.data_ptr<scalar_t>()),
         weight(wt.defined() ? wt.data_ptr<acc_t>() : nullptr),
@@ -139,15 +110,15 @@ struct FadaProblem {
         w(d.size(3)),
         hs(s.size(2)),
         ws(s.size(3)),
-        H(out_h),
-        W(out_w),
-        off(domain == 0 ? 0 : s.size(1)),
-        inv_t(static_cast<acc_t>(1) / static_cast<acc_t>(temperature)),
-        cap(static_cast<acc_t>(cap_)),
-        dy(d.size(2), out_h, align_corners),
-        dx(d.size(3), out_w, align_corners),
-        sy(s.size(2), out_h, align_corners),
-        sx(s.size(3), out_w, align_corners),
+        H(a.out_h),
+        W(a.out_w),
+        off(a.domain == 0 ? 0 : s.size(1)),
+        inv_t(static_cast<acc_t>(1) / static_cast<acc_t>(a.temperature)),
+        cap(static_cast<acc_t>(a.cap)),
+        dy(d.size(2), a.out_h, a.align_corners),
+        dx(d.size(3), a.out_w, a.align_corners),
+        sy(s.size(2), a.out_h, a.align_corners),
+        sx(s.size(3), a.out_w, a.align_corners),
         groups(dy.group_begin()) {}
 };
 
@@ -213,7 +184,7 @@ struct FadaScratch {
 };
 
 template <typename scalar_t>
-void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, double* row_sums) {
+void fada_forward_kernel(const FadaProblem<scalar_t>& p, at::opmath_type<scalar_t>* out_map, double* row_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tasks = p.B * p.h;
   parallel_tasks(tasks, [&](const TaskQueue& queue) {
@@ -248,8 +219,7 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, doub
           for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
         }
         if (out_map != nullptr) {
-          scalar_t* __restrict o = out_map + pix;
-          for (int64_t x = 0; x < n; ++x) o[x] = static_cast<scalar_t>(loss[x]);
+          std::copy(loss, loss + n, out_map + pix);
         } else {
           double tile_total = 0;
           for (int64_t x = 0; x < n; ++x) tile_total += static_cast<double>(loss[x]);
@@ -310,84 +280,62 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
   adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, [&] { return FadaScratch<scalar_t>(p); }, accumulate);
 }
 
-at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
-  if (!weight.has_value()) return at::Tensor();
-  return weight->to(acc).contiguous();
-}
-
+// The CPU launches; everything around them is common/fada_loss_host.h.
 at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
                          double temperature, double cap, int64_t out_h, int64_t out_w,
                          const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
-  check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
-  TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss (CPU kernel): expected CPU tensors");
-  const at::Tensor disc = disc_logits.contiguous();
-  const at::Tensor seg = seg_logits.contiguous();
-  const int64_t B = disc.size(0);
-  at::Tensor out = reduction == 0 ? at::empty({B, out_h, out_w}, disc.options()) : at::empty({}, disc.options());
-  if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  if (B == 0) {
-    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wt = acc_weight(weight, c10::CppTypeToScalarType<acc_t>::value);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, align_corners);
-    if (reduction == 0) {
-      fada_forward_kernel<scalar_t>(p, out.data_ptr<scalar_t>(), nullptr);
-    } else {
-      std::vector<double> rows(B * out_h, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-      fada_forward_kernel<scalar_t>(p, nullptr, rows.data());
-      double total = 0;
-      for (double v : rows) total += v;  // fixed order
-      if (reduction == 1) total /= static_cast<double>(B * out_h * out_w);
-      out.fill_(static_cast<acc_t>(total));
-    }
-  });
-  return out;
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_forward(
+      disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
+      [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out) {
+        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+        const int64_t B = disc.size(0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          FadaProblem<scalar_t> p(disc, seg, wt, a);
+          if (reduction == 0) {
+            fada_forward_kernel<scalar_t>(p, out.data_ptr<acc_t>(), nullptr);
+            return;
+          }
+          std::vector<double> rows(B * out_h, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
+          fada_forward_kernel<scalar_t>(p, nullptr, rows.data());
+          double total = 0;
+          for (double v : rows) total += v;  // fixed order
+          if (reduction == 1) total /= static_cast<double>(B * out_h * out_w);
+          out.fill_(static_cast<acc_t>(total));
+        });
+      });
 }
 
-at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc_logits, const at::Tensor& seg_logits,
-                                  int64_t domain, double temperature, double cap, int64_t out_h, int64_t out_w,
-                                  const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
-  check_fada_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
-  TORCH_CHECK(disc_logits.device().is_cpu(), "fada_loss_backward (CPU kernel): expected CPU tensors");
-  TORCH_CHECK(grad.device() == disc_logits.device(), "fada_loss_backward: grad must be on ", disc_logits.device());
-  const int64_t B = disc_logits.size(0);
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == out_h && grad.size(2) == out_w,
-                "fada_loss_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "fada_loss_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  at::Tensor result = at::empty_like(disc_logits);
-  if (B == 0) return result;
-  const at::Tensor disc = disc_logits.contiguous();
-  const at::Tensor seg = seg_logits.contiguous();
-  at::Tensor grad_disc = disc_logits.is_contiguous() ? result : at::empty_like(disc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor wt = acc_weight(weight, acc_type);
-    FadaProblem<scalar_t> p(disc, seg, wt, domain, temperature, cap, out_h, out_w, align_corners);
-    at::Tensor g = grad.to(acc_type).contiguous();
-    acc_t grad_scale = 1;
-    const acc_t* grad_map = nullptr;
-    if (reduction == 0) {
-      grad_map = g.data_ptr<acc_t>();
-    } else {
-      grad_scale = g.data_ptr<acc_t>()[0];
-      if (reduction == 1) grad_scale /= static_cast<acc_t>(B * out_h * out_w);
-    }
-    const int64_t C = 2 * p.K;
-    at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, disc.options().dtype(acc_type));
-    if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
-    acc_t* part_ptr = part.data_ptr<acc_t>();
-    fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-    write_gathered_partials(part_ptr, grad_disc.data_ptr<scalar_t>(), B, C, p.h, p.w);
-  });
-  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
-  return result;
+at::Tensor fada_loss_backward_cpu(const at::Tensor& grad_in, const at::Tensor& disc_logits,
+                                  const at::Tensor& seg_logits, int64_t domain, double temperature, double cap,
+                                  int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight,
+                                  int64_t reduction, bool align_corners) {
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_backward(
+      grad_in, disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
+      [&](const at::Tensor& grad, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
+          at::Tensor& grad_disc) {
+        const int64_t B = disc.size(0);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          FadaProblem<scalar_t> p(disc, seg, wt, a);
+          acc_t grad_scale = 1;
+          const acc_t* grad_map = nullptr;
+          if (reduction == 0) {
+            grad_map = grad.data_ptr<acc_t>();
+          } else {
+            grad_scale = grad.data_ptr<acc_t>()[0];
+            if (reduction == 1) grad_scale /= static_cast<acc_t>(B * out_h * out_w);
+          }
+          const int64_t C = 2 * p.K;
+          at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, grad.options());
+          if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+          acc_t* part_ptr = part.data_ptr<acc_t>();
+          fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
+          write_gathered_partials(part_ptr, grad_disc.data_ptr<scalar_t>(), B, C, p.h, p.w);
+        });
+      });
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include "../common/cross_entropy_host.h"
 #include "../common/fada_math.h"
+#include "../common/kernel_limits.h"
 #include "label_errors.cuh"
 #include "staged_rows.cuh"
 #include "upsample_common.cuh"
@@ -73,7 +74,7 @@ __global__ void count_valid_kernel(const int64_t* __restrict__ labels, int64_t t
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels, CeGeometry<acc_t> g,
-                      int64_t B, scalar_t* __restrict__ out_map, acc_t* __restrict__ partials) {
+                      int64_t B, acc_t* __restrict__ out_map, acc_t* __restrict__ partials) {
   __shared__ acc_t shared[kReduceThreads];
   const int64_t total = B * g.H * g.W;
   acc_t local = 0;
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kReduceThreads)
       loss = ce_loss_term(m, log_acc(s), zl);
     }
     if (out_map != nullptr) {
-      out_map[idx] = static_cast<scalar_t>(loss);
+      out_map[idx] = loss;
     } else {
       local += loss;
     }
@@ -173,35 +174,6 @@ struct CeStagedGeometry {
   acc_t scale;  // log2(e) / T
 };
 
-// Shared memory of a staged block, in bytes from the start: per-thread
-// columns td[K][nx] (top, bottom - top) and gradient sums gacc[K][nx] (top,
-// bottom), the staged rows raw[K][2][tj + 1], the per-source-column sums
-// hacc[K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
-struct CeStagedLayout {
-  size_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
-};
-
-template <typename acc_t>
-__host__ __device__ __forceinline__ CeStagedLayout ce_staged_layout(int64_t K, int nx, int64_t tj) {
-  const size_t a = sizeof(acc_t), ns = static_cast<size_t>(tj + 1), k = static_cast<size_t>(K);
-  CeStagedLayout l;
-  l.td = 0;
-  l.gacc = l.td + k * nx * 2 * a;
-  l.raw = l.gacc + k * nx * 2 * a;
-  l.hacc = l.raw + k * 2 * ns * a;
-  l.colw = l.hacc + k * 2 * ns * a;
-  l.colstart = l.colw + nx * a;
-  l.rows = l.colstart + (ns + 1) * sizeof(int);
-  l.bytes = l.rows + 2 * sizeof(int);
-  return l;
-}
-
-// Static shared memory of the staged kernel (its two block sums), besides the layout's.
-template <typename acc_t>
-constexpr size_t ce_staged_static_bytes() {
-  return kStagedMaxThreads * (sizeof(acc_t) + sizeof(unsigned long long));
-}
-
 // grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1).
 // partials / counts: per-block loss sums and non-ignored pixel counts
 // (nullptr: not wanted). The main slots cover part_main, the spills part_spill (kGrad).
@@ -209,11 +181,11 @@ template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 __global__ void __launch_bounds__(kStagedMaxThreads)
     ce_staged_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ labels,
                      const acc_t* __restrict__ grad, bool grad_is_map, CeStagedGeometry<acc_t> sg,
-                     scalar_t* __restrict__ out_map, acc_t* __restrict__ partials, int64_t* __restrict__ counts,
+                     acc_t* __restrict__ out_map, acc_t* __restrict__ partials, int64_t* __restrict__ counts,
                      acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   FADA_DYNAMIC_SHARED(unsigned char, smem);
   const CeGeometry<acc_t>& g = sg.g;
-  const CeStagedLayout lay = ce_staged_layout<acc_t>(g.K, sg.nx, sg.tj);
+  const limits::StagedLayout lay = limits::staged_layout(limits::ce_staged_footprint(), g.K, sg.nx, sg.tj, sizeof(acc_t));
   TwoOf<acc_t>* td = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.td);
   TwoOf<acc_t>* gacc = reinterpret_cast<TwoOf<acc_t>*>(smem + lay.gacc);
   acc_t* raw = reinterpret_cast<acc_t*>(smem + lay.raw);
@@ -301,7 +273,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
             }
             const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
             if (out_map != nullptr) {
-              out_map[pix] = static_cast<scalar_t>(l);
+              out_map[pix] = l;
             } else {
               local += l;
             }
@@ -354,12 +326,6 @@ __global__ void sum_counts_kernel(const int64_t* __restrict__ partials, int64_t 
   if (threadIdx.x == 0) count[0] = static_cast<int64_t>(total);
 }
 
-// What only this backend limits (grid dimensions y and z).
-void check_cuda_limits(const at::Tensor& logits) {
-  TORCH_CHECK(logits.size(0) <= 65535 && logits.size(2) <= 65535,
-              "upsampled_cross_entropy (CUDA kernel): batch and height must be <= 65535");
-}
-
 template <typename acc_t>
 CeGeometry<acc_t> geometry(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore,
                            bool align_corners) {
@@ -387,20 +353,11 @@ at::Tensor count_valid(const at::Tensor& labels, int64_t ignore_index, cudaStrea
 }
 
 
-// The staged fast path's configuration, or tiles == 0 when it does not apply:
-// in-block indices within int, the gather's grid (B * K <= 65535 planes), the
-// block's shared memory within the device's.
+// The staged fast path's configuration, or tiles == 0 when it does not apply
+// (staged_config's conditions).
 template <typename acc_t>
 StagedConfig ce_staged_config(const at::Tensor& logits, const CeGeometry<acc_t>& g) {
-  const int64_t K = logits.size(1), w = logits.size(3), H = g.H, W = g.W;
-  if (H >= std::numeric_limits<int>::max() || W >= std::numeric_limits<int>::max()) return StagedConfig();
-  dim3 gather_grid;
-  if (!staged_gather_grid(logits.size(0) * K, logits.size(2), w, gather_grid)) return StagedConfig();
-  const size_t optin = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
-  const size_t fixed = ce_staged_static_bytes<acc_t>();
-  if (optin <= fixed) return StagedConfig();
-  return choose_staged_config<acc_t>(g.sx, w, W, optin - fixed,
-                                     [K](int nx, int64_t tj) { return ce_staged_layout<acc_t>(K, nx, tj).bytes; });
+  return staged_config<acc_t>(limits::ce_staged_footprint(), logits.size(1), logits, g.H, g.W, g.sx);
 }
 
 template <typename acc_t>
@@ -426,15 +383,11 @@ struct CeStagedRun {
 template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 void launch_ce_staged(const at::Tensor& logits, const at::Tensor& labels, const CeStagedGeometry<acc_t>& sg,
                       const StagedConfig& cfg, const CeStagedRun<acc_t>& run, cudaStream_t stream) {
-  if (cfg.smem > 48 * 1024 - ce_staged_static_bytes<acc_t>()) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
-  }
-  const dim3 grid(static_cast<unsigned>(cfg.tiles), static_cast<unsigned>(sg.g.h), static_cast<unsigned>(logits.size(0)));
+  const dim3 grid = staged_launch_grid(ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>, cfg, sg.g.h, logits.size(0));
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
   FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, ce_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
       logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), run.grad, run.grad_is_map, sg,
-      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials),
+      run.out_map.defined() ? run.out_map.template data_ptr<acc_t>() : nullptr, ptr(run.partials),
       run.counts.defined() ? run.counts.template data_ptr<int64_t>() : nullptr, ptr(run.part_main),
       ptr(run.part_spill));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -467,9 +420,9 @@ void ce_staged_reduce(const CeStagedRun<acc_t>& run, const at::Tensor& out, cuda
   }
   if (run.partials.defined()) {
     // "mean": over the non-ignored pixels (0 / 0 = NaN, like torch)
-    FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+    FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, int64_t>)(
         run.partials.template data_ptr<acc_t>(), run.partials.numel(),
-        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+        run.count.defined() ? run.count.template data_ptr<int64_t>() : nullptr, static_cast<acc_t>(1), out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -501,7 +454,7 @@ void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const C
   const int64_t blocks = pixel_blocks(total);
   if (reduction == 0) {
     FADA_LAUNCH(blocks, kReduceThreads, 0, stream, ce_forward_kernel<scalar_t, acc_t>)(
-        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<scalar_t>(), nullptr);
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g, B, out.data_ptr<acc_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -511,9 +464,9 @@ void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const C
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // "mean": divided by the non-ignored pixels counted on the device (0 / 0 = NaN, like torch)
   const at::Tensor count = reduction == 1 ? count_valid(labels, g.ignore_index, stream) : at::Tensor();
-  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, int64_t>)(
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, int64_t>)(
       partials.data_ptr<acc_t>(), blocks, count.defined() ? count.data_ptr<int64_t>() : nullptr,
-      static_cast<acc_t>(1), out.data_ptr<scalar_t>());
+      static_cast<acc_t>(1), out.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -555,7 +508,7 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
   return host::upsampled_cross_entropy_forward(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
-        check_cuda_limits(logits);
+        check_grid_limits(logits, "upsampled_cross_entropy");
         c10::cuda::CUDAGuard guard(logits.device());
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
@@ -574,7 +527,7 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
   return host::upsampled_cross_entropy_backward(
       grad_in, logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
-        check_cuda_limits(logits);
+        check_grid_limits(logits, "upsampled_cross_entropy");
         c10::cuda::CUDAGuard guard(logits.device());
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
@@ -600,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const 
   return host::upsampled_cross_entropy_with_grad(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out, at::Tensor& grad_logits) {
-        check_cuda_limits(logits);
+        check_grid_limits(logits, "upsampled_cross_entropy");
         c10::cuda::CUDAGuard guard(logits.device());
         cudaStream_t stream = at::cuda::getCurrentCUDAStream();
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),

@@ -15,7 +15,9 @@
 #include <limits>
 #include <tuple>
 
+#include "../common/fada_loss_host.h"
 #include "../common/fada_math.h"
+#include "../common/kernel_limits.h"
 #include "staged_rows.cuh"
 #include "upsample_common.cuh"
 
@@ -70,7 +72,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads)
     fada_forward_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                         const acc_t* __restrict__ weight, FadaGeometry<acc_t> g, int64_t B,
-                        scalar_t* __restrict__ out_map, acc_t* __restrict__ partials) {
+                        acc_t* __restrict__ out_map, acc_t* __restrict__ partials) {
   __shared__ acc_t shared[kReduceThreads];
   const int64_t total = B * g.H * g.W;
   acc_t local = 0;
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     }
     if (weight != nullptr) loss *= weight[idx];
     if (out_map != nullptr) {
-      out_map[idx] = static_cast<scalar_t>(loss);
+      out_map[idx] = loss;
     } else {
       local += loss;
     }
@@ -186,27 +188,13 @@ struct StagedGeometry {
   acc_t cap;
 };
 
-// Shared memory of a staged block, in bytes from the start: per-thread
-// columns td[3K][nx] (top, bottom - top) and gradient sums gacc[2K][nx] (top,
-// bottom), the staged rows raw[3K][2][tj + 1], the per-source-column sums
-// hacc[2K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
-struct StagedLayout {
-  size_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
-};
+// Shared memory of a staged block: kernel_limits.h's layout for 3K staged
+// channels (2K disc, K seg) and the gradient of the 2K disc channels.
+using limits::StagedLayout;
 
 template <typename acc_t>
 __host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx, int64_t tj) {
-  const size_t a = sizeof(acc_t), ns = static_cast<size_t>(tj + 1), k = static_cast<size_t>(K);
-  StagedLayout l;
-  l.td = 0;
-  l.gacc = l.td + 3 * k * nx * 2 * a;
-  l.raw = l.gacc + 2 * k * nx * 2 * a;
-  l.hacc = l.raw + 3 * k * 2 * ns * a;
-  l.colw = l.hacc + 2 * k * 2 * ns * a;
-  l.colstart = l.colw + nx * a;
-  l.rows = l.colstart + (ns + 1) * sizeof(int);
-  l.bytes = l.rows + 2 * sizeof(int);
-  return l;
+  return limits::staged_layout(limits::fada_staged_footprint(), K, nx, tj, sizeof(acc_t));
 }
 
 // grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1) divided
@@ -215,7 +203,7 @@ template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 __global__ void __launch_bounds__(kStagedMaxThreads)
     fada_staged_kernel(const scalar_t* __restrict__ disc, const scalar_t* __restrict__ seg,
                        const acc_t* __restrict__ weight, const acc_t* __restrict__ grad, bool grad_is_map,
-                       acc_t grad_div, StagedGeometry<acc_t> g, scalar_t* __restrict__ out_map,
+                       acc_t grad_div, StagedGeometry<acc_t> g, acc_t* __restrict__ out_map,
                        acc_t* __restrict__ partials, acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   FADA_DYNAMIC_SHARED(unsigned char, smem);
   const StagedLayout lay = staged_layout<acc_t>(g.K, g.nx, g.tj);
@@ -346,7 +334,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
               acc_t l = loss[q] * ln2;
               if (weight != nullptr) l *= weight[pix];
               if (out_map != nullptr) {
-                out_map[pix] = static_cast<scalar_t>(l);
+                out_map[pix] = l;
               } else {
                 local += l;
               }
@@ -370,70 +358,34 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   }
 }
 
-void check_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, int64_t out_h,
-                  int64_t out_w, const c10::optional<at::Tensor>& weight, int64_t reduction) {
-  TORCH_CHECK(disc.dim() == 4 && seg.dim() == 4, "fada_loss: disc_logits (B, 2K, h, w) and seg_logits (B, K, h, w) expected, got ",
-              disc.sizes(), " and ", seg.sizes());
-  TORCH_CHECK(on_kernel_device(disc) && seg.device() == disc.device(),
-              "fada_loss (CUDA kernel): disc_logits and seg_logits must be on the same CUDA device, got ", disc.device(),
-              " and ", seg.device());
-  TORCH_CHECK(disc.scalar_type() == seg.scalar_type() && at::isFloatingType(disc.scalar_type()),
-              "fada_loss: disc_logits and seg_logits must have the same floating dtype, got ", disc.scalar_type(), " and ",
-              seg.scalar_type());
-  TORCH_CHECK(disc.size(0) == seg.size(0), "fada_loss: batch sizes differ");
-  TORCH_CHECK(seg.size(1) > 0 && disc.size(1) == 2 * seg.size(1), "fada_loss: disc_logits needs 2K = ", 2 * seg.size(1),
-              " channels, got ", disc.size(1));
-  TORCH_CHECK(disc.size(2) > 0 && disc.size(3) > 0 && seg.size(2) > 0 && seg.size(3) > 0, "fada_loss: empty spatial size");
-  TORCH_CHECK(out_h > 0 && out_w > 0, "fada_loss: output size must be positive");
-  TORCH_CHECK(domain == 0 || domain == 1, "fada_loss: domain must be 0 or 1, got ", domain);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, "fada_loss: reduction must be 0, 1 or 2, got ", reduction);
-  TORCH_CHECK(temperature > 0, "fada_loss: temperature must be positive");
-  TORCH_CHECK(disc.size(0) <= 65535 && disc.size(2) <= 65535, "fada_loss (CUDA kernel): batch and height must be <= 65535");
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->device() == disc.device(), "fada_loss: weight must be on ", disc.device());
-    TORCH_CHECK(at::isFloatingType(weight->scalar_type()), "fada_loss: weight must be floating point");
-    TORCH_CHECK(weight->dim() == 3 && weight->size(0) == disc.size(0) && weight->size(1) == out_h &&
-                    weight->size(2) == out_w,
-                "fada_loss: weight must be (B, H, W), got ", weight->sizes());
-  }
-}
-
 template <typename acc_t>
-FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, int64_t domain, double temperature, double cap,
-                             int64_t out_h, int64_t out_w, bool align_corners) {
+FadaGeometry<acc_t> geometry(const at::Tensor& disc, const at::Tensor& seg, const host::FadaLossArgs& a) {
   FadaGeometry<acc_t> g;
   g.K = seg.size(1);
   g.h = disc.size(2);
   g.w = disc.size(3);
   g.hs = seg.size(2);
   g.ws = seg.size(3);
-  g.H = out_h;
-  g.W = out_w;
-  g.off = domain == 0 ? 0 : g.K;
-  g.sdy = axis_map<acc_t>(g.h, out_h, align_corners);
-  g.sdx = axis_map<acc_t>(g.w, out_w, align_corners);
-  g.ssy = axis_map<acc_t>(g.hs, out_h, align_corners);
-  g.ssx = axis_map<acc_t>(g.ws, out_w, align_corners);
-  g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(temperature);
-  g.cap = static_cast<acc_t>(cap);
+  g.H = a.out_h;
+  g.W = a.out_w;
+  g.off = a.domain == 0 ? 0 : g.K;
+  g.sdy = axis_map<acc_t>(g.h, a.out_h, a.align_corners);
+  g.sdx = axis_map<acc_t>(g.w, a.out_w, a.align_corners);
+  g.ssy = axis_map<acc_t>(g.hs, a.out_h, a.align_corners);
+  g.ssx = axis_map<acc_t>(g.ws, a.out_w, a.align_corners);
+  g.inv_t = static_cast<acc_t>(1) / static_cast<acc_t>(a.temperature);
+  g.cap = static_cast<acc_t>(a.cap);
   return g;
 }
 
 // The staged fast path's configuration, or tiles == 0 when it does not apply:
-// seg logits at the disc logits' size, cap >= 0.5 (closed-form soft-label sum),
-// in-block indices within int, the gather's grid (B * 2K <= 65535 planes), the
-// block's shared memory within the device's.
+// seg logits at the disc logits' size, cap >= 0.5 (closed-form soft-label
+// sum), and staged_config's conditions.
 template <typename acc_t>
-StagedConfig staged_config_for(const at::Tensor& disc, const at::Tensor& seg, double cap, int64_t out_h,
-                               int64_t out_w, bool align_corners) {
-  const int64_t K = seg.size(1), w = disc.size(3);
-  if (cap < 0.5 || seg.size(2) != disc.size(2) || seg.size(3) != w) return StagedConfig();
-  if (out_h >= std::numeric_limits<int>::max() || out_w >= std::numeric_limits<int>::max()) return StagedConfig();
-  dim3 gather_grid;
-  if (!staged_gather_grid(disc.size(0) * disc.size(1), disc.size(2), w, gather_grid)) return StagedConfig();
-  const size_t limit = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
-  return choose_staged_config<acc_t>(axis_map<acc_t>(w, out_w, align_corners), w, out_w, limit,
-                                     [K](int nx, int64_t tj) { return staged_layout<acc_t>(K, nx, tj).bytes; });
+StagedConfig staged_config_for(const at::Tensor& disc, const at::Tensor& seg, const host::FadaLossArgs& a) {
+  if (a.cap < 0.5 || seg.size(2) != disc.size(2) || seg.size(3) != disc.size(3)) return StagedConfig();
+  return staged_config<acc_t>(limits::fada_staged_footprint(), seg.size(1), disc, a.out_h, a.out_w,
+                              axis_map<acc_t>(disc.size(3), a.out_w, a.align_corners));
 }
 
 template <typename acc_t>
@@ -470,15 +422,11 @@ struct StagedRun {
 template <typename scalar_t, typename acc_t, bool kLoss, bool kGrad>
 void launch_staged(const at::Tensor& disc, const at::Tensor& seg, const StagedGeometry<acc_t>& g,
                    const StagedConfig& cfg, const StagedRun<acc_t>& run, cudaStream_t stream) {
-  if (cfg.smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
-  }
-  const dim3 grid(static_cast<unsigned>(cfg.tiles), static_cast<unsigned>(g.h), static_cast<unsigned>(disc.size(0)));
+  const dim3 grid = staged_launch_grid(fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>, cfg, g.h, disc.size(0));
   const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.template data_ptr<acc_t>() : nullptr; };
   FADA_LAUNCH(grid, cfg.nx, cfg.smem, stream, fada_staged_kernel<scalar_t, acc_t, kLoss, kGrad>)(
       disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), run.weight, run.grad, run.grad_is_map, run.grad_div, g,
-      run.out_map.defined() ? run.out_map.template data_ptr<scalar_t>() : nullptr, ptr(run.partials), ptr(run.part_main),
+      run.out_map.defined() ? run.out_map.template data_ptr<acc_t>() : nullptr, ptr(run.partials), ptr(run.part_main),
       ptr(run.part_spill));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -497,8 +445,8 @@ void gather_staged(const StagedRun<acc_t>& run, const StagedConfig& cfg, const a
 // out[0] = sum of the partials / divisor, in a fixed order.
 template <typename scalar_t, typename acc_t>
 void reduce_loss(const at::Tensor& partials, acc_t divisor, const at::Tensor& out, cudaStream_t stream) {
-  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<scalar_t, acc_t, acc_t>)(
-      partials.data_ptr<acc_t>(), partials.numel(), nullptr, divisor, out.data_ptr<scalar_t>());
+  FADA_LAUNCH(1, kFinalThreads, 0, stream, reduce_partials_kernel<acc_t, acc_t, acc_t>)(
+      partials.data_ptr<acc_t>(), partials.numel(), nullptr, divisor, out.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -522,7 +470,7 @@ void forward_into(const at::Tensor& disc, const at::Tensor& seg, const at::Tenso
   const int64_t blocks = pixel_blocks(total);
   if (reduction == 0) {
     FADA_LAUNCH(blocks, kReduceThreads, 0, stream, fada_forward_kernel<scalar_t, acc_t>)(
-        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<scalar_t>(), nullptr);
+        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g, B, out.data_ptr<acc_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     at::Tensor partials = at::empty({blocks}, acc_opts);
@@ -566,65 +514,46 @@ void backward_into(const at::Tensor& g_acc, const at::Tensor& disc, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor loss_output(const at::Tensor& disc, int64_t out_h, int64_t out_w, int64_t reduction) {
-  const int64_t B = disc.size(0);
-  at::Tensor out = reduction == 0 ? at::empty({B, out_h, out_w}, disc.options()) : at::empty({}, disc.options());
-  if (B == 0 && reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-  return out;
-}
-
+// The CUDA launches; everything around them is common/fada_loss_host.h.
 at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_logits, int64_t domain,
                           double temperature, double cap, int64_t out_h, int64_t out_w,
-                          const c10::optional<at::Tensor>& weight, int64_t reduction, bool align_corners) {
-  check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
-  c10::cuda::CUDAGuard guard(disc_logits.device());
-  const at::Tensor disc = disc_logits.contiguous();
-  const at::Tensor seg = seg_logits.contiguous();
-  at::Tensor out = loss_output(disc, out_h, out_w, reduction);
-  if (disc.size(0) == 0) return out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor wt = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
-                                             : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
-    forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
-  });
-  return out;
+                          const c10::optional<at::Tensor>& weight, int64_t reduction,
+                          bool align_corners) {
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_forward(
+      disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
+      [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out) {
+        check_grid_limits(disc, "fada_loss");
+        c10::cuda::CUDAGuard guard(disc.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
+          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
+          forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
+        });
+      });
 }
 
-at::Tensor fada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& disc_logits, const at::Tensor& seg_logits,
-                                   int64_t domain, double temperature, double cap, int64_t out_h, int64_t out_w,
-                                   const c10::optional<at::Tensor>& weight, int64_t reduction,
-                                   bool align_corners) {
-  check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
-  TORCH_CHECK(grad.device() == disc_logits.device(), "fada_loss_backward: grad must be on ", disc_logits.device());
-  const int64_t B = disc_logits.size(0);
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == out_h && grad.size(2) == out_w,
-                "fada_loss_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "fada_loss_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  c10::cuda::CUDAGuard guard(disc_logits.device());
-  at::Tensor result = at::empty_like(disc_logits);
-  if (B == 0) return result;
-  const at::Tensor disc = disc_logits.contiguous();
-  const at::Tensor seg = seg_logits.contiguous();
-  at::Tensor grad_disc = disc_logits.is_contiguous() ? result : at::empty_like(disc);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-    const at::Tensor g_acc = grad.to(acc_type).contiguous();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
-    backward_into<scalar_t, acc_t>(g_acc, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
-  });
-  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
-  return result;
+at::Tensor fada_loss_backward_cuda(const at::Tensor& grad_in, const at::Tensor& disc_logits,
+                                   const at::Tensor& seg_logits, int64_t domain, double temperature, double cap,
+                                   int64_t out_h, int64_t out_w, const c10::optional<at::Tensor>& weight,
+                                   int64_t reduction, bool align_corners) {
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_backward(
+      grad_in, disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
+      [&](const at::Tensor& grad, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
+          at::Tensor& grad_disc) {
+        check_grid_limits(disc, "fada_loss");
+        c10::cuda::CUDAGuard guard(disc.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
+          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
+          backward_into<scalar_t, acc_t>(grad, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
+        });
+      });
 }
 
 // The loss and G = dL/d(disc) for an upstream gradient of 1 (reduction mean or
@@ -636,40 +565,36 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& di
                                                             double temperature, double cap, int64_t out_h,
                                                             int64_t out_w, const c10::optional<at::Tensor>& weight,
                                                             int64_t reduction, bool align_corners) {
-  check_inputs(disc_logits, seg_logits, domain, temperature, out_h, out_w, weight, reduction);
-  TORCH_CHECK(reduction != 0, "fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)");
-  c10::cuda::CUDAGuard guard(disc_logits.device());
-  const at::Tensor disc = disc_logits.contiguous();
-  const at::Tensor seg = seg_logits.contiguous();
-  at::Tensor out = loss_output(disc, out_h, out_w, reduction);
-  at::Tensor result = at::empty_like(disc_logits);
-  if (disc.size(0) == 0) return {out, result};
-  at::Tensor grad_disc = disc_logits.is_contiguous() ? result : at::empty_like(disc);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor wt = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-    const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, domain, temperature, cap, out_h, out_w, align_corners);
-    const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, cap, out_h, out_w, align_corners);
-    if (cfg.tiles == 0) {
-      forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
-      backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg, reduction,
-                                     grad_disc, stream);
-      return;
-    }
-    const int64_t B = disc.size(0), total = B * out_h * out_w;
-    StagedRun<acc_t> run;
-    run.weight = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
-    run.grad_div = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
-    run.partials = at::empty({cfg.tiles * g.h * B}, disc.options().dtype(acc_type));
-    staged_slots(disc, cfg, run);
-    launch_staged<scalar_t, acc_t, true, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
-    reduce_loss<scalar_t, acc_t>(run.partials, run.grad_div, out, stream);
-    gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
-  });
-  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
-  return {out, result};
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_with_grad(
+      disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
+      [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out,
+          at::Tensor& grad_disc) {
+        check_grid_limits(disc, "fada_loss");
+        c10::cuda::CUDAGuard guard(disc.device());
+        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
+          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
+          if (cfg.tiles == 0) {
+            forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
+            backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg,
+                                           reduction, grad_disc, stream);
+            return;
+          }
+          const int64_t B = disc.size(0), total = B * out_h * out_w;
+          StagedRun<acc_t> run;
+          run.weight = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
+          run.grad_div = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
+          run.partials = at::empty({cfg.tiles * g.h * B}, disc.options().dtype(acc_type));
+          staged_slots(disc, cfg, run);
+          launch_staged<scalar_t, acc_t, true, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
+          reduce_loss<scalar_t, acc_t>(run.partials, run.grad_div, out, stream);
+          gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
+        });
+      });
 }
 
 }  // namespace

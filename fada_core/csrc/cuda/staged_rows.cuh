@@ -1,8 +1,8 @@
 // Staged separable interpolation for the CUDA fast paths (bilinear
 // upsampling, either corner convention, every low-resolution input at one
-// h x w): reusable device and host pieces. The FADA loss fast path
-// (fada_loss_kernel.cu) uses them; the upsampled cross-entropy can use the
-// same tiling.
+// h x w): reusable device and host pieces, used by the FADA loss
+// (fada_loss_kernel.cu) and cross-entropy (cross_entropy_kernel.cu) fast paths;
+// their shared-memory layout and limit are common/kernel_limits.h's.
 //
 // Tiling, and why it needs no float atomics: a block owns batch item b, the
 // output rows whose lower source row i0(y) is r (blockIdx.y), and the output
@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../common/fada_math.h"
+#include "../common/kernel_limits.h"
 #include "device_support.cuh"
 #include "upsample_common.cuh"
 
@@ -41,18 +42,20 @@ struct alignas(2 * sizeof(T)) TwoOf {
 
 // Largest block of the staged kernels: one thread per output column, blocks of
 // 32, 64 or 128 threads (powers of two, for block_sum).
-constexpr int kStagedMaxThreads = 128;
+constexpr int kStagedMaxThreads = static_cast<int>(limits::kStagedMaxThreads);
 
 // Output rows per pass of a staged kernel: per-row state stays in registers.
 constexpr int kRows = 4;
 
 // A staged tile: tj source columns per block (the last tile may hold fewer),
-// nx threads, output columns of a tile in ceil(columns / nx) chunks.
+// nx threads, output columns of a tile in ceil(columns / nx) chunks; the
+// block's dynamic shared memory smem and its kernel's static static_smem.
 struct StagedConfig {
   int64_t tj = 0;
   int nx = 0;
   int64_t tiles = 0;
   size_t smem = 0;
+  size_t static_smem = 0;
 };
 
 // Host: first output index whose lower source index is >= j, for j = 0..in
@@ -99,7 +102,7 @@ StagedConfig choose_staged_config(const AxisMap<acc_t>& sx, int64_t w, int64_t W
       const int64_t cols = first[static_cast<size_t>(j1)] - first[static_cast<size_t>(j0)];
       widest = cols > widest ? cols : widest;
     }
-    int nx = 32;
+    int nx = static_cast<int>(limits::kStagedMinThreads);
     while (nx < kStagedMaxThreads && nx < widest) nx *= 2;
     const size_t smem = smem_of(nx, tj);
     if (smem > limit) continue;
@@ -372,6 +375,40 @@ inline bool staged_gather_grid(int64_t planes, int64_t h, int64_t w, dim3& grid)
   grid = dim3(static_cast<unsigned>(ceil_div(w, kGatherThreads)), static_cast<unsigned>(h),
               static_cast<unsigned>(planes));
   return true;
+}
+
+// Host: the staged configuration of a kernel with footprint `fp` (kernel_limits.h)
+// for `classes` classes, whose gradient input x is (B, C, h, w) and output
+// H x W, its columns sampled through `sx`; tiles == 0 when the staged kernel cannot take it: in-block indices
+// within int, the gather's grid (B * C <= 65535 planes), the block's dynamic
+// and static shared memory within the device's.
+template <typename acc_t>
+StagedConfig staged_config(limits::StagedFootprint fp, int64_t classes, const at::Tensor& x, int64_t H, int64_t W,
+                           const AxisMap<acc_t>& sx) {
+  const int64_t w = x.size(3);
+  if (H >= std::numeric_limits<int>::max() || W >= std::numeric_limits<int>::max()) return StagedConfig();
+  dim3 gather_grid;
+  if (!staged_gather_grid(x.size(0) * x.size(1), x.size(2), w, gather_grid)) return StagedConfig();
+  const size_t optin = at::cuda::getDeviceProperties(at::cuda::current_device())->sharedMemPerBlockOptin;
+  const size_t static_bytes = static_cast<size_t>(limits::staged_static_bytes(fp, sizeof(acc_t)));
+  if (optin <= static_bytes) return StagedConfig();
+  StagedConfig cfg = choose_staged_config<acc_t>(
+      sx, w, W, optin - static_bytes, [fp, classes](int nx, int64_t tj) {
+        return static_cast<size_t>(limits::staged_layout(fp, classes, nx, tj, sizeof(acc_t)).bytes);
+      });
+  cfg.static_smem = static_bytes;
+  return cfg;
+}
+
+// Host: the grid (tiles, source rows, batch) of a staged launch of `kernel`,
+// after allowing it cfg.smem bytes of dynamic shared memory where that and
+// its static shared memory pass the 48 KB every kernel may use.
+template <typename Kernel>
+dim3 staged_launch_grid(Kernel kernel, const StagedConfig& cfg, int64_t h, int64_t batch) {
+  if (cfg.smem + cfg.static_smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
+  }
+  return dim3(static_cast<unsigned>(cfg.tiles), static_cast<unsigned>(h), static_cast<unsigned>(batch));
 }
 
 // Host: the slots of a staged backward for input x (B, C, h, w). Under the

@@ -228,6 +228,13 @@ __global__ void gather_partials_kernel(const acc_t* __restrict__ part, int64_t B
   }
 }
 
+// Host: what only the CUDA backend limits: grid dimensions y (source rows h)
+// and z (batch) of the per-row-group kernels, for `x` (B, C, h, w) of `op`.
+inline void check_grid_limits(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.size(0) <= 65535 && x.size(2) <= 65535, op, " (CUDA kernel): batch and height must be <= 65535, got ",
+              x.size(0), " and ", x.size(2));
+}
+
 // Launch configuration of the backward: NX threads (output columns per
 // chunk), TJ source columns per block, and the dynamic shared memory:
 // top/bottom [C][NX], accumulators [2][C][TJ], ranges [2][TJ] (int64).
