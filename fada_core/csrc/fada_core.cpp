@@ -42,7 +42,8 @@ TORCH_LIBRARY(fada_core, m) {
       "Tensor labels, float temperature, int ignore_index, int reduction) "
       "-> Tensor");
   // As fada_loss_with_grad: the loss and its gradient for an upstream
-  // gradient of 1 (reduction mean or sum); one launch on the CUDA fast path.
+  // gradient of 1 (reduction mean or sum); one pass over the pixels on the
+  // CPU, one launch on the CUDA fast path.
   m.def(
       "upsampled_cross_entropy_with_grad(Tensor logits, Tensor labels, "
       "float temperature, int ignore_index, int reduction) "

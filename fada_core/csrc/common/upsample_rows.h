@@ -109,6 +109,18 @@ inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const
   for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
 }
 
+// z[x] <- exp((z[x] - m[x]) * scale); sum[x] += z[x]: the softmax numerators
+// kept for a gradient, one channel at a time.
+template <typename acc_t>
+inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
+                          int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t e = vexp_nonpos((z[x] - m[x]) * scale);
+    z[x] = e;
+    sum[x] += e;
+  }
+}
+
 // o[x] = lerp(a[x], b[x], l) for x < n (vectorised).
 template <typename acc_t>
 inline void lerp_n(const acc_t* __restrict a, const acc_t* __restrict b, acc_t l, int64_t n, acc_t* __restrict o) {
@@ -139,18 +151,22 @@ inline void lerp_segments(const acc_t* __restrict low, int64_t w, const int64_t*
   }
 }
 
-// Two source rows (rows r0 and r1 of a (C, h, w) block), upsampled
-// horizontally to the full output width and kept in acc_t, so consecutive
-// output rows that share source rows reuse them.
+// Two source rows (rows r0 and r1 of a (C, h, w) block), multiplied by
+// `scale`, upsampled horizontally to the full output width and kept in acc_t,
+// so consecutive output rows that share source rows reuse them. (Scaling the
+// low-resolution values costs w multiplies a row instead of one per output
+// value; bilinear sampling is linear, so only the rounding differs.)
 template <typename scalar_t, typename acc_t>
 class RowPair {
  public:
-  RowPair(const scalar_t* planes, int64_t channels, int64_t h, int64_t w, const Axis<acc_t>& xs)
+  RowPair(const scalar_t* planes, int64_t channels, int64_t h, int64_t w, const Axis<acc_t>& xs,
+          acc_t scale = acc_t(1))
       : planes_(planes),
         channels_(channels),
         h_(h),
         w_(w),
         out_w_(xs.out_size),
+        scale_(scale),
         xs_(xs),
         row_{scratch<acc_t>(channels * xs.out_size), scratch<acc_t>(channels * xs.out_size)},
         low_(scratch<acc_t>(w)),
@@ -198,7 +214,7 @@ class RowPair {
     acc_t* low = low_.data();
     for (int64_t c = 0; c < channels_; ++c) {
       const scalar_t* src = planes_ + (c * h_ + r) * w_;
-      for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]);
+      for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]) * scale_;
       lerp_segments(low, w_, seg_.data(), lx, dst + c * out_w_);
     }
     idx_[which] = r;
@@ -206,6 +222,7 @@ class RowPair {
 
   const scalar_t* planes_;
   int64_t channels_, h_, w_, out_w_;
+  acc_t scale_;
   const Axis<acc_t>& xs_;
   std::vector<acc_t> row_[2];
   std::vector<acc_t> low_;

@@ -32,6 +32,8 @@ struct Kernels {
   at::Tensor (*upsampled_cross_entropy)(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t);
   at::Tensor (*upsampled_cross_entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  int64_t, int64_t);
+  std::tuple<at::Tensor, at::Tensor> (*upsampled_cross_entropy_with_grad)(const at::Tensor&, const at::Tensor&, double,
+                                                                         int64_t, int64_t);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*class_center_stats)(const at::Tensor&, const at::Tensor&, int64_t,
                                                                        int64_t);
 };

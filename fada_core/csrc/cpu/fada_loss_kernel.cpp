@@ -65,17 +65,6 @@ void check_fada_inputs(const at::Tensor& disc, const at::Tensor& seg, int64_t do
 
 // Per-channel passes over a tile's pixels. Each is a free function on
 // __restrict pointers so that GCC vectorises the loop over x.
-// z <- exp((z - m) * scale); sum += z.
-template <typename acc_t>
-inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
-                          int64_t n) {
-  for (int64_t x = 0; x < n; ++x) {
-    const acc_t e = vexp_nonpos((z[x] - m[x]) * scale);
-    z[x] = e;
-    sum[x] += e;
-  }
-}
-
 // e <- soft_label(e); asum += e.
 template <typename acc_t>
 inline void soft_label_into(acc_t* __restrict e, acc_t* __restrict asum, const acc_t* __restrict inv, acc_t cap,
