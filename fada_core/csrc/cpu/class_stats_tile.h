@@ -13,10 +13,6 @@
 // instruction level (they use different ports; done a slice at a time between
 // classes, the two phases hardly overlapped).
 
-// 8 float64 lanes: one zmm register with AVX-512, a pair of ymm registers
-// with AVX2 (the compiler splits the vector type).
-typedef double d8 __attribute__((vector_size(64), aligned(8)));
-
 // In each 128-bit lane, 4 rows of 4 floats in, 4 columns out.
 inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
   const __m256 u0 = _mm256_unpacklo_ps(r[0], r[1]), u1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -116,45 +112,47 @@ struct TileFiller {
   }
 };
 
+// d8: 8 float64 lanes, and the few operations the walk needs.
+// The build is told by FADA_CPU_ISA_AVX512 (isa/avx512.cpp), not by __AVX512F__: GCC does not
+// define that macro inside a `#pragma GCC target` region.
+#ifdef FADA_CPU_ISA_AVX512
+// One zmm register.
+typedef double d8 __attribute__((vector_size(64), aligned(8)));
+
+inline d8 splat_d8(double v) { return d8{} + v; }
 inline d8 load_d8(const double* p) {
   d8 v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-
 inline void store_d8(double* p, d8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-// The build is told by FADA_CPU_ISA_AVX512 (isa/avx512.cpp), not by __AVX512F__: GCC does not
-// define that macro inside a `#pragma GCC target` region, and the AVX2 code below is ~3x slower
-// with 32 zmm registers at hand.
-// (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsics.)
-inline d8 widen(const float* p) {
-#ifdef FADA_CPU_ISA_AVX512
-  return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p)));
-#else
-  const __m256d lo = _mm256_cvtps_pd(_mm_load_ps(p)), hi = _mm256_cvtps_pd(_mm_load_ps(p + 4));
-  d8 v;
-  __builtin_memcpy(&v, &lo, sizeof lo);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-#endif
-}
-
+// (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsic.)
+inline d8 widen(const float* p) { return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p))); }
 // a * b + c in one rounding.
 inline d8 fma_d8(d8 a, d8 b, d8 c) {
-#ifdef FADA_CPU_ISA_AVX512
   return reinterpret_cast<d8>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                               reinterpret_cast<__m512d>(c)));
-#else
-  __m256d a2[2], b2[2], c2[2];
-  __builtin_memcpy(a2, &a, sizeof a);
-  __builtin_memcpy(b2, &b, sizeof b);
-  __builtin_memcpy(c2, &c, sizeof c);
-  for (int h = 0; h < 2; ++h) c2[h] = _mm256_fmadd_pd(a2[h], b2[h], c2[h]);
-  __builtin_memcpy(&c, c2, sizeof c);
-  return c;
-#endif
 }
+#else
+// A pair of ymm registers, spelled out: as a 64-byte vector-extension type
+// (what the AVX-512 build uses) GCC passes the halves through the stack and
+// general registers without AVX-512, which made this path 3-4x slower.
+struct d8 {
+  __m256d lo, hi;
+};
+inline d8 operator+(d8 a, d8 b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
+inline d8 operator-(d8 a, d8 b) { return {_mm256_sub_pd(a.lo, b.lo), _mm256_sub_pd(a.hi, b.hi)}; }
+inline d8& operator+=(d8& a, d8 b) { return a = a + b; }
+inline d8 splat_d8(double v) { return {_mm256_set1_pd(v), _mm256_set1_pd(v)}; }
+inline d8 load_d8(const double* p) { return {_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)}; }
+inline void store_d8(double* p, d8 v) {
+  _mm256_storeu_pd(p, v.lo);
+  _mm256_storeu_pd(p + 4, v.hi);
+}
+inline d8 widen(const float* p) { return {_mm256_cvtps_pd(_mm_load_ps(p)), _mm256_cvtps_pd(_mm_load_ps(p + 4))}; }
+// a * b + c in one rounding.
+inline d8 fma_d8(d8 a, d8 b, d8 c) { return {_mm256_fmadd_pd(a.lo, b.lo, c.lo), _mm256_fmadd_pd(a.hi, b.hi, c.hi)}; }
+#endif
 
 // stats::accumulate, with the sum's add done as x * 1 + sum on the FMA units:
 // conversions, subtractions and adds otherwise all queue for the same two FP
@@ -175,9 +173,9 @@ inline void walk_class(const float* tile, const uint16_t* order, int64_t a, int6
                        const double* shift, double* sum, double* sq, TileFiller& filler) {
   const d8 s_lo = load_d8(shift), s_hi = load_d8(shift + 8);
   const volatile double unit = 1.0;
-  const d8 one = d8{} + unit;
+  const d8 one = splat_d8(unit);
   d8 sum_lo[kSets], sum_hi[kSets], sq_lo[kSets], sq_hi[kSets];
-  for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = d8{};
+  for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = splat_d8(0.0);
   for (; a + kSets <= e; a += kSets) {
     // 4 * 32 steps fill a 512-pixel tile: with ~460 labelled pixels a chunk
     // (K = 19, 10% ignored) the fill ends a little past the middle of the walk.
