@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -288,39 +289,6 @@ void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& x
   }
 }
 
-// The tasks of a backward kernel, one per (batch item b, row group r), the
-// layout of `part` described below. Per task: full-width rows top and bottom
-// (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
-// the group's output gradient into them, weighted onto source rows r and
-// min(r + 1, h - 1), and their horizontal adjoint (along `xs`) becomes the task's two
-// slots; a group no output row maps to gets zero slots. make_work() builds a
-// worker's scratch, handed to every call of accumulate on that worker.
-template <typename acc_t, typename MakeWork, typename Accumulate>
-void adjoint_row_groups(int64_t batch, int64_t h, const std::vector<int64_t>& groups, int64_t channels,
-                        const Axis<acc_t>& xs, acc_t* part, const MakeWork& make_work, const Accumulate& accumulate) {
-  const int64_t width = xs.out_size, slot = channels * xs.in_size;
-  parallel_tasks(batch * h, [&](const TaskQueue& queue) {
-    auto work = make_work();
-    std::vector<acc_t> top = scratch<acc_t>(channels * width), bottom = scratch<acc_t>(channels * width);
-    for (int64_t begin = 0, end = 0; queue.next(begin, end);) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / h, r = task % h;
-        acc_t* slot_top = part + (task * 2 + 0) * slot;
-        acc_t* slot_bottom = part + (task * 2 + 1) * slot;
-        if (groups[r] == groups[r + 1]) {
-          std::fill(slot_top, slot_top + 2 * slot, acc_t(0));
-          continue;
-        }
-        std::fill(top.begin(), top.end(), acc_t(0));
-        std::fill(bottom.begin(), bottom.end(), acc_t(0));
-        accumulate(work, b, r, top.data(), bottom.data());
-        horizontal_adjoint(top.data(), channels, xs, slot_top);
-        horizontal_adjoint(bottom.data(), channels, xs, slot_bottom);
-      }
-    }
-  });
-}
-
 // Partials of the upsampling adjoint, one slot per (batch item, row group r):
 // part[((b * h + r) * 2 + k) * C * w + c * w + j], k = 0 for source row r
 // (weight 1 - ly), k = 1 for source row min(r + 1, h - 1) (weight ly).
@@ -338,16 +306,59 @@ inline acc_t gathered_partial(const acc_t* part, int64_t b, int64_t c, int64_t i
   return v;
 }
 
-// The low-resolution gradient (B, channels, h, w), contiguous: every element
-// gathered from the partials in the fixed order above, rows in parallel.
+// Row i of item b of the low-resolution gradient (B, channels, h, w),
+// contiguous, every channel, gathered from the partials.
 template <typename scalar_t, typename acc_t>
-inline void write_gathered_partials(const acc_t* part, scalar_t* out, int64_t batch, int64_t channels, int64_t h,
-                                    int64_t w) {
-  at::parallel_for(0, batch * channels * h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % h, c = (row / h) % channels, b = row / (h * channels);
-      for (int64_t j = 0; j < w; ++j)
-        out[row * w + j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
+inline void gather_row(const acc_t* part, scalar_t* out, int64_t b, int64_t i, int64_t channels, int64_t h,
+                       int64_t w) {
+  for (int64_t c = 0; c < channels; ++c) {
+    scalar_t* o = out + ((b * channels + c) * h + i) * w;
+    for (int64_t j = 0; j < w; ++j) o[j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
+  }
+}
+
+// The tasks of a backward kernel, one per (batch item b, row group r), the
+// layout of `part` described above. Per task: full-width rows top and bottom
+// (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
+// the group's output gradient into them, weighted onto source rows r and
+// min(r + 1, h - 1), and their horizontal adjoint (along `xs`) becomes the
+// task's two slots; a group no output row maps to gets zero slots.
+// make_work() builds a worker's scratch, handed to every call of accumulate
+// on that worker. Each low-resolution row of `out` (B, channels, h, w) is
+// gathered by whichever thread finishes the second of the two tasks it
+// reads (r = i - 1 and i), inside the same parallel region: a second region
+// would wait again for every thread, which costs most when a thread's core is
+// busy with another process.
+template <typename scalar_t, typename acc_t, typename MakeWork, typename Accumulate>
+void adjoint_row_groups(int64_t batch, int64_t h, const std::vector<int64_t>& groups, int64_t channels,
+                        const Axis<acc_t>& xs, acc_t* part, scalar_t* out, const MakeWork& make_work,
+                        const Accumulate& accumulate) {
+  const int64_t width = xs.out_size, slot = channels * xs.in_size;
+  // pending[b * h + i]: how many of the tasks row i reads are not done yet
+  std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[batch * h]);
+  for (int64_t k = 0; k < batch * h; ++k) pending[k].store(k % h > 0 ? 2 : 1, std::memory_order_relaxed);
+  parallel_tasks(batch * h, [&](const TaskQueue& queue) {
+    auto work = make_work();
+    std::vector<acc_t> top = scratch<acc_t>(channels * width), bottom = scratch<acc_t>(channels * width);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / h, r = task % h;
+        acc_t* slot_top = part + (task * 2 + 0) * slot;
+        acc_t* slot_bottom = part + (task * 2 + 1) * slot;
+        if (groups[r] == groups[r + 1]) {
+          std::fill(slot_top, slot_top + 2 * slot, acc_t(0));
+        } else {
+          std::fill(top.begin(), top.end(), acc_t(0));
+          std::fill(bottom.begin(), bottom.end(), acc_t(0));
+          accumulate(work, b, r, top.data(), bottom.data());
+          horizontal_adjoint(top.data(), channels, xs, slot_top);
+          horizontal_adjoint(bottom.data(), channels, xs, slot_bottom);
+        }
+        // acq_rel: the gathering thread sees the other task's slots
+        for (int64_t i = r; i <= std::min(r + 1, h - 1); ++i)
+          if (pending[b * h + i].fetch_sub(1, std::memory_order_acq_rel) == 1)
+            gather_row(part, out, b, i, channels, h, xs.in_size);
+      }
     }
   });
 }

@@ -11,10 +11,10 @@
 // the per-block results are combined in block order, so the result does not
 // depend on the number of threads.
 //
-// Compiled once per instruction set (isa/*.cpp). In the AVX2 and AVX-512
-// builds float32 takes a vectorised path (class_stats_tile.h); other dtypes,
-// the default build and the last partial block of channels walk the same plan
-// with scalar code (stats::accumulate, as the CUDA kernel).
+// Compiled once per instruction set (isa/*.cpp). In the x86 builds (SSE2,
+// AVX2, AVX-512) float32 takes a vectorised path (class_stats_tile.h); other
+// dtypes, other architectures and the last partial block of channels walk the
+// same plan with scalar code (stats::accumulate, as the CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,7 +31,7 @@
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
 
-#if defined(FADA_CPU_ISA_AVX2) || defined(FADA_CPU_ISA_AVX512)
+#if defined(FADA_CPU_ISA_SSE2) || defined(FADA_CPU_ISA_AVX2) || defined(FADA_CPU_ISA_AVX512)
 #define FADA_CLASS_STATS_SIMD 1
 #include <immintrin.h>
 // The SIMD helpers pass 64-byte vectors by value between inline functions of
@@ -141,7 +141,7 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 #ifdef FADA_CPU_ISA_AVX512
 constexpr int kRegisterSets = 2;  // 32 zmm registers: two sets hide the add latency
 #else
-constexpr int kRegisterSets = 1;  // 16 ymm registers: room for one set of sums
+constexpr int kRegisterSets = 1;  // 16 ymm (xmm) registers: room for one set of sums
 #endif
 #include "cpu/class_stats_tile.h"
 #endif

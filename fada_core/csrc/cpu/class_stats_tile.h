@@ -1,7 +1,8 @@
 // The float32 fast path of class_center_stats on x86: one block of 16 channels
 // (see class_stats_kernel.cpp for the plan it walks). Included by that file in
-// its AVX2 and AVX-512 builds (isa/avx2.cpp, isa/avx512.cpp), which define
-// kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
+// its x86 builds (isa/default.cpp: SSE2, isa/avx2.cpp, isa/avx512.cpp), which
+// define kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
+// Only the transposes and the 8-lane float64 type differ between them.
 //
 // Per chunk of pixels, the block's 16 channel planes are transposed into a
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
@@ -13,6 +14,7 @@
 // instruction level (they use different ports; done a slice at a time between
 // classes, the two phases hardly overlapped).
 
+#ifndef FADA_CPU_ISA_SSE2
 // In each 128-bit lane, 4 rows of 4 floats in, 4 columns out.
 inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
   const __m256 u0 = _mm256_unpacklo_ps(r[0], r[1]), u1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -22,6 +24,7 @@ inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
   col[2] = _mm256_shuffle_ps(u1, u3, 0x44);
   col[3] = _mm256_shuffle_ps(u1, u3, 0xEE);
 }
+#endif
 
 // Returns p and steps it to the same pixel of the next channel. The empty asm
 // hides the stride pattern from GCC, which would otherwise keep one pointer
@@ -33,6 +36,26 @@ inline const float* next_plane(const float*& p, int64_t hw) {
   return current;
 }
 
+#ifdef FADA_CPU_ISA_SSE2
+// 8 channels x 8 pixels: rows of 8 floats, `hw` apart from `src`, in; pixel
+// t's 8 channels out at dst + t * kBlock: four 4x4 transposes.
+inline void transpose_rows(const float* src, int64_t hw, float* dst) {
+  const float* row[8];
+  for (int64_t j = 0; j < 8; ++j) row[j] = next_plane(src, hw);
+  for (int64_t cq = 0; cq < 2; ++cq) {
+    for (int64_t pq = 0; pq < 2; ++pq) {
+      __m128 r0 = _mm_loadu_ps(row[4 * cq + 0] + 4 * pq), r1 = _mm_loadu_ps(row[4 * cq + 1] + 4 * pq);
+      __m128 r2 = _mm_loadu_ps(row[4 * cq + 2] + 4 * pq), r3 = _mm_loadu_ps(row[4 * cq + 3] + 4 * pq);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      float* d = dst + 4 * pq * kBlock + 4 * cq;
+      _mm_store_ps(d, r0);
+      _mm_store_ps(d + kBlock, r1);
+      _mm_store_ps(d + 2 * kBlock, r2);
+      _mm_store_ps(d + 3 * kBlock, r3);
+    }
+  }
+}
+#else
 // 8 channels x 8 pixels: rows of 8 floats, `hw` apart from `src`, in; pixel
 // t's 8 channels out at dst + t * kBlock. The lane-crossing step of the
 // transpose is done by the loads (128-bit broadcasts, blended), leaving 16
@@ -51,6 +74,8 @@ inline void transpose_rows(const float* src, int64_t hw, float* dst) {
   transpose4x4_lanes(last4, px + 4);
   for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kBlock, px[t]);
 }
+
+#endif
 
 // One line of each of the 16 planes of a later chunk, 16 pixels from `ahead`
 // (its first pixel) + i, into L2, so that its fill finds them in cache.
@@ -133,6 +158,23 @@ inline d8 fma_d8(d8 a, d8 b, d8 c) {
   return reinterpret_cast<d8>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                               reinterpret_cast<__m512d>(c)));
 }
+#elif defined(FADA_CPU_ISA_SSE2)
+// Four xmm registers (no FMA: fma_d8 rounds twice).
+struct d8 {
+  __m128d q[4];
+};
+inline d8 operator+(d8 a, d8 b) { for (int k = 0; k < 4; ++k) a.q[k] = _mm_add_pd(a.q[k], b.q[k]); return a; }
+inline d8 operator-(d8 a, d8 b) { for (int k = 0; k < 4; ++k) a.q[k] = _mm_sub_pd(a.q[k], b.q[k]); return a; }
+inline d8& operator+=(d8& a, d8 b) { return a = a + b; }
+inline d8 splat_d8(double v) { d8 r; for (int k = 0; k < 4; ++k) r.q[k] = _mm_set1_pd(v); return r; }
+inline d8 load_d8(const double* p) { d8 r; for (int k = 0; k < 4; ++k) r.q[k] = _mm_loadu_pd(p + 2 * k); return r; }
+inline void store_d8(double* p, d8 v) { for (int k = 0; k < 4; ++k) _mm_storeu_pd(p + 2 * k, v.q[k]); }
+inline d8 widen(const float* p) {
+  const __m128 a = _mm_load_ps(p), b = _mm_load_ps(p + 4);
+  return {{_mm_cvtps_pd(a), _mm_cvtps_pd(_mm_movehl_ps(a, a)), _mm_cvtps_pd(b), _mm_cvtps_pd(_mm_movehl_ps(b, b))}};
+}
+// a * b + c
+inline d8 fma_d8(d8 a, d8 b, d8 c) { for (int k = 0; k < 4; ++k) c.q[k] = _mm_add_pd(_mm_mul_pd(a.q[k], b.q[k]), c.q[k]); return c; }
 #else
 // A pair of ymm registers, spelled out: as a 64-byte vector-extension type
 // (what the AVX-512 build uses) GCC passes the halves through the stack and

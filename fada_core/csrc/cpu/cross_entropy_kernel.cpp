@@ -184,12 +184,12 @@ bool ce_forward_kernel(const CeProblem<scalar_t>& p, const LossOut<scalar_t>& ou
   return !bad;
 }
 
-// The gradient's partials (see adjoint_row_groups), and the loss into `out`
+// The gradient (through its partials, see adjoint_row_groups), and the loss into `out`
 // when wanted (the fused loss-and-gradient: one pass instead of two).
 template <typename scalar_t>
 bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                         at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part,
-                        const LossOut<scalar_t>& out) {
+                        scalar_t* grad_logits, const LossOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.K, W = p.W;
   std::atomic<bool> bad{false};
@@ -218,7 +218,8 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
     });
     if (t.bad_label) bad = true;
   };
-  adjoint_row_groups(p.B, p.h, p.groups, C, p.lx, part, [&] { return CeScratch<scalar_t>(p); }, accumulate);
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.lx, part, grad_logits, [&] { return CeScratch<scalar_t>(p); },
+                     accumulate);
   return !bad;
 }
 
@@ -266,8 +267,8 @@ acc_t reduced_grad_scale(acc_t upstream, const at::Tensor& labels, int64_t ignor
   return count > 0 ? upstream / static_cast<acc_t>(count) : upstream;
 }
 
-// The backward's launch: gradient partials for `problem`, then their gather
-// into grad_logits; `out` as ce_backward_kernel.
+// The backward's launch: the gradient into grad_logits (contiguous); `out`
+// as ce_backward_kernel.
 template <typename scalar_t>
 void ce_gradient(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                  at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_logits) {
@@ -275,8 +276,8 @@ void ce_gradient(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* 
   at::Tensor part = at::empty({p.B * p.h * 2 * p.K * p.w}, grad_logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
   acc_t* part_ptr = part.data_ptr<acc_t>();
-  TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, out), kBadLabel);
-  write_gathered_partials(part_ptr, grad_logits.data_ptr<scalar_t>(), p.B, p.K, p.h, p.w);
+  TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_logits.data_ptr<scalar_t>(), out),
+              kBadLabel);
 }
 
 // The CPU launches; everything around them is common/cross_entropy_host.h.

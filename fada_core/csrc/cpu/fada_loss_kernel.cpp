@@ -253,7 +253,8 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, scalar_t* out_map, doub
 // grad_scale is the (already divided, for mean) scalar upstream gradient.
 template <typename scalar_t>
 void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
-                          at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part) {
+                          at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part,
+                          scalar_t* grad_disc) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = 2 * p.K, K = p.K, W = p.W;
   auto accumulate = [&](FadaScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
@@ -296,7 +297,8 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
       }
     });
   };
-  adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, [&] { return FadaScratch<scalar_t>(p); }, accumulate);
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, grad_disc, [&] { return FadaScratch<scalar_t>(p); },
+                     accumulate);
 }
 
 at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, at::ScalarType acc) {
@@ -372,8 +374,7 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& disc
     at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, disc.options().dtype(acc_type));
     if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
     acc_t* part_ptr = part.data_ptr<acc_t>();
-    fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-    write_gathered_partials(part_ptr, grad_disc.data_ptr<scalar_t>(), B, C, p.h, p.w);
+    fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_disc.data_ptr<scalar_t>());
   });
   if (!grad_disc.is_same(result)) result.copy_(grad_disc);
   return result;
