@@ -181,7 +181,8 @@ def _env_lines(result: Dict) -> List[str]:
         f"- repeats {result['settings']['repeats']} (interleaved), warm-up {result['settings']['warmup']}"
         + (f", at most ~{result['settings']['case_budget_s']:.0f} s of timing per case (3 rounds at least)"
            if result["settings"].get("case_budget_s") else "")
-        + "; times are medians in ms with the IQR in brackets",
+        + "; times are medians in ms with the IQR in brackets"
+        + (" (CPU time of the one timing thread, not wall time)" if result["settings"].get("cpu_time") else ""),
     ]
     if env["device"] == "cpu":
         out.append("- extra peak memory: peak RSS during one call minus RSS before it, measured in a worker "

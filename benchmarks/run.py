@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-batch", type=int, default=None, help="train_step images per domain (default 1)")
     p.add_argument("--e2e-backbone", choices=("resnet101", "vgg16", "small"), default=None,
                    help="train_step backbone (default resnet101 on cuda, small on cpu)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="CPU: time the calling thread's CPU time instead of wall time (needs --threads 1): "
+                        "what a busy machine's waits for a core leave out")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--compile-all", action="store_true",
                    help="torch.compile every shape (default: pipeline shapes only, B=1 on the CPU; each "
@@ -83,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device")
     if args.threads is None and args.device == "cpu":
         args.threads = 2
+    if args.cpu_time and (args.device != "cpu" or args.threads != 1):
+        p.error("--cpu-time measures one thread's CPU time: it needs --device cpu --threads 1")
     if args.repeats is None:
         args.repeats = 1 if args.tiny else 3 if args.quick else 10
     if args.case_budget is None:
@@ -144,6 +149,8 @@ def main(argv=None) -> Dict:
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        measure.CPU_CLOCK = time.thread_time
     cases = plan(args)
     if args.dry_run:
         for op, cs in cases.items():
@@ -162,7 +169,7 @@ def main(argv=None) -> Dict:
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": env,
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "case_budget_s": args.case_budget,
-                     "quick": args.quick, "tiny": args.tiny, "threads": args.threads,
+                     "quick": args.quick, "tiny": args.tiny, "threads": args.threads, "cpu_time": args.cpu_time,
                      "temperature": V.TEMPERATURE, "cap": V.CAP, "domain": V.DOMAIN},
         "ops": [],
         "records": [],

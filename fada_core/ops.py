@@ -61,7 +61,8 @@ def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, 
     # other (the backward for an upstream gradient of 1). Composed here, above
     # the CPU kernels, so that the op exists on every device with one meaning
     # and csrc/cpu needs no code for it; on CUDA a fast-path launch computes
-    # both at once (csrc/cuda/fada_loss_kernel.cu).
+    # both at once (csrc/cuda/fada_loss_kernel.cu). (The upsampled cross-entropy
+    # has a fused CPU kernel too, csrc/cpu/cross_entropy_kernel.cpp: one pass.)
     if reduction == REDUCTIONS["none"]:
         raise RuntimeError("fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)")
     args = (domain, temperature, cap, out_h, out_w, weight, reduction, align_corners)
@@ -86,18 +87,6 @@ def _fake_upsampled_ce_with_grad(logits, labels, temperature, ignore_index, redu
     torch._check(reduction != REDUCTIONS["none"], lambda: "upsampled_cross_entropy_with_grad needs reduction mean or sum")
     loss = _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction)
     return loss, torch.empty_like(logits)
-
-
-def _upsampled_ce_with_grad_cpu(logits, labels, temperature, ignore_index, reduction, align_corners=True):
-    # As _fada_loss_with_grad_cpu: the CPU forward and backward ops one after
-    # the other; on CUDA one fast-path launch (csrc/cuda/cross_entropy_kernel.cu).
-    if reduction == REDUCTIONS["none"]:
-        raise RuntimeError("upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)")
-    args = (temperature, ignore_index, reduction, align_corners)
-    loss = torch.ops.fada_core.upsampled_cross_entropy(logits, labels, *args)
-    one = torch.ones((), dtype=logits.dtype, device=logits.device)
-    grad = torch.ops.fada_core.upsampled_cross_entropy_backward(one, logits.detach(), labels, *args)
-    return loss, grad
 
 
 def _fake_class_center_stats(features, labels, num_classes, ignore_index):
@@ -173,7 +162,6 @@ def register() -> None:
     lib.register_fake("fada_core::upsampled_cross_entropy")(_fake_upsampled_ce)
     lib.register_fake("fada_core::upsampled_cross_entropy_backward")(_fake_upsampled_ce_backward)
     lib.register_fake("fada_core::upsampled_cross_entropy_with_grad")(_fake_upsampled_ce_with_grad)
-    lib.register_kernel("fada_core::upsampled_cross_entropy_with_grad", "cpu")(_upsampled_ce_with_grad_cpu)
     lib.register_fake("fada_core::class_center_stats")(_fake_class_center_stats)
     lib.register_autograd("fada_core::fada_loss", _backward_fada_loss, setup_context=_setup_fada_loss)
     for name in ("fada_core::fada_loss_with_grad", "fada_core::upsampled_cross_entropy_with_grad"):

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,6 +31,19 @@ def _restore_threads():
 
 def _rec(result, op, variant):
     return next(r for r in result["records"] if r["op"] == op and r["variant"] == variant)
+
+
+def test_cpu_time_clock_needs_one_thread(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--threads", "2", "--cpu-time"])
+    monkeypatch.setattr(measure, "CPU_CLOCK", measure.CPU_CLOCK)  # restored after the test
+    md = str(tmp_path / "r.md")
+    result = bench.main(["--tiny", "--ops", "ce", "--variants", "official", "--no-memory", "--repeats", "2",
+                         "--threads", "1", "--cpu-time", "--json", os.devnull, "--markdown", md])
+    assert measure.CPU_CLOCK is time.thread_time and result["settings"]["cpu_time"] is True
+    assert _rec(result, "ce", "official")["time"]["fwdbwd"]["median_ms"] > 0
+    with open(md) as f:
+        assert "CPU time of the one timing thread" in f.read()
 
 
 def test_tiny_run_writes_consistent_outputs(tmp_path):

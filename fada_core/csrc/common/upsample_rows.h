@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -110,6 +111,18 @@ inline void exp_sum_into(acc_t* __restrict sum, const acc_t* __restrict z, const
   for (int64_t x = 0; x < n; ++x) sum[x] += vexp_nonpos(z[x] - m[x]);
 }
 
+// z[x] <- exp((z[x] - m[x]) * scale); sum[x] += z[x]: the softmax numerators
+// kept for a gradient, one channel at a time.
+template <typename acc_t>
+inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
+                          int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t e = vexp_nonpos((z[x] - m[x]) * scale);
+    z[x] = e;
+    sum[x] += e;
+  }
+}
+
 // o[x] = lerp(a[x], b[x], l) for x < n (vectorised).
 template <typename acc_t>
 inline void lerp_n(const acc_t* __restrict a, const acc_t* __restrict b, acc_t l, int64_t n, acc_t* __restrict o) {
@@ -140,18 +153,22 @@ inline void lerp_segments(const acc_t* __restrict low, int64_t w, const int64_t*
   }
 }
 
-// Two source rows (rows r0 and r1 of a (C, h, w) block), upsampled
-// horizontally to the full output width and kept in acc_t, so consecutive
-// output rows that share source rows reuse them.
+// Two source rows (rows r0 and r1 of a (C, h, w) block), multiplied by
+// `scale`, upsampled horizontally to the full output width and kept in acc_t,
+// so consecutive output rows that share source rows reuse them. (Scaling the
+// low-resolution values costs w multiplies a row instead of one per output
+// value; bilinear sampling is linear, so only the rounding differs.)
 template <typename scalar_t, typename acc_t>
 class RowPair {
  public:
-  RowPair(const scalar_t* planes, int64_t channels, int64_t h, int64_t w, const Axis<acc_t>& xs)
+  RowPair(const scalar_t* planes, int64_t channels, int64_t h, int64_t w, const Axis<acc_t>& xs,
+          acc_t scale = acc_t(1))
       : planes_(planes),
         channels_(channels),
         h_(h),
         w_(w),
         out_w_(xs.out_size),
+        scale_(scale),
         xs_(xs),
         row_{scratch<acc_t>(channels * xs.out_size), scratch<acc_t>(channels * xs.out_size)},
         low_(scratch<acc_t>(w)),
@@ -199,7 +216,7 @@ class RowPair {
     acc_t* low = low_.data();
     for (int64_t c = 0; c < channels_; ++c) {
       const scalar_t* src = planes_ + (c * h_ + r) * w_;
-      for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]);
+      for (int64_t j = 0; j < w_; ++j) low[j] = static_cast<acc_t>(src[j]) * scale_;
       lerp_segments(low, w_, seg_.data(), lx, dst + c * out_w_);
     }
     idx_[which] = r;
@@ -207,6 +224,7 @@ class RowPair {
 
   const scalar_t* planes_;
   int64_t channels_, h_, w_, out_w_;
+  acc_t scale_;
   const Axis<acc_t>& xs_;
   std::vector<acc_t> row_[2];
   std::vector<acc_t> low_;
@@ -272,39 +290,6 @@ void horizontal_adjoint(const acc_t* src, int64_t channels, const Axis<acc_t>& x
   }
 }
 
-// The tasks of a backward kernel, one per (batch item b, row group r), the
-// layout of `part` described below. Per task: full-width rows top and bottom
-// (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
-// the group's output gradient into them, weighted onto source rows r and
-// min(r + 1, h - 1), and their horizontal adjoint (along `xs`) becomes the task's two
-// slots; a group no output row maps to gets zero slots. make_work() builds a
-// worker's scratch, handed to every call of accumulate on that worker.
-template <typename acc_t, typename MakeWork, typename Accumulate>
-void adjoint_row_groups(int64_t batch, int64_t h, const std::vector<int64_t>& groups, int64_t channels,
-                        const Axis<acc_t>& xs, acc_t* part, const MakeWork& make_work, const Accumulate& accumulate) {
-  const int64_t width = xs.out_size, slot = channels * xs.in_size;
-  parallel_tasks(batch * h, [&](const TaskQueue& queue) {
-    auto work = make_work();
-    std::vector<acc_t> top = scratch<acc_t>(channels * width), bottom = scratch<acc_t>(channels * width);
-    for (int64_t begin = 0, end = 0; queue.next(begin, end);) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / h, r = task % h;
-        acc_t* slot_top = part + (task * 2 + 0) * slot;
-        acc_t* slot_bottom = part + (task * 2 + 1) * slot;
-        if (groups[r] == groups[r + 1]) {
-          std::fill(slot_top, slot_top + 2 * slot, acc_t(0));
-          continue;
-        }
-        std::fill(top.begin(), top.end(), acc_t(0));
-        std::fill(bottom.begin(), bottom.end(), acc_t(0));
-        accumulate(work, b, r, top.data(), bottom.data());
-        horizontal_adjoint(top.data(), channels, xs, slot_top);
-        horizontal_adjoint(bottom.data(), channels, xs, slot_bottom);
-      }
-    }
-  });
-}
-
 // Partials of the upsampling adjoint, one slot per (batch item, row group r):
 // part[((b * h + r) * 2 + k) * C * w + c * w + j], k = 0 for source row r
 // (weight 1 - ly), k = 1 for source row min(r + 1, h - 1) (weight ly).
@@ -322,16 +307,59 @@ inline acc_t gathered_partial(const acc_t* part, int64_t b, int64_t c, int64_t i
   return v;
 }
 
-// The low-resolution gradient (B, channels, h, w), contiguous: every element
-// gathered from the partials in the fixed order above, rows in parallel.
+// Row i of item b of the low-resolution gradient (B, channels, h, w),
+// contiguous, every channel, gathered from the partials.
 template <typename scalar_t, typename acc_t>
-inline void write_gathered_partials(const acc_t* part, scalar_t* out, int64_t batch, int64_t channels, int64_t h,
-                                    int64_t w) {
-  at::parallel_for(0, batch * channels * h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % h, c = (row / h) % channels, b = row / (h * channels);
-      for (int64_t j = 0; j < w; ++j)
-        out[row * w + j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
+inline void gather_row(const acc_t* part, scalar_t* out, int64_t b, int64_t i, int64_t channels, int64_t h,
+                       int64_t w) {
+  for (int64_t c = 0; c < channels; ++c) {
+    scalar_t* o = out + ((b * channels + c) * h + i) * w;
+    for (int64_t j = 0; j < w; ++j) o[j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
+  }
+}
+
+// The tasks of a backward kernel, one per (batch item b, row group r), the
+// layout of `part` described above. Per task: full-width rows top and bottom
+// (channels x out_w) start at zero, accumulate(work, b, r, top, bottom) adds
+// the group's output gradient into them, weighted onto source rows r and
+// min(r + 1, h - 1), and their horizontal adjoint (along `xs`) becomes the
+// task's two slots; a group no output row maps to gets zero slots.
+// make_work() builds a worker's scratch, handed to every call of accumulate
+// on that worker. Each low-resolution row of `out` (B, channels, h, w) is
+// gathered by whichever thread finishes the second of the two tasks it
+// reads (r = i - 1 and i), inside the same parallel region: a second region
+// would wait again for every thread, which costs most when a thread's core is
+// busy with another process.
+template <typename scalar_t, typename acc_t, typename MakeWork, typename Accumulate>
+void adjoint_row_groups(int64_t batch, int64_t h, const std::vector<int64_t>& groups, int64_t channels,
+                        const Axis<acc_t>& xs, acc_t* part, scalar_t* out, const MakeWork& make_work,
+                        const Accumulate& accumulate) {
+  const int64_t width = xs.out_size, slot = channels * xs.in_size;
+  // pending[b * h + i]: how many of the tasks row i reads are not done yet
+  std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[batch * h]);
+  for (int64_t k = 0; k < batch * h; ++k) pending[k].store(k % h > 0 ? 2 : 1, std::memory_order_relaxed);
+  parallel_tasks(batch * h, [&](const TaskQueue& queue) {
+    auto work = make_work();
+    std::vector<acc_t> top = scratch<acc_t>(channels * width), bottom = scratch<acc_t>(channels * width);
+    for (int64_t begin = 0, end = 0; queue.next(begin, end);) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / h, r = task % h;
+        acc_t* slot_top = part + (task * 2 + 0) * slot;
+        acc_t* slot_bottom = part + (task * 2 + 1) * slot;
+        if (groups[r] == groups[r + 1]) {
+          std::fill(slot_top, slot_top + 2 * slot, acc_t(0));
+        } else {
+          std::fill(top.begin(), top.end(), acc_t(0));
+          std::fill(bottom.begin(), bottom.end(), acc_t(0));
+          accumulate(work, b, r, top.data(), bottom.data());
+          horizontal_adjoint(top.data(), channels, xs, slot_top);
+          horizontal_adjoint(bottom.data(), channels, xs, slot_bottom);
+        }
+        // acq_rel: the gathering thread sees the other task's slots
+        for (int64_t i = r; i <= std::min(r + 1, h - 1); ++i)
+          if (pending[b * h + i].fetch_sub(1, std::memory_order_acq_rel) == 1)
+            gather_row(part, out, b, i, channels, h, xs.in_size);
+      }
     }
   });
 }

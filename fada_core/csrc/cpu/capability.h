@@ -33,6 +33,8 @@ struct Kernels {
   at::Tensor (*upsampled_cross_entropy)(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, bool);
   at::Tensor (*upsampled_cross_entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  int64_t, int64_t, bool);
+  std::tuple<at::Tensor, at::Tensor> (*upsampled_cross_entropy_with_grad)(const at::Tensor&, const at::Tensor&, double,
+                                                                         int64_t, int64_t, bool);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*class_center_stats)(const at::Tensor&, const at::Tensor&, int64_t,
                                                                        int64_t);
 };

@@ -11,10 +11,10 @@
 // the per-block results are combined in block order, so the result does not
 // depend on the number of threads.
 //
-// Compiled once per instruction set (isa/*.cpp). In the AVX2 and AVX-512
-// builds float32 takes a vectorised path (class_stats_tile.h); other dtypes,
-// the default build and the last partial block of channels walk the same plan
-// with scalar code (stats::accumulate, as the CUDA kernel).
+// Compiled once per instruction set (isa/*.cpp). In the x86 builds (SSE2,
+// AVX2, AVX-512) float32 takes a vectorised path (class_stats_tile.h); other
+// dtypes, other architectures and the last partial block of channels walk the
+// same plan with scalar code (stats::accumulate, as the CUDA kernel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,7 +31,7 @@
 #include "common/class_stats_checks.h"
 #include "common/stats_math.h"
 
-#if defined(FADA_CPU_ISA_AVX2) || defined(FADA_CPU_ISA_AVX512)
+#if defined(FADA_CPU_ISA_SSE2) || defined(FADA_CPU_ISA_AVX2) || defined(FADA_CPU_ISA_AVX512)
 #define FADA_CLASS_STATS_SIMD 1
 #include <immintrin.h>
 // The SIMD helpers pass 64-byte vectors by value between inline functions of
@@ -141,7 +141,7 @@ void block_scalar(const scalar_t* x, int64_t channels, int64_t hw, int64_t c0, i
 #ifdef FADA_CPU_ISA_AVX512
 constexpr int kRegisterSets = 2;  // 32 zmm registers: two sets hide the add latency
 #else
-constexpr int kRegisterSets = 1;  // 16 ymm registers: room for one set of sums
+constexpr int kRegisterSets = 1;  // 16 ymm (xmm) registers: room for one set of sums
 #endif
 #include "cpu/class_stats_tile.h"
 #endif
@@ -159,6 +159,9 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
   // class), combined in block order below.
   double* sums = means.data_ptr<double>();
   std::vector<double> sq_blocks(blocks * num_classes, 0.0);
+  // The shift of every (class, channel), kept by the channel's block for the
+  // finish below: read again there, each would be a cache miss in one thread.
+  std::vector<double> shifts(num_classes * channels);
   auto shift_of = [&](int64_t k, int64_t c) -> double {
     const int64_t i = plan.first[k];
     if (i < 0) return 0.0;
@@ -178,8 +181,10 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
       const int64_t c0 = blk * kBlock;
       const int64_t next_c0 = following < blocks && (following + 1) * kBlock <= channels ? following * kBlock : -1;
       const int64_t width = std::min(kBlock, channels - c0);
-      for (int64_t k = 0; k < num_classes; ++k)
+      for (int64_t k = 0; k < num_classes; ++k) {
         for (int64_t j = 0; j < kBlock; ++j) shift[k * kBlock + j] = j < width ? shift_of(k, c0 + j) : 0.0;
+        std::copy(shift.begin() + k * kBlock, shift.begin() + k * kBlock + width, shifts.begin() + k * channels + c0);
+      }
       std::fill(sum.begin(), sum.end(), 0.0);
       std::fill(sq.begin(), sq.end(), 0.0);
       bool done = false;
@@ -208,7 +213,7 @@ void class_stats_impl(const at::Tensor& features, const Plan& plan, int64_t num_
     for (int64_t blk = 0; blk < blocks; ++blk) sq += sq_blocks[blk * num_classes + k];
     for (int64_t c = 0; c < channels; ++c) {
       const double s = sums[k * channels + c];
-      excess += stats::shift_excess(s, shift_of(k, c), n);
+      excess += stats::shift_excess(s, shifts[k * channels + c], n);
       sums[k * channels + c] = stats::finish_mean(s, n);
     }
     m2_p[k] = stats::finish_m2(sq, excess);

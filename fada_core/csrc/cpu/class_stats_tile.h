@@ -1,7 +1,8 @@
 // The float32 fast path of class_center_stats on x86: one block of 16 channels
 // (see class_stats_kernel.cpp for the plan it walks). Included by that file in
-// its AVX2 and AVX-512 builds (isa/avx2.cpp, isa/avx512.cpp), which define
-// kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
+// its x86 builds (isa/default.cpp: SSE2, isa/avx2.cpp, isa/avx512.cpp), which
+// define kRegisterSets first; the CPU picks a build at run time (dispatch.cpp).
+// Only the transposes and the 8-lane float64 type differ between them.
 //
 // Per chunk of pixels, the block's 16 channel planes are transposed into a
 // pixel-major tile (16 floats a pixel, cache-resident), then the chunk's pixels
@@ -13,10 +14,7 @@
 // instruction level (they use different ports; done a slice at a time between
 // classes, the two phases hardly overlapped).
 
-// 8 float64 lanes: one zmm register with AVX-512, a pair of ymm registers
-// with AVX2 (the compiler splits the vector type).
-typedef double d8 __attribute__((vector_size(64), aligned(8)));
-
+#ifndef FADA_CPU_ISA_SSE2
 // In each 128-bit lane, 4 rows of 4 floats in, 4 columns out.
 inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
   const __m256 u0 = _mm256_unpacklo_ps(r[0], r[1]), u1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -26,6 +24,7 @@ inline void transpose4x4_lanes(const __m256 r[4], __m256 col[4]) {
   col[2] = _mm256_shuffle_ps(u1, u3, 0x44);
   col[3] = _mm256_shuffle_ps(u1, u3, 0xEE);
 }
+#endif
 
 // Returns p and steps it to the same pixel of the next channel. The empty asm
 // hides the stride pattern from GCC, which would otherwise keep one pointer
@@ -37,6 +36,26 @@ inline const float* next_plane(const float*& p, int64_t hw) {
   return current;
 }
 
+#ifdef FADA_CPU_ISA_SSE2
+// 8 channels x 8 pixels: rows of 8 floats, `hw` apart from `src`, in; pixel
+// t's 8 channels out at dst + t * kBlock: four 4x4 transposes.
+inline void transpose_rows(const float* src, int64_t hw, float* dst) {
+  const float* row[8];
+  for (int64_t j = 0; j < 8; ++j) row[j] = next_plane(src, hw);
+  for (int64_t cq = 0; cq < 2; ++cq) {
+    for (int64_t pq = 0; pq < 2; ++pq) {
+      __m128 r0 = _mm_loadu_ps(row[4 * cq + 0] + 4 * pq), r1 = _mm_loadu_ps(row[4 * cq + 1] + 4 * pq);
+      __m128 r2 = _mm_loadu_ps(row[4 * cq + 2] + 4 * pq), r3 = _mm_loadu_ps(row[4 * cq + 3] + 4 * pq);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      float* d = dst + 4 * pq * kBlock + 4 * cq;
+      _mm_store_ps(d, r0);
+      _mm_store_ps(d + kBlock, r1);
+      _mm_store_ps(d + 2 * kBlock, r2);
+      _mm_store_ps(d + 3 * kBlock, r3);
+    }
+  }
+}
+#else
 // 8 channels x 8 pixels: rows of 8 floats, `hw` apart from `src`, in; pixel
 // t's 8 channels out at dst + t * kBlock. The lane-crossing step of the
 // transpose is done by the loads (128-bit broadcasts, blended), leaving 16
@@ -55,6 +74,8 @@ inline void transpose_rows(const float* src, int64_t hw, float* dst) {
   transpose4x4_lanes(last4, px + 4);
   for (int64_t t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kBlock, px[t]);
 }
+
+#endif
 
 // One line of each of the 16 planes of a later chunk, 16 pixels from `ahead`
 // (its first pixel) + i, into L2, so that its fill finds them in cache.
@@ -116,45 +137,64 @@ struct TileFiller {
   }
 };
 
+// d8: 8 float64 lanes, and the few operations the walk needs.
+// The build is told by FADA_CPU_ISA_AVX512 (isa/avx512.cpp), not by __AVX512F__: GCC does not
+// define that macro inside a `#pragma GCC target` region.
+#ifdef FADA_CPU_ISA_AVX512
+// One zmm register.
+typedef double d8 __attribute__((vector_size(64), aligned(8)));
+
+inline d8 splat_d8(double v) { return d8{} + v; }
 inline d8 load_d8(const double* p) {
   d8 v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-
 inline void store_d8(double* p, d8 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-// The build is told by FADA_CPU_ISA_AVX512 (isa/avx512.cpp), not by __AVX512F__: GCC does not
-// define that macro inside a `#pragma GCC target` region, and the AVX2 code below is ~3x slower
-// with 32 zmm registers at hand.
-// (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsics.)
-inline d8 widen(const float* p) {
-#ifdef FADA_CPU_ISA_AVX512
-  return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p)));
-#else
-  const __m256d lo = _mm256_cvtps_pd(_mm_load_ps(p)), hi = _mm256_cvtps_pd(_mm_load_ps(p + 4));
-  d8 v;
-  __builtin_memcpy(&v, &lo, sizeof lo);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
-  return v;
-#endif
-}
-
+// (GCC splits __builtin_convertvector to 8 lanes in two, so the intrinsic.)
+inline d8 widen(const float* p) { return reinterpret_cast<d8>(_mm512_cvtps_pd(_mm256_load_ps(p))); }
 // a * b + c in one rounding.
 inline d8 fma_d8(d8 a, d8 b, d8 c) {
-#ifdef FADA_CPU_ISA_AVX512
   return reinterpret_cast<d8>(_mm512_fmadd_pd(reinterpret_cast<__m512d>(a), reinterpret_cast<__m512d>(b),
                                               reinterpret_cast<__m512d>(c)));
-#else
-  __m256d a2[2], b2[2], c2[2];
-  __builtin_memcpy(a2, &a, sizeof a);
-  __builtin_memcpy(b2, &b, sizeof b);
-  __builtin_memcpy(c2, &c, sizeof c);
-  for (int h = 0; h < 2; ++h) c2[h] = _mm256_fmadd_pd(a2[h], b2[h], c2[h]);
-  __builtin_memcpy(&c, c2, sizeof c);
-  return c;
-#endif
 }
+#elif defined(FADA_CPU_ISA_SSE2)
+// Four xmm registers (no FMA: fma_d8 rounds twice).
+struct d8 {
+  __m128d q[4];
+};
+inline d8 operator+(d8 a, d8 b) { for (int k = 0; k < 4; ++k) a.q[k] = _mm_add_pd(a.q[k], b.q[k]); return a; }
+inline d8 operator-(d8 a, d8 b) { for (int k = 0; k < 4; ++k) a.q[k] = _mm_sub_pd(a.q[k], b.q[k]); return a; }
+inline d8& operator+=(d8& a, d8 b) { return a = a + b; }
+inline d8 splat_d8(double v) { d8 r; for (int k = 0; k < 4; ++k) r.q[k] = _mm_set1_pd(v); return r; }
+inline d8 load_d8(const double* p) { d8 r; for (int k = 0; k < 4; ++k) r.q[k] = _mm_loadu_pd(p + 2 * k); return r; }
+inline void store_d8(double* p, d8 v) { for (int k = 0; k < 4; ++k) _mm_storeu_pd(p + 2 * k, v.q[k]); }
+inline d8 widen(const float* p) {
+  const __m128 a = _mm_load_ps(p), b = _mm_load_ps(p + 4);
+  return {{_mm_cvtps_pd(a), _mm_cvtps_pd(_mm_movehl_ps(a, a)), _mm_cvtps_pd(b), _mm_cvtps_pd(_mm_movehl_ps(b, b))}};
+}
+// a * b + c
+inline d8 fma_d8(d8 a, d8 b, d8 c) { for (int k = 0; k < 4; ++k) c.q[k] = _mm_add_pd(_mm_mul_pd(a.q[k], b.q[k]), c.q[k]); return c; }
+#else
+// A pair of ymm registers, spelled out: as a 64-byte vector-extension type
+// (what the AVX-512 build uses) GCC passes the halves through the stack and
+// general registers without AVX-512, which made this path 3-4x slower.
+struct d8 {
+  __m256d lo, hi;
+};
+inline d8 operator+(d8 a, d8 b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
+inline d8 operator-(d8 a, d8 b) { return {_mm256_sub_pd(a.lo, b.lo), _mm256_sub_pd(a.hi, b.hi)}; }
+inline d8& operator+=(d8& a, d8 b) { return a = a + b; }
+inline d8 splat_d8(double v) { return {_mm256_set1_pd(v), _mm256_set1_pd(v)}; }
+inline d8 load_d8(const double* p) { return {_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4)}; }
+inline void store_d8(double* p, d8 v) {
+  _mm256_storeu_pd(p, v.lo);
+  _mm256_storeu_pd(p + 4, v.hi);
+}
+inline d8 widen(const float* p) { return {_mm256_cvtps_pd(_mm_load_ps(p)), _mm256_cvtps_pd(_mm_load_ps(p + 4))}; }
+// a * b + c in one rounding.
+inline d8 fma_d8(d8 a, d8 b, d8 c) { return {_mm256_fmadd_pd(a.lo, b.lo, c.lo), _mm256_fmadd_pd(a.hi, b.hi, c.hi)}; }
+#endif
 
 // stats::accumulate, with the sum's add done as x * 1 + sum on the FMA units:
 // conversions, subtractions and adds otherwise all queue for the same two FP
@@ -175,9 +215,9 @@ inline void walk_class(const float* tile, const uint16_t* order, int64_t a, int6
                        const double* shift, double* sum, double* sq, TileFiller& filler) {
   const d8 s_lo = load_d8(shift), s_hi = load_d8(shift + 8);
   const volatile double unit = 1.0;
-  const d8 one = d8{} + unit;
+  const d8 one = splat_d8(unit);
   d8 sum_lo[kSets], sum_hi[kSets], sq_lo[kSets], sq_hi[kSets];
-  for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = d8{};
+  for (int r = 0; r < kSets; ++r) sum_lo[r] = sum_hi[r] = sq_lo[r] = sq_hi[r] = splat_d8(0.0);
   for (; a + kSets <= e; a += kSets) {
     // 4 * 32 steps fill a 512-pixel tile: with ~460 labelled pixels a chunk
     // (K = 19, 10% ignored) the fill ends a little past the middle of the walk.

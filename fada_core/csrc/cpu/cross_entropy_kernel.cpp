@@ -27,25 +27,14 @@ namespace fada {
 namespace cpu {
 namespace {
 
-// z <- z / T (in place); z_label += z where label == c.
-template <typename acc_t>
-inline void scale_pick(acc_t* __restrict z, acc_t* __restrict zl, const int32_t* __restrict lab, int32_t c, acc_t inv_t,
-                       int64_t n) {
-  for (int64_t x = 0; x < n; ++x) {
-    const acc_t v = z[x] * inv_t;
-    z[x] = v;
-    zl[x] = lab[x] == c ? v : zl[x];
-  }
-}
-
-// g = gw * (softmax_c - [label == c]) / T; top += (1 - ly) g; bottom += ly g.
+// g = gw * (softmax_c - [label == c]) / T from e = exp(z_c - max) and
+// inv = 1 / sum_c e; top += (1 - ly) g; bottom += ly g.
 template <typename acc_t>
 inline void ce_grad_into(acc_t* __restrict top, acc_t* __restrict bot, const acc_t* __restrict gw,
-                         const acc_t* __restrict z, const acc_t* __restrict m, const acc_t* __restrict inv,
-                         const int32_t* __restrict lab, int32_t c, acc_t wy0, acc_t wy1, int64_t n) {
+                         const acc_t* __restrict e, const acc_t* __restrict inv, const int32_t* __restrict lab,
+                         int32_t c, acc_t wy0, acc_t wy1, int64_t n) {
   for (int64_t x = 0; x < n; ++x) {
-    const acc_t p = vexp_nonpos(z[x] - m[x]) * inv[x];
-    const acc_t g = gw[x] * ce_grad_term(p, lab[x] == c);
+    const acc_t g = gw[x] * ce_grad_term(e[x] * inv[x], lab[x] == c);
     top[x] += wy0 * g;
     bot[x] += wy1 * g;
   }
@@ -77,6 +66,23 @@ struct CeProblem {
         groups(ly.group_begin()) {}
 };
 
+// Where a kernel puts the loss: per pixel (`map`, reduction none), or per
+// output row (sums and non-ignored counts, reduced in a fixed order by
+// finish_loss); all null when only the gradient is wanted.
+template <typename scalar_t>
+struct LossOut {
+  at::opmath_type<scalar_t>* map = nullptr;  // reduction none: the loss in acc_t (float32 for half inputs)
+  double* row_sums = nullptr;
+  int64_t* row_counts = nullptr;
+
+  bool wanted() const { return map != nullptr || row_sums != nullptr; }
+  void start_rows(int64_t row0, int64_t row1) const {
+    if (row_sums == nullptr) return;
+    std::fill(row_sums + row0, row_sums + row1, 0.0);
+    std::fill(row_counts + row0, row_counts + row1, int64_t(0));
+  }
+};
+
 template <typename scalar_t>
 struct CeScratch {
   using acc_t = at::opmath_type<scalar_t>;
@@ -86,7 +92,7 @@ struct CeScratch {
   bool bad_label = false;
 
   explicit CeScratch(const CeProblem<scalar_t>& p)
-      : rows(p.logits, p.K, p.h, p.w, p.lx),
+      : rows(p.logits, p.K, p.h, p.w, p.lx, p.inv_t),
         z(scratch<acc_t>(p.K * kTile)),
         m(scratch<acc_t>(kTile)),
         sum(scratch<acc_t>(kTile)),
@@ -94,9 +100,12 @@ struct CeScratch {
         val(scratch<acc_t>(kTile)),
         lab(kTile) {}
 
-  // z (divided by T), its max m, sum of exp(z - m), the labels of the tile as
-  // int32 (-1 for ignored pixels) and z at the label (0 where ignored).
-  void load_tile(const CeProblem<scalar_t>& p, int64_t b, int64_t y, int64_t x0, int64_t n) {
+  // Tile [x0, x0 + n) of output row y of item b: z (divided by T: the cached
+  // rows are), its max m, the labels as int32 (-1 for ignored pixels) and
+  // sum = sum_c exp(z_c - m); the tile's loss into `out` when wanted. With
+  // keep_exp, z_c is replaced by exp(z_c - m) (what the gradient needs).
+  void load_tile(const CeProblem<scalar_t>& p, int64_t b, int64_t y, int64_t x0, int64_t n, bool keep_exp,
+                 const LossOut<scalar_t>& out) {
     rows.vertical_max(p.ly.lambda[y], x0, n, z.data(), kTile, m.data());
     const int64_t* src = p.labels + (b * p.H + y) * p.W + x0;
     for (int64_t x = 0; x < n; ++x) {
@@ -106,12 +115,18 @@ struct CeScratch {
       lab[x] = (ignored || l < 0 || l >= p.K) ? -1 : static_cast<int32_t>(l);
     }
     acc_t* zp = z.data();
-    std::fill(zl.begin(), zl.begin() + n, acc_t(0));
-    for (int64_t c = 0; c < p.K; ++c) scale_pick(zp + c * kTile, zl.data(), lab.data(), static_cast<int32_t>(c), p.inv_t, n);
-    // fl(v / T) is monotone in v: the max of the scaled values is the scaled max
-    for (int64_t x = 0; x < n; ++x) m[x] *= p.inv_t;
+    if (out.wanted()) {  // z at the label (0 where ignored), before keep_exp overwrites z
+      for (int64_t x = 0; x < n; ++x) zl[x] = lab[x] >= 0 ? zp[lab[x] * kTile + x] : acc_t(0);
+    }
     std::fill(sum.begin(), sum.begin() + n, acc_t(0));
-    for (int64_t c = 0; c < p.K; ++c) exp_sum_into(sum.data(), zp + c * kTile, m.data(), n);
+    for (int64_t c = 0; c < p.K; ++c) {
+      if (keep_exp) {
+        exp_store_sum(zp + c * kTile, sum.data(), m.data(), acc_t(1), n);
+      } else {
+        exp_sum_into(sum.data(), zp + c * kTile, m.data(), n);
+      }
+    }
+    if (out.wanted()) tile_loss(p, (b * p.H + y) * p.W + x0, b * p.H + y, n, out);
   }
 
   template <typename F>
@@ -120,12 +135,36 @@ struct CeScratch {
     for (int64_t x0 = 0; x0 < p.W; x0 += kTile)
       for (int64_t y = y0; y < y1; ++y) body(y, x0, std::min(kTile, p.W - x0));
   }
+
+ private:
+  // The loaded tile's loss; `pix` is its first pixel, `row` its output row.
+  void tile_loss(const CeProblem<scalar_t>& p, int64_t pix, int64_t row, int64_t n, const LossOut<scalar_t>& out) {
+    const acc_t* __restrict mx = m.data();
+    const acc_t* __restrict sm = sum.data();
+    const acc_t* __restrict zlp = zl.data();
+    const int32_t* __restrict lp = lab.data();
+    acc_t* __restrict loss = val.data();
+    for (int64_t x = 0; x < n; ++x) {
+      const acc_t v = ce_loss_term(mx[x], vlog(sm[x]), zlp[x]);
+      loss[x] = lp[x] >= 0 ? v : acc_t(0);
+    }
+    if (out.map != nullptr) {
+      std::copy(loss, loss + n, out.map + pix);
+      return;
+    }
+    double tile_total = 0;
+    int64_t count = 0;
+    for (int64_t x = 0; x < n; ++x) {
+      tile_total += static_cast<double>(loss[x]);
+      count += lp[x] >= 0 ? 1 : 0;
+    }
+    out.row_sums[row] += tile_total;  // tiles of a row arrive in increasing x0
+    out.row_counts[row] += count;
+  }
 };
 
 template <typename scalar_t>
-bool ce_forward_kernel(const CeProblem<scalar_t>& p, at::opmath_type<scalar_t>* out_map, double* row_sums,
-                       int64_t* row_counts) {
-  using acc_t = at::opmath_type<scalar_t>;
+bool ce_forward_kernel(const CeProblem<scalar_t>& p, const LossOut<scalar_t>& out) {
   std::atomic<bool> bad{false};
   parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
     CeScratch<scalar_t> t(p);
@@ -134,36 +173,9 @@ bool ce_forward_kernel(const CeProblem<scalar_t>& p, at::opmath_type<scalar_t>* 
       const int64_t b = task / p.h, r = task % p.h;
       if (p.groups[r] == p.groups[r + 1]) continue;
       t.rows.reset(p.logits + b * p.K * p.h * p.w);
-      if (row_sums != nullptr) {
-        for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) {
-          row_sums[b * p.H + y] = 0;
-          row_counts[b * p.H + y] = 0;
-        }
-      }
+      out.start_rows(b * p.H + p.groups[r], b * p.H + p.groups[r + 1]);
       t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
-        t.load_tile(p, b, y, x0, n);
-        const acc_t* __restrict mx = t.m.data();
-        const acc_t* __restrict sm = t.sum.data();
-        const acc_t* __restrict zl = t.zl.data();
-        const int32_t* __restrict lab = t.lab.data();
-        acc_t* __restrict loss = t.val.data();
-        for (int64_t x = 0; x < n; ++x) {
-          const acc_t v = ce_loss_term(mx[x], vlog(sm[x]), zl[x]);
-          loss[x] = lab[x] >= 0 ? v : acc_t(0);
-        }
-        const int64_t pix = (b * p.H + y) * p.W + x0;
-        if (out_map != nullptr) {
-          std::copy(loss, loss + n, out_map + pix);
-        } else {
-          double tile_total = 0;
-          int64_t count = 0;
-          for (int64_t x = 0; x < n; ++x) {
-            tile_total += static_cast<double>(loss[x]);
-            count += lab[x] >= 0 ? 1 : 0;
-          }
-          row_sums[b * p.H + y] += tile_total;  // tiles of a row arrive in increasing x0
-          row_counts[b * p.H + y] += count;
-        }
+        t.load_tile(p, b, y, x0, n, false, out);
       });
     }
     if (t.bad_label) bad = true;
@@ -171,18 +183,22 @@ bool ce_forward_kernel(const CeProblem<scalar_t>& p, at::opmath_type<scalar_t>* 
   return !bad;
 }
 
+// The gradient (through its partials, see adjoint_row_groups), and the loss into `out`
+// when wanted (the fused loss-and-gradient: one pass instead of two).
 template <typename scalar_t>
 bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
-                        at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part) {
+                        at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part,
+                        scalar_t* grad_logits, const LossOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = p.K, W = p.W;
   std::atomic<bool> bad{false};
   auto accumulate = [&](CeScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
     t.rows.reset(p.logits + b * p.K * p.h * p.w);
+    out.start_rows(b * p.H + p.groups[r], b * p.H + p.groups[r + 1]);
     t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
       const acc_t wy1 = p.ly.lambda[y];
       const acc_t wy0 = static_cast<acc_t>(1) - wy1;
-      t.load_tile(p, b, y, x0, n);
+      t.load_tile(p, b, y, x0, n, true, out);
       acc_t* __restrict inv = t.sum.data();
       acc_t* __restrict gw = t.val.data();
       const int32_t* __restrict lab = t.lab.data();
@@ -196,17 +212,72 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
         for (int64_t x = 0; x < n; ++x) gw[x] *= g[x];
       }
       for (int64_t c = 0; c < C; ++c)
-        ce_grad_into(top + c * W + x0, bottom + c * W + x0, gw, t.z.data() + c * kTile, t.m.data(), inv,
-                     lab, static_cast<int32_t>(c), wy0, wy1, n);
+        ce_grad_into(top + c * W + x0, bottom + c * W + x0, gw, t.z.data() + c * kTile, inv, lab,
+                     static_cast<int32_t>(c), wy0, wy1, n);
     });
     if (t.bad_label) bad = true;
   };
-  adjoint_row_groups(p.B, p.h, p.groups, C, p.lx, part, [&] { return CeScratch<scalar_t>(p); }, accumulate);
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.lx, part, grad_logits, [&] { return CeScratch<scalar_t>(p); },
+                     accumulate);
   return !bad;
 }
 
 constexpr const char* kBadLabel =
     "upsampled_cross_entropy: labels must be in [0, num_classes) or equal to ignore_index";
+
+// Per-row sums and counts of a reduced loss, and their reduction in a fixed order.
+struct RowTotals {
+  std::vector<double> sums;
+  std::vector<int64_t> counts;
+
+  explicit RowTotals(int64_t rows)
+      : sums(rows, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0), counts(rows, 0) {}
+
+  template <typename scalar_t>
+  LossOut<scalar_t> out() {
+    LossOut<scalar_t> o;
+    o.row_sums = sums.data();
+    o.row_counts = counts.data();
+    return o;
+  }
+
+  // mean (reduction 1, NaN over no pixel, like torch) or sum (2)
+  double finish(int64_t reduction) const {
+    double total = 0;
+    int64_t count = 0;
+    for (size_t i = 0; i < sums.size(); ++i) {
+      total += sums[i];
+      count += counts[i];
+    }
+    if (reduction == 1) return count > 0 ? total / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
+    return total;
+  }
+};
+
+// The scale of the gradient of a reduced loss for an upstream gradient
+// `upstream`: divided by the number of non-ignored pixels for the mean (all
+// ignored: every pixel's gradient is 0 anyway, torch gives zeros too).
+template <typename acc_t>
+acc_t reduced_grad_scale(acc_t upstream, const at::Tensor& labels, int64_t ignore_index, int64_t reduction) {
+  if (reduction != 1) return upstream;
+  const int64_t* l = labels.data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0, n = labels.numel(); i < n; ++i) count += l[i] != ignore_index ? 1 : 0;
+  return count > 0 ? upstream / static_cast<acc_t>(count) : upstream;
+}
+
+// The backward's launch: the gradient into grad_logits (contiguous); `out`
+// as ce_backward_kernel.
+template <typename scalar_t>
+void ce_gradient(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
+                 at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor part = at::empty({p.B * p.h * 2 * p.K * p.w}, grad_logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+  acc_t* part_ptr = part.data_ptr<acc_t>();
+  TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_logits.data_ptr<scalar_t>(), out),
+              kBadLabel);
+}
 
 // The CPU launches; everything around them is common/cross_entropy_host.h.
 at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
@@ -215,27 +286,18 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
       logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
         if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-        const int64_t B = labels.size(0), H = labels.size(1);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
-          bool ok;
           if (reduction == 0) {
-            ok = ce_forward_kernel<scalar_t>(p, out.data_ptr<acc_t>(), nullptr, nullptr);
+            LossOut<scalar_t> map;
+            map.map = out.data_ptr<acc_t>();
+            TORCH_CHECK(ce_forward_kernel<scalar_t>(p, map), kBadLabel);
           } else {
-            std::vector<double> rows(B * H, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-            std::vector<int64_t> counts(B * H, 0);
-            ok = ce_forward_kernel<scalar_t>(p, nullptr, rows.data(), counts.data());
-            double total = 0;
-            int64_t count = 0;
-            for (int64_t i = 0; i < B * H; ++i) {  // fixed order
-              total += rows[i];
-              count += counts[i];
-            }
-            if (reduction == 1) total = count > 0 ? total / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
-            out.fill_(static_cast<acc_t>(total));
+            RowTotals rows(p.B * p.H);
+            TORCH_CHECK(ce_forward_kernel<scalar_t>(p, rows.out<scalar_t>()), kBadLabel);
+            out.fill_(static_cast<acc_t>(rows.finish(reduction)));
           }
-          TORCH_CHECK(ok, kBadLabel);
         });
       });
 }
@@ -246,32 +308,39 @@ at::Tensor upsampled_cross_entropy_backward_cpu(const at::Tensor& grad_in, const
   return host::upsampled_cross_entropy_backward(
       grad_in, logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
-        const int64_t B = labels.size(0);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                         "upsampled_cross_entropy_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
           CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
-          at::Tensor g = grad.to(acc_type).contiguous();
-          acc_t grad_scale = 1;
-          const acc_t* grad_map = nullptr;
+          const at::Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
           if (reduction == 0) {
-            grad_map = g.data_ptr<acc_t>();
+            ce_gradient<scalar_t>(p, g.data_ptr<acc_t>(), acc_t(1), LossOut<scalar_t>(), grad_logits);
           } else {
-            grad_scale = g.data_ptr<acc_t>()[0];
-            if (reduction == 1) {
-              const int64_t count = labels.ne(ignore_index).sum().item<int64_t>();
-              // all ignored: every pixel's gradient is 0 anyway (torch gives zeros too)
-              if (count > 0) grad_scale /= static_cast<acc_t>(count);
-            }
+            const acc_t scale = reduced_grad_scale(g.data_ptr<acc_t>()[0], labels, ignore_index, reduction);
+            ce_gradient<scalar_t>(p, nullptr, scale, LossOut<scalar_t>(), grad_logits);
           }
-          const int64_t C = p.K;
-          at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, logits.options().dtype(acc_type));
-          if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
-          acc_t* part_ptr = part.data_ptr<acc_t>();
-          const bool ok = ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-          TORCH_CHECK(ok, kBadLabel);
-          write_gathered_partials(part_ptr, grad_logits.data_ptr<scalar_t>(), B, C, p.h, p.w);
+        });
+      });
+}
+
+// The loss and its gradient for an upstream 1 in one pass over the pixels:
+// the same arithmetic as the forward and backward kernels, so the same bits.
+std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cpu(const at::Tensor& logits_in,
+                                                                         const at::Tensor& labels_in,
+                                                                         double temperature, int64_t ignore_index,
+                                                                         int64_t reduction, bool align_corners) {
+  return host::upsampled_cross_entropy_with_grad(
+      logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
+      [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out, at::Tensor& grad_logits) {
+        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                        "upsampled_cross_entropy_with_grad_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
+          RowTotals rows(p.B * p.H);
+          ce_gradient<scalar_t>(p, nullptr, reduced_grad_scale(acc_t(1), labels, ignore_index, reduction),
+                                rows.out<scalar_t>(), grad_logits);
+          out.fill_(static_cast<acc_t>(rows.finish(reduction)));
         });
       });
 }

@@ -101,6 +101,13 @@ at::Tensor upsampled_cross_entropy_backward(const at::Tensor& grad, const at::Te
                                                     align_corners);
 }
 
+std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad(const at::Tensor& logits, const at::Tensor& labels,
+                                                                     double temperature, int64_t ignore_index,
+                                                                     int64_t reduction, bool align_corners) {
+  return kernels().upsampled_cross_entropy_with_grad(logits, labels, temperature, ignore_index, reduction,
+                                                     align_corners);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats(const at::Tensor& features,
                                                                   const at::Tensor& labels, int64_t num_classes,
                                                                   int64_t ignore_index) {
@@ -116,6 +123,7 @@ TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
   m.impl("fada_loss_backward", &fada::cpu_dispatch::fada_loss_backward);
   m.impl("upsampled_cross_entropy", &fada::cpu_dispatch::upsampled_cross_entropy);
   m.impl("upsampled_cross_entropy_backward", &fada::cpu_dispatch::upsampled_cross_entropy_backward);
+  m.impl("upsampled_cross_entropy_with_grad", &fada::cpu_dispatch::upsampled_cross_entropy_with_grad);
   m.impl("class_center_stats", &fada::cpu_dispatch::class_center_stats);
 }
 

@@ -36,17 +36,6 @@ namespace {
 
 // Per-channel passes over a tile's pixels. Each is a free function on
 // __restrict pointers so that GCC vectorises the loop over x.
-// z <- exp((z - m) * scale); sum += z.
-template <typename acc_t>
-inline void exp_store_sum(acc_t* __restrict z, acc_t* __restrict sum, const acc_t* __restrict m, acc_t scale,
-                          int64_t n) {
-  for (int64_t x = 0; x < n; ++x) {
-    const acc_t e = vexp_nonpos((z[x] - m[x]) * scale);
-    z[x] = e;
-    sum[x] += e;
-  }
-}
-
 // e <- soft_label(e); asum += e.
 template <typename acc_t>
 inline void soft_label_into(acc_t* __restrict e, acc_t* __restrict asum, const acc_t* __restrict inv, acc_t cap,
@@ -234,7 +223,8 @@ void fada_forward_kernel(const FadaProblem<scalar_t>& p, at::opmath_type<scalar_
 // grad_scale is the (already divided, for mean) scalar upstream gradient.
 template <typename scalar_t>
 void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
-                          at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part) {
+                          at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part,
+                          scalar_t* grad_disc) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = 2 * p.K, K = p.K, W = p.W;
   auto accumulate = [&](FadaScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
@@ -277,7 +267,8 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
       }
     });
   };
-  adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, [&] { return FadaScratch<scalar_t>(p); }, accumulate);
+  adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, grad_disc, [&] { return FadaScratch<scalar_t>(p); },
+                     accumulate);
 }
 
 // The CPU launches; everything around them is common/fada_loss_host.h.
@@ -332,8 +323,7 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad_in, const at::Tensor& d
           at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, grad.options());
           if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
           acc_t* part_ptr = part.data_ptr<acc_t>();
-          fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr);
-          write_gathered_partials(part_ptr, grad_disc.data_ptr<scalar_t>(), B, C, p.h, p.w);
+          fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_disc.data_ptr<scalar_t>());
         });
       });
 }

@@ -4,7 +4,7 @@
 //   FADA_CPU_ISA        the namespace every kernel of this build lives in,
 //   FADA_CPU_ISA_NAME   its FADA_CORE_CPU_CAPABILITY name,
 //   FADA_CPU_TABLE      the Kernels table it defines (capability.h),
-// and FADA_CPU_ISA_AVX2 / FADA_CPU_ISA_AVX512 where the build has them (the
+// and FADA_CPU_ISA_SSE2 / _AVX2 / _AVX512 where the build has them (the
 // class-statistics kernel's intrinsics path). The kernel sources see their
 // usual namespaces (fada::cpu, fada_core) nested in FADA_CPU_ISA, so no
 // function of one build can be mistaken for another's at link time.
@@ -25,6 +25,7 @@ extern const Kernels FADA_CPU_TABLE = {
     &::FADA_CPU_ISA::fada::cpu::fada_loss_backward_cpu,
     &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_cpu,
     &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_backward_cpu,
+    &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_with_grad_cpu,
     &::FADA_CPU_ISA::fada_core::class_center_stats_cpu,
 };
 }  // namespace cpu_dispatch
