@@ -89,7 +89,7 @@ _FILE_LINE = re.compile(r'\s*//## File "(.*)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+|\$\S+):")
 _INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _BACK_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
-_COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\d+)")
+_COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\w+)(?:,\s*(U?R\w+))?")
 _INCREMENT = re.compile(r"\b(?:U?IADD3|VIADD)\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(U?R\d+),\s*(-?0x[0-9a-f]+|-?\d+)\b")
 
 
@@ -113,15 +113,18 @@ def parse_sass(text: str) -> Dict[str, Function]:
             m = _INSTR.match(raw)
             if m:
                 fn.instructions.append(Instruction(m.group(1), *where))
-        _find_loops(fn, labels)
+        while fn.instructions and fn.instructions[-1].text == "NOP":  # alignment padding, never executed
+            fn.instructions.pop()
         _find_subroutines(fn, labels)
+        _find_loops(fn, labels)
         functions[name] = fn
     return functions
 
 
 def _find_subroutines(fn: Function, labels: Dict[str, int]) -> None:
     """Counts the instructions of the called subroutines nvcc appends to a kernel (``$__internal_*``
-    labels, e.g. 64-bit division): from the first of them to the end."""
+    labels, e.g. 64-bit division, and ``$kernel$function`` for a ``__noinline__`` device function
+    such as a rarely taken exact path): from the first of them to the end."""
     starts = [i for name, i in labels.items() if name.startswith("$")]
     fn.subroutine_instructions = len(fn.instructions) - min(starts) if starts else 0
 
@@ -136,7 +139,8 @@ def _peeled(fn: Function, k: int) -> bool:
 
 
 def _find_loops(fn: Function, labels: Dict[str, int]) -> None:
-    for i, ins in enumerate(fn.instructions):
+    end = len(fn.instructions) - fn.subroutine_instructions  # loops of the subroutines are not the kernel's
+    for i, ins in enumerate(fn.instructions[:end]):
         m = _BACK_BRANCH.search(ins.text)
         if m and labels.get(m.group(1), len(fn.instructions)) <= i:
             start = labels[m.group(1)]
@@ -159,8 +163,8 @@ def _induction_step(body: List[Instruction]) -> int:
     compared = set()
     for ins in body:
         m = _COMPARE.search(ins.text)
-        if m:
-            compared.add(m.group(1))
+        if m:  # both operands: a down-counter is compared as (RZ, counter)
+            compared.update(r for r in m.group(1, 2) if r and r not in ("RZ", "URZ"))
     feeds = set()  # registers added into a compared one
     for ins in body:
         m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
@@ -223,12 +227,12 @@ def source_i0(in_size: int, out_size: int) -> List[int]:
 
 def fada_staged_smem(K: int, nx: int, ns: int) -> int:
     """Bytes of a float32 FADA loss staged block (staged_layout in csrc/cuda/fada_loss_kernel.cu)."""
-    return (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+    return (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
 
 
 def ce_staged_smem(K: int, nx: int, ns: int) -> int:
     """Bytes of a float32 cross-entropy staged block (ce_staged_layout in csrc/cuda/cross_entropy_kernel.cu)."""
-    return (K * nx * 2 + K * nx * 2 + K * 2 * ns + K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+    return (K * nx * 2 + K * nx * 2 + K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
 
 
 def staged_config(K: int, w: int, W: int, smem_of: Callable[[int, int, int], int] = fada_staged_smem,
@@ -262,7 +266,8 @@ def old_adjoint_config(C: int, w: int, W: int) -> Tuple[int, int]:
 
 @dataclass
 class Model:
-    """Trip counts of one kernel at the benchmark shape: (regex on the loop's source line, trips, step)."""
+    """Trip counts of one kernel at the benchmark shape: (regex on the loop's source line, trips, step);
+    step 0: a loop strided by a register (``e += blockDim.x``), which nvcc does not unroll."""
 
     threads: float
     outputs: float
@@ -278,7 +283,9 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
     rows_per_group = H / h
     i0y = source_i0(h, H)
     groups = [i0y.count(r) for r in range(h)]
-    batches = sum(-(-n // 4) for n in groups) / h  # passes of kRows = 4 rows per row group
+    # fada_staged_kernel: passes of 8, then 4, then 1 rows per row group (on average per group)
+    passes = {8: sum(n // 8 for n in groups) / h, 4: sum(n % 8 // 4 for n in groups) / h,
+              1: sum(n % 4 for n in groups) / h}
     tj, nx = staged_config(K, w, W)
     ns = tj + 1
     tiles = -(-w // tj)
@@ -291,16 +298,19 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
             outputs=pixels,
             trips=common
             + [
-                (r"for \(int e = tid; e < static_cast<int>\(C \* 2 \* ns_max\)", math.ceil(C * 2 * ns / nx), 1),
+                (r"for \(int e = tid; e < static_cast<int>\(staged_hacc_size", 2 * C * 2 * ns / nx, 0),
                 (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
                 (r"for \(int e = threadIdx.x; e < total;", 1.5 * K * 2 * ns / nx, 1),  # disc (2K), seg (K) rows
                 (r"for \(int cx0 = xa", 1, 1),
-                (r"for \(int c = 0; c < 3 \* k", 3 * K, 1),
-                (r"for \(int y0 = ya", batches, 4),
-                (r"for \(int c = 0; c < c2; \+\+c\)", C, 1),
-                (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
-                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(C * ns / nx), 1),
+                (r"for \(int c = 0; c < channels; \+\+c\)", 1.5 * K, 1),  # interpolate_column: 2K, then K
+                (r"for \(; y0 \+ 8 <= yb; y0 \+= 8\)", passes[8], 8),
+                (r"for \(; y0 \+ 4 <= yb; y0 \+= 4\)", passes[4], 4),
+                (r"for \(; y0 < yb; \+\+y0\)", passes[1], 1),
+                (r"for \(int c = 0; c < 2 \* k; \+\+c, ", C, 1),
+                (r"for \(int c = 0; c < k; \+\+c, ", K, 1),
+                (r"e < ch \* nj; e \+= blockDim.x", C * (ns - 1) / nx, 0),  # staged_adjoint, staged_write_slots
                 (r"for \(int x = lo; x < hi", cols_per_source, 1),
+                (r"e < 2 \* ch; e \+= blockDim.x", 2 * C / nx, 0),  # staged_write_slots: spills
                 (r"for \(int tb = 0; tb < 2", 2, 1),
             ],
         )
@@ -377,13 +387,14 @@ def ce_models() -> Dict[str, Callable[[], Model]]:
             trips=[
                 (r"while \(lo < hi\)", search, 1),
                 (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
-                (r"for \(int e = tid; e < k \* 2 \* ns", math.ceil(K * 2 * ns / nx), 1),
+                (r"for \(int e = tid; e < static_cast<int>\(staged_hacc_size", 2 * K * 2 * ns / nx, 0),
                 (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
                 (r"for \(int e = threadIdx.x; e < total;", K * 2 * ns / nx, 1),
                 (r"for \(int cx0 = xa", 1, 1),
                 (r"for \(int y0 = ya", batches, 4),
                 (r"for \(int c = 0; c < k; \+\+c\)", K, 1),
-                (r"e < static_cast<int>\(channels\) \* ns", math.ceil(K * ns / nx), 1),
+                (r"e < ch \* nj; e \+= blockDim.x", K * (ns - 1) / nx, 0),
+                (r"e < 2 \* ch; e \+= blockDim.x", 2 * K / nx, 0),
                 (r"for \(int x = lo; x < hi", cols_per_source, 1),
                 (r"for \(int tb = 0; tb < 2", 2, 1),
             ],
@@ -484,10 +495,12 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
     """SASS instructions per output (see the module docstring)."""
     unmodelled: List[str] = []
     iterations: Dict[int, float] = {}
-    by_line: Dict[Tuple[str, int], List[int]] = {}
+    # a source loop's SASS loops (unrolled body, remainders) share its line and enclosing loop; the same
+    # line in another enclosing loop is another inlined copy (e.g. one template per rows-per-pass)
+    by_line: Dict[Tuple[str, int, Optional[int]], List[int]] = {}
     for k, lp in enumerate(fn.loops):
-        by_line.setdefault((lp.file, lp.line), []).append(k)
-    for (file, line), ids in by_line.items():
+        by_line.setdefault((lp.file, lp.line, lp.parent), []).append(k)
+    for (file, line, _), ids in by_line.items():
         text = sources.get(file, [""] * (line + 1))[line - 1] if line > 0 else ""
         match = next(((t, s) for rx, t, s in model.trips if re.search(rx, text)), None)
         if match is None:
@@ -499,7 +512,7 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
         # the most unrolled loop on the line first, then its remainders, each taking what is left
         left = float(trips)
         for k in sorted(ids, key=lambda j: -fn.loops[j].step):
-            u = max(1, fn.loops[k].step // source_step)
+            u = max(1, fn.loops[k].step // source_step) if source_step else 1  # 0: a register stride, never unrolled
             u = u if trips > 1 and u <= 16 else 1  # a once-per-thread loop is not unrolled: a pointer's step
             iterations[k] = math.floor(left / u) if u > 1 else left
             left -= iterations[k] * u
@@ -515,7 +528,8 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
 
     per_thread = top_level_count(fn) + sum(lp.exclusive * body_runs(k) for k, lp in enumerate(fn.loops))
     scale = model.threads / model.outputs
-    lines = [f"top level: {top_level_count(fn)} instructions, {top_level_count(fn) * scale:,.0f} per output"]
+    lines = [f"top level: {top_level_count(fn)} instructions, {top_level_count(fn) * scale:,.0f} per output",
+             f"called subroutines (slow paths, not counted): {fn.subroutine_instructions} instructions"]
     for k, lp in enumerate(fn.loops):
         lines.append(f"{lp.file}:{lp.line}: {lp.exclusive} instructions (step {lp.step}) x {body_runs(k):.2f} runs "
                      f"per thread = {lp.exclusive * body_runs(k) * scale:,.0f} per output")
@@ -543,7 +557,7 @@ def compile_cubin(source: str, csrc: str, arch: str, workdir: str) -> Tuple[str,
 
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in cpp.include_paths(device_type="cuda")] + [f"-I{csrc}"]
-    includes += [f for d in _build._cuda_extra_include_paths(home) for f in ("-isystem", d)]
+    includes += _build._cuda_fallback_includes(home)
     cubin = os.path.join(workdir, os.path.basename(source) + ".cubin")
     cmd = [os.path.join(home, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-std=c++20", *cpp.COMMON_NVCC_FLAGS,
            *_build.cuda_cflags(ptxas_verbose=True), "-DTORCH_API_INCLUDE_EXTENSION_H", "-D_GLIBCXX_USE_CXX11_ABI=1",

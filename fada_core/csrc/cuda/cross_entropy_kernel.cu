@@ -175,7 +175,7 @@ struct CeStagedGeometry {
 // Shared memory of a staged block, in bytes from the start: per-thread
 // columns td[K][nx] (top, bottom - top) and gradient sums gacc[K][nx] (top,
 // bottom), the staged rows raw[K][2][tj + 1], the per-source-column sums
-// hacc[K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
+// hacc[2][K][2][tj + 1], column weights colw[nx], colstart[tj + 1], rows[2].
 struct CeStagedLayout {
   size_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
 };
@@ -188,7 +188,7 @@ __host__ __device__ __forceinline__ CeStagedLayout ce_staged_layout(int64_t K, i
   l.gacc = l.td + k * nx * 2 * a;
   l.raw = l.gacc + k * nx * 2 * a;
   l.hacc = l.raw + k * 2 * ns * a;
-  l.colw = l.hacc + k * 2 * ns * a;
+  l.colw = l.hacc + static_cast<size_t>(staged_hacc_size(K, tj + 1)) * a;
   l.colstart = l.colw + nx * a;
   l.rows = l.colstart + (ns + 1) * sizeof(int);
   l.bytes = l.rows + 2 * sizeof(int);
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   const StagedTile t = staged_tile(sg.tj, g.h, g.w);
   stage_rows(logits + t.b * g.K * g.h * g.w, g.K, t, g.h, g.w, sg.scale, ns_max, raw);
   if (kGrad) {
-    for (int e = tid; e < k * 2 * ns; e += nx) hacc[e] = 0;
+    for (int e = tid; e < static_cast<int>(staged_hacc_size(k, ns)); e += nx) hacc[e] = 0;
   }
   staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
   __syncthreads();
