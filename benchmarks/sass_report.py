@@ -298,11 +298,11 @@ def fada_models() -> Dict[str, Callable[[], Model]]:
             outputs=pixels,
             trips=common
             + [
-                (r"for \(int e = tid; e < static_cast<int>\(staged_hacc_size", 2 * C * 2 * ns / nx, 0),
-                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
+                # staged_ranges: the nj + 3 searches run in the first warps only (lanes of warps past them skip it)
+                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", math.ceil((tj + 3) / 32) * 32 / nx, 0),
                 (r"for \(int e = threadIdx.x; e < total;", 1.5 * K * 2 * ns / nx, 1),  # disc (2K), seg (K) rows
                 (r"for \(int cx0 = xa", 1, 1),
-                (r"for \(int c = 0; c < channels; \+\+c\)", 1.5 * K, 1),  # interpolate_column: 2K, then K
+                (r"for \(int c = 0; c < channels; \+\+c", 1.5 * K, 1),  # interpolate_column: 2K, then K
                 (r"for \(; y0 \+ 8 <= yb; y0 \+= 8\)", passes[8], 8),
                 (r"for \(; y0 \+ 4 <= yb; y0 \+= 4\)", passes[4], 4),
                 (r"for \(; y0 < yb; \+\+y0\)", passes[1], 1),
@@ -387,8 +387,8 @@ def ce_models() -> Dict[str, Callable[[], Model]]:
             trips=[
                 (r"while \(lo < hi\)", search, 1),
                 (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
-                (r"for \(int e = tid; e < static_cast<int>\(staged_hacc_size", 2 * K * 2 * ns / nx, 0),
-                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
+                # staged_ranges: the nj + 3 searches run in the first warps only (lanes of warps past them skip it)
+                (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", math.ceil((tj + 3) / 32) * 32 / nx, 0),
                 (r"for \(int e = threadIdx.x; e < total;", K * 2 * ns / nx, 1),
                 (r"for \(int cx0 = xa", 1, 1),
                 (r"for \(int y0 = ya", batches, 4),

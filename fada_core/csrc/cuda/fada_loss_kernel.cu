@@ -301,6 +301,9 @@ __device__ __forceinline__ bool staged_pass(const StagedGeometry<acc_t>& g, cons
   // per row: the pixel weight wt, 1 / seg sum (in ss), A = sum_c a_c (in
   // emax), log2 of the disc sum (in s), the gradient weight gw, alpha = gw * A
   // / disc sum and beta = ly * alpha
+  // (the fused launch, kLoss and kGrad, serves reductions mean and sum only:
+  // a scalar upstream gradient and no loss map)
+  constexpr bool kFused = kLoss && kGrad;
   const int64_t pix0 = col.row0 + static_cast<int64_t>(y0) * g.W;
   acc_t wt[R], gw[R], alpha[R], beta[R], loss[R];
 #pragma unroll
@@ -308,7 +311,7 @@ __device__ __forceinline__ bool staged_pass(const StagedGeometry<acc_t>& g, cons
     const int64_t pix = pix0 + q * g.W;
     wt[q] = io.weight != nullptr ? io.weight[pix] : one;
     gw[q] = zero;
-    if (kGrad) gw[q] = (io.grad_is_map ? io.grad[pix] : io.gscalar) * wt[q];
+    if (kGrad) gw[q] = (!kFused && io.grad_is_map ? io.grad[pix] : io.gscalar) * wt[q];
     ss[q] = recip_acc(ss[q]);
     emax[q] = one - max_acc(emax[q] * ss[q] - g.cap, zero);
     alpha[q] = gw[q] * emax[q] * recip_acc(s[q]);
@@ -358,7 +361,7 @@ __device__ __forceinline__ bool staged_pass(const StagedGeometry<acc_t>& g, cons
     const acc_t ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
     for (int q = 0; q < R; ++q) {
       const acc_t l = (emax[q] * s[q] + loss[q]) * (ln2 * wt[q]);
-      if (io.out_map != nullptr) {
+      if (!kFused && io.out_map != nullptr) {
         io.out_map[pix0 + q * g.W] = static_cast<scalar_t>(l);
       } else {
         local += l;
@@ -416,12 +419,13 @@ __host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx
 // Horizontal interpolation of `channels` staged channels at one output column
 // into td (stride nx); returns their column bound (max of top and bottom).
 template <typename acc_t>
-__device__ __forceinline__ acc_t interpolate_column(const acc_t* raw, int channels, int64_t ns_max, int i0, int i1,
-                                                    acc_t lx, int nx, TwoOf<acc_t>* td) {
+__device__ __forceinline__ acc_t interpolate_column(const acc_t* raw, int channels, int64_t ns_max, int i0, acc_t lx,
+                                                    int nx, TwoOf<acc_t>* td) {
   acc_t bound = -std::numeric_limits<acc_t>::infinity();
-  for (int c = 0; c < channels; ++c) {
-    const TwoOf<acc_t> v = staged_column(raw + c * 2 * static_cast<int>(ns_max), ns_max, i0, i1, lx);
-    td[c * nx] = v;
+  const int stride = 2 * static_cast<int>(ns_max);
+  for (int c = 0; c < channels; ++c, raw += stride, td += nx) {
+    const TwoOf<acc_t> v = staged_column(raw, ns_max, i0, lx);
+    *td = v;
     bound = max_acc(bound, max_acc(v.x, v.x + v.y));
   }
   return bound;
@@ -451,9 +455,6 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   const int64_t plane = g.h * g.w;
   stage_rows(disc + t.b * C * plane, C, t, g.h, g.w, g.disc_scale, ns_max, raw);
   stage_rows(seg + t.b * K * plane, K, t, g.h, g.w, g.seg_scale, ns_max, raw + C * 2 * ns_max);
-  if (kGrad) {
-    for (int e = tid; e < static_cast<int>(staged_hacc_size(C, ns_max)); e += nx) hacc[e] = 0;
-  }
   staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
   __syncthreads();
 
@@ -472,11 +473,11 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
     const int x = cx0 + tid;
     if (x < xb) {
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
-      const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
+      const int i0 = static_cast<int>(ix.i0 - t.j0);
       if (kGrad) colw[tid] = ix.lambda;
       StagedColumn<acc_t> col;
-      col.bd = interpolate_column(raw, c2, ns_max, i0, i1, ix.lambda, nx, td + tid);
-      col.bs = interpolate_column(raw + C * 2 * ns_max, k, ns_max, i0, i1, ix.lambda, nx, td + c2 * nx + tid);
+      col.bd = interpolate_column(raw, c2, ns_max, i0, ix.lambda, nx, td + tid);
+      col.bs = interpolate_column(raw + C * 2 * ns_max, k, ns_max, i0, ix.lambda, nx, td + c2 * nx + tid);
       col.tdisc = td + tid;
       col.tseg = td + c2 * nx + tid;
       col.tdom = td + static_cast<int>(g.off) * nx + tid;  // the domain's disc channels
@@ -493,11 +494,11 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
     if (kGrad) {
       __syncthreads();
       const int cx1 = cx0 + nx < xb ? cx0 + nx : xb;
-      staged_adjoint(t, C, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc);
+      staged_adjoint(t, C, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc, cx0 == xa);
       __syncthreads();
     }
   }
-  if (kGrad) staged_write_slots(t, C, g.h, g.w, g.tiles, hacc, ns_max, part_main, part_spill);
+  if (kGrad) staged_write_slots(t, C, g.h, g.w, g.tiles, hacc, ns_max, xa < xb && ya < yb, part_main, part_spill);
   if (kLoss && partials != nullptr) {
     __shared__ acc_t shared[kStagedMaxThreads];
     const acc_t block_total = block_sum(local, shared);

@@ -230,8 +230,10 @@ __device__ __forceinline__ void staged_ranges(const StagedTile& t, acc_t sy, acc
 
 // Device: stages rows r and r1 of `channels` planes (each h x w, plane stride
 // h * w, starting at `planes`), columns [j0, j0 + ns), times `scale`, into
-// raw[(c * 2 + row) * ns_max + jj]. In-block indices are ints (a block's
-// shared memory holds them). The caller synchronises.
+// raw[(c * 2 + row) * ns_max + jj]; the last tile (ns == nj < ns_max) also
+// gets a copy of its last column at jj = ns, so that i1 = min(i0 + 1, w - 1)
+// is always at i0 + 1 (see staged_column). In-block indices are ints (a
+// block's shared memory holds them). The caller synchronises.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, int64_t channels, const StagedTile& t,
                                            int64_t h, int64_t w, acc_t scale, int64_t ns_max, acc_t* raw) {
@@ -243,21 +245,24 @@ __device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, 
     const int c = crest.q, rest = crest.r;
     const int row = rest >= ns ? 1 : 0, jj = rest - row * ns;
     const scalar_t v = top[c * plane + (row ? bottom_offset : 0) + jj];
-    raw[(c * 2 + row) * static_cast<int>(ns_max) + jj] = static_cast<acc_t>(v) * scale;
+    acc_t* at = raw + (c * 2 + row) * static_cast<int>(ns_max) + jj;
+    at[0] = static_cast<acc_t>(v) * scale;
+    if (jj + 1 == ns && t.ns == t.nj) at[1] = at[0];  // the clamped column past the end
   }
 }
 
 // Device, one thread: the horizontal interpolation of one staged channel at an
-// output column with local source indices i0, i1 and weight lx: (top value,
-// bottom - top), so that row y's value is fma(ly, .y, .x).
+// output column with local source index i0 (i1 is at i0 + 1, see stage_rows)
+// and weight lx: (top value, bottom - top), so that row y's value is
+// fma(ly, .y, .x). Fixed offsets from one address: no index arithmetic.
 template <typename acc_t>
-__device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, int i1,
-                                                      acc_t lx) {
-  const acc_t* bottom = raw_channel + static_cast<int>(ns_max);
-  const acc_t top = lerp(raw_channel[i0], raw_channel[i1], lx);
+__device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, acc_t lx) {
+  const acc_t* at = raw_channel + i0;
+  const acc_t* bottom = at + static_cast<int>(ns_max);
+  const acc_t top = lerp(at[0], at[1], lx);
   TwoOf<acc_t> v;
   v.x = top;
-  v.y = lerp(bottom[i0], bottom[i1], lx) - top;
+  v.y = lerp(bottom[0], bottom[1], lx) - top;
   return v;
 }
 
@@ -275,7 +280,7 @@ __device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, a
 }
 
 // Shared accumulators of a block's horizontal adjoint: hacc[2][C][2][ns_max]
-// floats, zeroed before the first chunk. Half 0 ("own") holds, at
+// floats, set by the first chunk. Half 0 ("own") holds, at
 // [c][top|bottom][jj], the (1 - lambda)-weighted sums of the columns whose i0
 // is j0 + jj; half 1 ("next") their lambda-weighted sums, which belong to
 // source column j0 + jj + 1 (at the clamped last column, i1 == i0, both stay
@@ -289,11 +294,12 @@ __host__ __device__ constexpr int64_t staged_hacc_size(int64_t channels, int64_t
 // (top row, bottom row) of channel c, colw[x - cx0] its lambda. One work item
 // per (channel, source column j0 + jj < j0 + nj) sums its columns in
 // increasing x into hacc (see staged_hacc_size): each column read once, as
-// sum g and sum lambda g; own = sum g - sum lambda g.
+// sum g and sum lambda g; own = sum g - sum lambda g. `first`: the block's
+// first chunk, which sets the entries instead of adding to them.
 template <typename acc_t>
 __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t channels, int64_t w, int cx0, int cx1,
                                                int nx, const int* colstart, const TwoOf<acc_t>* gacc,
-                                               const acc_t* colw, int64_t ns_max, acc_t* hacc) {
+                                               const acc_t* colw, int64_t ns_max, acc_t* hacc, bool first) {
   const int nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max), ch = static_cast<int>(channels);
   acc_t* next = hacc + ch * 2 * stride;
   StridedDivMod cjj(nj);
@@ -314,18 +320,26 @@ __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t chan
     }
     const acc_t split = t.j0 + jj == w - 1 ? static_cast<acc_t>(0) : static_cast<acc_t>(1);
     const int top = (c * 2) * stride + jj, bottom = top + stride;
-    hacc[top] += gt - split * lt;
-    hacc[bottom] += gb - split * lb;
-    next[top] += split * lt;
-    next[bottom] += split * lb;
+    if (first) {
+      hacc[top] = gt - split * lt;
+      hacc[bottom] = gb - split * lb;
+      next[top] = split * lt;
+      next[bottom] = split * lb;
+    } else {
+      hacc[top] += gt - split * lt;
+      hacc[bottom] += gb - split * lb;
+      next[top] += split * lt;
+      next[bottom] += split * lb;
+    }
   }
 }
 
 // Device: the block's sums into its main and spill slots (see the top
-// comment): source column j0 + jj gets next[jj - 1] + own[jj].
+// comment): source column j0 + jj gets next[jj - 1] + own[jj] (own[nj] is 0),
+// or 0 when no chunk ran (`written` false: no output pixel in the block).
 template <typename acc_t>
 __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t channels, int64_t h, int64_t w,
-                                                   int64_t tiles, const acc_t* hacc, int64_t ns_max,
+                                                   int64_t tiles, const acc_t* hacc, int64_t ns_max, bool written,
                                                    acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
   const int ch = static_cast<int>(channels), wi = static_cast<int>(w), ti = static_cast<int>(tiles);
@@ -338,13 +352,13 @@ __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t 
     const int c = cjj.q, jj = cjj.r;
     for (int tb = 0; tb < 2; ++tb) {
       const int at = (c * 2 + tb) * stride + jj;
-      main_top[(tb * ch + c) * wi + jj] = jj > 0 ? next[at - 1] + hacc[at] : hacc[at];
+      const acc_t v = jj > 0 ? next[at - 1] + hacc[at] : hacc[at];
+      main_top[(tb * ch + c) * wi + jj] = written ? v : static_cast<acc_t>(0);
     }
   }
   if (ns > nj) {  // the spill column jj = nj
     for (int e = threadIdx.x; e < 2 * ch; e += blockDim.x) {  // e = c * 2 + tb
-      const int at = e * stride + nj;
-      spill_top[((e & 1) * ch + (e >> 1)) * ti] = next[at - 1] + hacc[at];
+      spill_top[((e & 1) * ch + (e >> 1)) * ti] = written ? next[e * stride + nj - 1] : static_cast<acc_t>(0);
     }
   }
 }
