@@ -181,13 +181,14 @@ __global__ void __launch_bounds__(128, backward_min_blocks<acc_t>()) fada_backwa
 // all its rows, disc and seg separately). A pass first shifts by B instead of
 // by each row's maximum, which saves the maximum pass and a subtraction per
 // exp2. That is exact arithmetic as long as the row's sum of exp2(value - B)
-// stays far from underflow: a row whose sum is below kBoundSumMin (its
-// maximum more than ~32 bits below B: adjacent source rows' logits more than
-// ~22 apart) makes the thread redo the pass with exact row maxima (kExact),
-// which is how the previous kernel always worked. In between, a term that
-// exp2 flushes to 0 is below 2^-126 / 2^-32 of its row's sum, far under float
-// precision, and the shift adds at most ~32 x 2^-24 of absolute error to a
-// value, about what logits of that size carry anyway.
+// stays far from underflow: a row whose sum is below bound_sum_min() = 2^-32
+// (its maximum ~32 bits or more below B: adjacent source rows' logits more
+// than ~22 apart) makes the thread redo the pass with exact row maxima
+// (kExact, staged_pass_exact), as the kernel always did before. Otherwise a
+// term that exp2 flushes to 0 is below 2^-126 / 2^-32 of its row's sum, far
+// under float precision, and the shift adds at most ~38 x 2^-24 of absolute
+// error to a value (the maximum is within 32 + log2(2K) bits of B), about
+// what logits of that size carry anyway.
 //
 // Soft labels: with cap >= 0.5 only the argmax can exceed the cap, so
 // sum_c a_c = 1 - max(0, p_max - cap), p_max = max_c e_c / sum_c e_c: no
