@@ -368,7 +368,7 @@ __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t 
 // the same from the previous tile's spill when j starts a tile. Fixed order.
 // Grid: x = chunks of kGatherThreads columns, y = row i, z = plane b * C + c
 // (staged_gather_grid checks the limits), so no index needs a division but
-// the block's b = z / C.
+// b = z / C and the tile j / tj, both small_div's.
 constexpr int kGatherThreads = 128;
 
 // Device: the fixed-order sum of element (plane, i, j)'s slots.
