@@ -14,9 +14,13 @@ How the per-output figure is derived:
 2. Each SASS loop is tied to a source loop by the line info of its back branch: that line's text
    is matched against the kernel's model (``models()``), which gives the source loop's trip count
    per execution of its enclosing loop at the benchmark shape (and its source step, e.g. 4 for
-   ``y0 += kRows``).
-3. Unrolling: the loop's induction register is found (compared in the loop, directly or through
-   one add, and incremented by an immediate); increment / source step = unroll factor u (taken as
+   ``y0 += kRows``; 0 for a loop strided by a register, ``e += blockDim.x``, never unrolled). The
+   SASS loops of one source line are grouped per enclosing loop (the same line in another enclosing
+   loop is another inlined copy). Loops of the out-of-line functions nvcc appends (``$kernel$function``,
+   ``$__internal_*``) are not the kernel's; trailing alignment NOPs are dropped.
+3. Unrolling: the loop's induction register is found (compared in the loop, directly, as either
+   operand for a down-counter, or through one add, and incremented by an immediate, possibly through
+   a register moved back into it); increment / source step = unroll factor u (taken as
    1 above 16 or for loops that run at most once per thread: that step is a pointer's). The most unrolled loop on a line runs
    floor(trips / u) times, other loops on the line (remainders) take what is left in turn; a
    peeled remainder is straight code of the enclosing loop and counted with it.
@@ -93,7 +97,7 @@ _FILE_LINE = re.compile(r'\s*//## File "(.*)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+|\$\S+):")
 _INSTR = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
-_COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\d+)")
+_COMPARE = re.compile(r"\bU?ISETP\S*\s+U?P\w+,\s*U?P\w+,\s*(U?R\w+)(?:,\s*(U?R\w+))?")
 _MOVE = re.compile(r"\b(?:IMAD\.MOV\.U32|MOV)\s+(R\d+),\s*(?:RZ,\s*RZ,\s*)?(R\d+)\s*$")
 _INCREMENT = re.compile(r"\b(?:U?IADD3|VIADD)\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(U?R\d+),\s*(-?0x[0-9a-f]+|-?\d+)\b")
 
@@ -118,16 +122,19 @@ def parse_sass(text: str) -> Dict[str, Function]:
             m = _INSTR.match(raw)
             if m:
                 fn.instructions.append(Instruction(m.group(1), *where))
+        while fn.instructions and fn.instructions[-1].text == "NOP":  # alignment padding, never executed
+            fn.instructions.pop()
         fn.labels = labels
-        _find_loops(fn, labels)
         _find_subroutines(fn, labels)
+        _find_loops(fn, labels)
         functions[name] = fn
     return functions
 
 
 def _find_subroutines(fn: Function, labels: Dict[str, int]) -> None:
     """Counts the instructions of the called subroutines nvcc appends to a kernel (``$__internal_*``
-    labels, e.g. 64-bit division): from the first of them to the end."""
+    labels, e.g. 64-bit division, and ``$kernel$function`` for a ``__noinline__`` device function
+    such as a rarely taken exact path): from the first of them to the end."""
     starts = [i for name, i in labels.items() if name.startswith("$")]
     fn.subroutine_instructions = len(fn.instructions) - min(starts) if starts else 0
 
@@ -142,7 +149,8 @@ def _peeled(fn: Function, k: int) -> bool:
 
 
 def _find_loops(fn: Function, labels: Dict[str, int]) -> None:
-    for i, ins in enumerate(fn.instructions):
+    end = len(fn.instructions) - fn.subroutine_instructions  # loops of the subroutines are not the kernel's
+    for i, ins in enumerate(fn.instructions[:end]):
         m = _BRANCH.search(ins.text)
         if m and labels.get(m.group(1), len(fn.instructions)) <= i:
             start = labels[m.group(1)]
@@ -165,8 +173,8 @@ def _induction_step(body: List[Instruction]) -> int:
     compared = set()
     for ins in body:
         m = _COMPARE.search(ins.text)
-        if m:
-            compared.add(m.group(1))
+        if m:  # both operands: a down-counter is compared as (RZ, counter)
+            compared.update(r for r in m.group(1, 2) if r and r not in ("RZ", "URZ"))
     feeds = set()  # registers added into a compared one
     for ins in body:
         m = re.search(r"\b(?:U?IADD3|VIADD|IMAD\.IADD)\S*\s+(U?R\d+),\s*(?:U?P\d+,\s*)?(-?U?R\d+),\s*(-?U?R\d+)", ins.text)
@@ -277,12 +285,12 @@ def source_i0(in_size: int, out_size: int) -> List[int]:
 
 def fada_staged_smem(K: int, nx: int, ns: int) -> int:
     """Bytes of a float32 FADA loss staged block (staged_layout in csrc/cuda/fada_loss_kernel.cu)."""
-    return (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+    return (3 * K * nx * 2 + 2 * K * nx * 2 + 3 * K * 2 * ns + 2 * 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
 
 
 def ce_staged_smem(K: int, nx: int, ns: int) -> int:
     """Bytes of a float32 cross-entropy staged block (ce_staged_layout in csrc/cuda/cross_entropy_kernel.cu)."""
-    return (K * nx * 2 + K * nx * 2 + K * 2 * ns + K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
+    return (K * nx * 2 + K * nx * 2 + K * 2 * ns + 2 * K * 2 * ns + nx) * 4 + (ns + 1 + 2) * 4
 
 
 def staged_config(K: int, w: int, W: int, smem_of: Callable[[int, int, int], int] = fada_staged_smem,
@@ -316,9 +324,10 @@ def old_adjoint_config(C: int, w: int, W: int) -> Tuple[int, int]:
 
 @dataclass
 class Model:
-    """Trip counts of one kernel at its benchmark shape: (regex on the loop's source line, trips, step).
-    A loop whose line matches a ``fast_path`` regex counts the shortest path through its body (every
-    fast path taken) instead of all its instructions."""
+    """Trip counts of one kernel at its benchmark shape: (regex on the loop's source line, trips, step);
+    step 0: a loop strided by a register (``e += blockDim.x``), which nvcc does not unroll. A loop whose
+    line matches a ``fast_path`` regex counts the shortest path through its body (every fast path
+    taken) instead of all its instructions."""
 
     threads: float
     outputs: float
@@ -350,9 +359,15 @@ class LossShape:
         return math.ceil(math.log2(self.W)) + 1
 
     @property
-    def batches(self) -> float:  # passes of kRows = 4 rows per row group
+    def batches(self) -> float:  # cross-entropy: passes of kRows = 4 rows per row group
         i0y = source_i0(self.h, self.H)
         return sum(-(-i0y.count(r) // 4) for r in range(self.h)) / self.h
+
+    @property
+    def passes(self) -> Dict[int, float]:  # FADA: passes of 8, then 4, then 1 rows per row group (average)
+        groups = [source_i0(self.h, self.H).count(r) for r in range(self.h)]
+        return {8: sum(n // 8 for n in groups) / self.h, 4: sum(n % 8 // 4 for n in groups) / self.h,
+                1: sum(n % 4 for n in groups) / self.h}
 
     @property
     def tiles(self) -> int:
@@ -378,16 +393,20 @@ def staged_model(s: LossShape) -> Model:
         trips=[
             (r"while \(lo < hi\)", s.search, 1),
             (r"for \(int stride = blockDim.x / 2", math.log2(nx), 1),
-            (r"for \(int e = tid; e < (static_cast<int>\(C|k) \* 2 \* ns", math.ceil(s.C * 2 * ns / nx), 1),
-            (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", 1, 1),
+            # staged_ranges: the nj + 3 searches run in the first warps only (lanes of warps past them skip it)
+            (r"for \(int64_t jj = threadIdx.x; jj <= t.nj", math.ceil((tj + 3) / 32) * 32 / nx, 0),
             (r"for \(int e = threadIdx.x; e < total;", s.staged_channels * 2 * ns / nx, 1),
             (r"for \(int cx0 = xa", 1, 1),
-            (r"for \(int c = 0; c < 3 \* k", 3 * s.K, 1),  # FADA
-            (r"for \(int y0 = ya", s.batches, 4),
-            (r"for \(int c = 0; c < c2; \+\+c\)", s.C, 1),  # FADA
-            (r"for \(int c = 0; c < k; \+\+c\)", s.K, 1),
-            (r"e < static_cast<int>\(channels\) \* ns", math.ceil(s.C * ns / nx), 1),
+            (r"for \(int c = 0; c < channels; \+\+c", s.staged_channels, 1),  # FADA interpolate_column: 2K, then K
+            (r"for \(; y0 \+ 8 <= yb; y0 \+= 8\)", s.passes[8], 8),  # FADA
+            (r"for \(; y0 \+ 4 <= yb; y0 \+= 4\)", s.passes[4], 4),  # FADA
+            (r"for \(; y0 < yb; \+\+y0\)", s.passes[1], 1),  # FADA
+            (r"for \(int y0 = ya", s.batches, 4),  # cross-entropy
+            (r"for \(int c = 0; c < 2 \* k; \+\+c, ", s.C, 1),  # FADA
+            (r"for \(int c = 0; c < k; \+\+c[,)]", s.K, 1),
+            (r"e < ch \* nj; e \+= blockDim.x", s.C * (ns - 1) / nx, 0),  # staged_adjoint, staged_write_slots
             (r"for \(int x = lo; x < hi", s.W / s.w, 1),
+            (r"e < 2 \* ch; e \+= blockDim.x", 2 * s.C / nx, 0),  # staged_write_slots: spills
             (r"for \(int tb = 0; tb < 2", 2, 1),
         ],
     )
@@ -568,10 +587,12 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
     unmodelled: List[str] = []
     iterations: Dict[int, float] = {}
     size = {k: lp.exclusive for k, lp in enumerate(fn.loops)}  # instructions one iteration runs
-    by_line: Dict[Tuple[str, int], List[int]] = {}
+    # a source loop's SASS loops (unrolled body, remainders) share its line and enclosing loop; the same
+    # line in another enclosing loop is another inlined copy (e.g. one template per rows-per-pass)
+    by_line: Dict[Tuple[str, int, Optional[int]], List[int]] = {}
     for k, lp in enumerate(fn.loops):
-        by_line.setdefault((lp.file, lp.line), []).append(k)
-    for (file, line), ids in by_line.items():
+        by_line.setdefault((lp.file, lp.line, lp.parent), []).append(k)
+    for (file, line, _), ids in by_line.items():
         text = sources.get(file, [""] * (line + 1))[line - 1] if line > 0 else ""
         match = next(((t, s) for rx, t, s in model.trips if re.search(rx, text)), None)
         if match is None:
@@ -585,7 +606,7 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
         # the most unrolled loop on the line first, then its remainders, each taking what is left
         left = float(trips)
         for k in sorted(ids, key=lambda j: -fn.loops[j].step):
-            u = max(1, fn.loops[k].step // source_step)
+            u = max(1, fn.loops[k].step // source_step) if source_step else 1  # 0: a register stride, never unrolled
             u = u if trips > 1 and u <= 16 else 1  # a once-per-thread loop is not unrolled: a pointer's step
             iterations[k] = math.floor(left / u) if u > 1 else left
             left -= iterations[k] * u
@@ -601,7 +622,8 @@ def cost_of(fn: Function, model: Model, sources: Dict[str, List[str]]) -> Cost:
 
     per_thread = top_level_count(fn) + sum(size[k] * body_runs(k) for k in size)
     scale = model.threads / model.outputs
-    lines = [f"top level: {top_level_count(fn)} instructions, {per(top_level_count(fn) * scale)} per output"]
+    lines = [f"top level: {top_level_count(fn)} instructions, {per(top_level_count(fn) * scale)} per output",
+             f"called subroutines (slow paths, not counted): {fn.subroutine_instructions} instructions"]
     for k, lp in enumerate(fn.loops):
         path = f" (fast path of {lp.exclusive})" if size[k] != lp.exclusive else ""
         lines.append(f"{lp.file}:{lp.line}: {size[k]} instructions{path} (step {lp.step}) x {body_runs(k):.2f} runs "

@@ -6,8 +6,9 @@ import torch
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def assert_close_scaled(got, want, dtype, equal_nan=False):
-    """Same shape and dtype; values within RTOL[dtype], absolutely relative to the largest finite entry.
+def assert_close_scaled(got, want, dtype, equal_nan=False, floor=0.0):
+    """Same shape and dtype; values within RTOL[dtype], absolutely relative to the largest finite entry
+    or ``floor``, whichever is larger (see :func:`loss_floor`).
 
     A float32 ``want`` (the loss of half inputs: computed and returned in float32, never rounded to
     half) is held to float32's tolerance whatever ``dtype`` is."""
@@ -15,7 +16,14 @@ def assert_close_scaled(got, want, dtype, equal_nan=False):
     assert got.shape == want.shape and got.dtype == want.dtype
     finite = want[torch.isfinite(want)]
     scale = finite.double().abs().max().item() if finite.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=equal_nan)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, floor, 1e-30), equal_nan=equal_nan)
+
+
+def loss_floor(*logits: torch.Tensor) -> float:
+    """The scale a cross-entropy-like loss of these logits is exact to: each term is a log-sum-exp
+    minus a logit, which cancel, so its rounding error follows the logits' magnitude, not the
+    loss's (a loss near 0 from confident logits is not known to its own relative precision)."""
+    return 1.0 + max(float(x.detach().abs().max()) for x in logits)
 
 
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -176,3 +176,43 @@ def test_models_cover_every_kernel_of_each_file_with_its_own_shape():
 
 def test_per_output_figures_keep_tenths_below_100():
     assert S.per(9.66) == "9.7" and S.per(1761.4) == "1,761"
+
+
+# A 2x-unrolled loop counted down to zero (compared as RZ, counter), a called out-of-line function
+# with a loop of its own (a rarely taken path: not the kernel's), the trap loop and alignment NOPs.
+SASS_CALL = """
+//--------------------- .text.k2 --------------------------
+k2:
+	//## File "/src/k.cu", line 12
+        /*0000*/                   MOV R4, R8 ;
+.L_x_5:
+        /*0010*/                   FADD R5, R5, R6 ;
+        /*0020*/                   FADD R5, R5, R7 ;
+        /*0030*/                   UIADD3 UR4, UR4, -0x2, URZ ;
+        /*0040*/                   ISETP.NE.AND P0, PT, RZ, UR4, PT ;
+        /*0050*/               @P0 BRA `(.L_x_5) ;
+        /*0060*/                   CALL.REL.NOINC `($k2$slow) ;
+        /*0070*/                   EXIT ;
+.L_x_6:
+        /*0080*/                   BRA `(.L_x_6);
+$k2$slow:
+.L_x_7:
+        /*0090*/                   FADD R5, R5, R6 ;
+        /*00a0*/               @P0 BRA `(.L_x_7) ;
+        /*00b0*/                   RET.REL.NODEC R20 `(k2) ;
+        /*00c0*/                   NOP;
+        /*00d0*/                   NOP;
+"""
+
+
+def test_down_counter_called_function_and_padding():
+    fn = S.parse_sass(SASS_CALL)["k2"]
+    assert len(fn.instructions) == 12  # the NOPs after the end are dropped
+    assert fn.subroutine_instructions == 3
+    assert [(lp.line, lp.step) for lp in fn.loops] == [(12, 2)]  # the called function's loop is not counted
+    assert S.top_level_count(fn) == 4  # MOV, CALL, EXIT, the trap branch
+    cost = S.cost_of(fn, S.Model(threads=1, outputs=1, trips=[(r"for \(int c", 6, 1)]), SOURCE)
+    assert cost.per_output == pytest.approx(4 + 3 * 5)
+    # step 0: a loop strided by a register, taken as not unrolled whatever immediate it adds
+    strided = S.cost_of(fn, S.Model(threads=1, outputs=1, trips=[(r"for \(int c", 6, 0)]), SOURCE)
+    assert strided.per_output == pytest.approx(4 + 6 * 5)

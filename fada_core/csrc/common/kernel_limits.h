@@ -47,10 +47,19 @@ struct StagedFootprint {
 FADA_HD constexpr StagedFootprint fada_staged_footprint() { return {3, 2, 0}; }  // disc 2K + seg K; gradient of disc 2K
 FADA_HD constexpr StagedFootprint ce_staged_footprint() { return {1, 1, 8}; }    // logits K; valid-pixel counts (64-bit)
 
+// Shared accumulators of a staged block's horizontal adjoint (cuda/staged_rows.cuh
+// staged_adjoint): hacc[2][channels][2][ns_max] values, set by the block's
+// first chunk. Half 0 ("own") holds, at [c][top|bottom][jj], the (1 - lambda)-
+// weighted sums of the columns whose i0 is j0 + jj; half 1 ("next") their
+// lambda-weighted sums, which belong to source column j0 + jj + 1 (at the
+// clamped last column, i1 == i0, both stay in "own"). Each entry has one
+// writer, so no barrier separates the two.
+FADA_HD constexpr int64_t staged_hacc_size(int64_t channels, int64_t ns_max) { return 2 * channels * 2 * ns_max; }
+
 // Dynamic shared memory of one staged block of `classes` classes, in bytes
 // from its start: per-thread columns td[staged][nx] and gradient sums
 // gacc[grads][nx] (two values each), the staged rows raw[staged][2][tj + 1],
-// the per-source-column sums hacc[grads][2][tj + 1], column weights colw[nx]
+// the per-source-column sums hacc[2][grads][2][tj + 1], column weights colw[nx]
 // (acc_bytes each), then the ints colstart[tj + 2] and rows[2].
 struct StagedLayout {
   int64_t td, gacc, raw, hacc, colw, colstart, rows, bytes;
@@ -64,7 +73,7 @@ FADA_HD constexpr StagedLayout staged_layout(StagedFootprint k, int64_t classes,
   l.gacc = l.td + staged * nx * 2 * acc_bytes;
   l.raw = l.gacc + grads * nx * 2 * acc_bytes;
   l.hacc = l.raw + staged * 2 * ns * acc_bytes;
-  l.colw = l.hacc + grads * 2 * ns * acc_bytes;
+  l.colw = l.hacc + staged_hacc_size(grads, ns) * acc_bytes;
   l.colstart = l.colw + nx * acc_bytes;
   l.rows = l.colstart + (ns + 1) * static_cast<int64_t>(sizeof(int));
   l.bytes = l.rows + 2 * static_cast<int64_t>(sizeof(int));

@@ -198,9 +198,6 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   const int nx = sg.nx, tid = threadIdx.x, k = static_cast<int>(g.K), ns = static_cast<int>(ns_max);
   const StagedTile t = staged_tile(sg.tj, g.h, g.w);
   stage_rows(logits + t.b * g.K * g.h * g.w, g.K, t, g.h, g.w, sg.scale, ns_max, raw);
-  if (kGrad) {
-    for (int e = tid; e < k * 2 * ns; e += nx) hacc[e] = 0;
-  }
   staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
   __syncthreads();
 
@@ -216,9 +213,9 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
     const int x = cx0 + tid;
     if (x < xb) {
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
-      const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
+      const int i0 = static_cast<int>(ix.i0 - t.j0);
       if (kGrad) colw[tid] = ix.lambda;
-      for (int c = 0; c < k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, i1, ix.lambda);
+      for (int c = 0; c < k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, ix.lambda);
       const TwoOf<acc_t>* tv = td + tid;
       TwoOf<acc_t>* ga = gacc + tid;
       const int64_t row0 = (t.b * g.H) * g.W + x;  // output pixel (b, y, x) = row0 + y * W
@@ -299,11 +296,11 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
     if (kGrad) {
       __syncthreads();
       const int cx1 = cx0 + nx < xb ? cx0 + nx : xb;
-      staged_adjoint(t, g.K, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc);
+      staged_adjoint(t, g.K, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc, cx0 == xa);
       __syncthreads();
     }
   }
-  if (kGrad) staged_write_slots(t, g.K, g.h, g.w, sg.tiles, hacc, ns_max, part_main, part_spill);
+  if (kGrad) staged_write_slots(t, g.K, g.h, g.w, sg.tiles, hacc, ns_max, xa < xb && ya < yb, part_main, part_spill);
   const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   if (kLoss && partials != nullptr) {
     __shared__ acc_t loss_shared[kStagedMaxThreads];

@@ -8,6 +8,7 @@
 
 #ifdef FADA_CUDA_EMULATION
 #include "cuda_emulation.h"
+#define FADA_NOINLINE
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,6 +19,8 @@
 #define FADA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 // The block's dynamic shared memory as `type name[]`.
 #define FADA_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+// A device function kept out of line (a rarely taken path).
+#define FADA_NOINLINE __noinline__
 #endif
 
 namespace fada {

@@ -169,14 +169,39 @@ __global__ void __launch_bounds__(128, backward_min_blocks<acc_t>()) fada_backwa
 // ------------------------------------------------------------------ fast path
 // Disc and seg logits at the same h x w (the FADA case) and cap >= 0.5: the
 // staged tiling of staged_rows.cuh, all 3K channels of a block's two source
-// rows interpolated horizontally once, kRows output rows per pass. Values are
-// kept in base-2 units (disc * log2(e), seg * log2(e) / T), so every exp is one
-// exp2 and the logsumexp one log2. With cap >= 0.5 only the argmax can exceed
-// the cap, so sum_c a_c = 1 - max(0, p_max - cap) with p_max = 1 / sum: no
-// extra pass. The gradient of a pass is summed per (channel, column) in
-// registers over its rows and written to shared memory once; the horizontal
-// adjoint and the slots are staged_rows.cuh's. kLoss / kGrad: which of the loss
-// and dL/d(disc) the launch computes (both: the fused forward + backward).
+// rows interpolated horizontally once, up to 8 output rows per pass. Values
+// are kept in base-2 units (disc * log2(e), seg * log2(e) / T), so every exp
+// is one exp2 and the logsumexp one log2. The gradient of a pass is summed
+// per (channel, column) in registers over its rows and written to shared
+// memory once; the horizontal adjoint and the slots are staged_rows.cuh's.
+// kLoss / kGrad: which of the loss and dL/d(disc) the launch computes (both:
+// the fused forward + backward).
+//
+// Softmax shifts: a row's value fma(ly, bottom - top, top) lies between the
+// column's top and bottom values, so B = max over channels of both is an
+// upper bound of every row's maximum (a "column bound", one per column for
+// all its rows, disc and seg separately). A pass first shifts by B instead of
+// by each row's maximum, which saves the maximum pass and a subtraction per
+// exp2. That is exact arithmetic as long as the row's sum of exp2(value - B)
+// stays far from underflow: a row whose sum is below bound_sum_min() = 2^-32
+// (its maximum ~32 bits or more below B: adjacent source rows' logits more
+// than ~22 apart) makes the thread redo the pass with exact row maxima
+// (kExact, staged_pass_exact), as the kernel always did before. Otherwise a
+// term that exp2 flushes to 0 is below 2^-126 / 2^-32 of its row's sum, far
+// under float precision, and the shift adds at most ~38 x 2^-24 of absolute
+// error to a value (the maximum is within 32 + log2(2K) bits of B), about
+// what logits of that size carry anyway.
+//
+// Soft labels: with cap >= 0.5 only the argmax can exceed the cap, so
+// sum_c a_c = 1 - max(0, p_max - cap), p_max = max_c e_c / sum_c e_c: no
+// extra pass. The gradient is dL/dz_c = gw * ((sum a) softmax_c - y_c).
+
+// Below this a row's sum of exp2(value - column bound) is redone with exact
+// maxima (see above). Also keeps every reciprocal and log2 argument normal.
+template <typename acc_t>
+constexpr acc_t bound_sum_min() {
+  return static_cast<acc_t>(2.3283064365386962890625e-10);  // 2^-32
+}
 
 template <typename acc_t>
 struct StagedGeometry {
@@ -188,6 +213,189 @@ struct StagedGeometry {
   acc_t cap;
 };
 
+// What a staged launch reads and writes besides the logits: the weight map
+// (or nullptr), the upstream gradient (grad_is_map: the (B, H, W) map, else
+// the scalar gscalar), the loss map (reduction none) or nullptr.
+template <typename scalar_t, typename acc_t>
+struct StagedIO {
+  const acc_t* weight;
+  const acc_t* grad;
+  bool grad_is_map;
+  acc_t gscalar;
+  acc_t* out_map;  // the loss in acc_t (float32 for half inputs)
+};
+
+// One thread's output column during its passes: its interpolated channels in
+// shared memory (td: the 2K disc, then the K seg; dom / oth: the domain's K
+// disc channels and the other K), its gradient sums (gdom, goth), the column
+// bounds (bd: disc, bs: seg) and its output pixel (b, 0, x).
+template <typename acc_t>
+struct StagedColumn {
+  const TwoOf<acc_t>* tdisc;
+  const TwoOf<acc_t>* tseg;
+  const TwoOf<acc_t>* tdom;
+  const TwoOf<acc_t>* toth;
+  TwoOf<acc_t>* gdom;
+  TwoOf<acc_t>* goth;
+  acc_t bd, bs;
+  int64_t row0;
+};
+
+// One pass over the output rows [y0, y0 + R) of a column: adds their loss to
+// `local` or writes it to the map (kLoss) and their gradient sums to the
+// column's slots (kGrad; `first`: the group's first pass writes them). R rows
+// of state stay in registers and each channel's shared-memory reads and
+// gradient slot update serve all R. Without kExact, returns false and changes
+// nothing when a row's sum is too small for the column bounds (see above); the
+// caller then runs staged_pass_exact.
+template <int R, bool kExact, bool kLoss, bool kGrad, typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool staged_pass(const StagedGeometry<acc_t>& g, const StagedIO<scalar_t, acc_t>& io,
+                                            const StagedColumn<acc_t>& col, int y0, bool first, acc_t& local) {
+  const int nx = g.nx, k = static_cast<int>(g.K);
+  const acc_t zero = 0, one = 1;
+  acc_t ly[R], dm[R], dms[R];  // dm, dms: exact row maxima minus the bounds (0 without kExact)
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    ly[q] = source_index<acc_t>(g.sy, y0 + q, g.h).lambda;
+    dm[q] = dms[q] = kExact ? -std::numeric_limits<acc_t>::infinity() : zero;
+  }
+  if (kExact) {  // NaN may be dropped here; the sums below pick it up
+    const TwoOf<acc_t>* v = col.tdisc;
+    for (int c = 0; c < 2 * k; ++c, v += nx) {
+      const acc_t x = v->x - col.bd;
+#pragma unroll
+      for (int q = 0; q < R; ++q) dm[q] = max_acc(dm[q], ly[q] * v->y + x);
+    }
+    v = col.tseg;
+    for (int c = 0; c < k; ++c, v += nx) {
+      const acc_t x = v->x - col.bs;
+#pragma unroll
+      for (int q = 0; q < R; ++q) dms[q] = max_acc(dms[q], ly[q] * v->y + x);
+    }
+  }
+  // sums of exp2 (s: disc, ss: seg) and the largest seg term
+  acc_t s[R], ss[R], emax[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) s[q] = ss[q] = emax[q] = zero;
+  const TwoOf<acc_t>* sv = col.tseg;
+  for (int c = 0; c < k; ++c, sv += nx) {
+    const TwoOf<acc_t> v = *sv;
+    const acc_t x = v.x - col.bs;
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      const acc_t e = exp2_acc(ly[q] * v.y + x - dms[q]);
+      ss[q] += e;
+      emax[q] = max_acc(emax[q], e);
+    }
+  }
+  const TwoOf<acc_t>* dv = col.tdisc;
+  for (int c = 0; c < 2 * k; ++c, dv += nx) {
+    const TwoOf<acc_t> v = *dv;
+    const acc_t x = v.x - col.bd;
+#pragma unroll
+    for (int q = 0; q < R; ++q) s[q] += exp2_acc(ly[q] * v.y + x - dm[q]);
+  }
+  if (!kExact) {  // NaN compares false and goes on as NaN
+    bool small = false;
+#pragma unroll
+    for (int q = 0; q < R; ++q) small |= min_acc(s[q], ss[q]) < bound_sum_min<acc_t>();
+    if (small) return false;
+  }
+  // per row: the pixel weight wt, 1 / seg sum (in ss), A = sum_c a_c (in
+  // emax), log2 of the disc sum (in s), the gradient weight gw, alpha = gw * A
+  // / disc sum and beta = ly * alpha
+  // (the fused launch, kLoss and kGrad, serves reductions mean and sum only:
+  // a scalar upstream gradient and no loss map)
+  constexpr bool kFused = kLoss && kGrad;
+  const int64_t pix0 = col.row0 + static_cast<int64_t>(y0) * g.W;
+  acc_t wt[R], gw[R], alpha[R], beta[R], loss[R];
+#pragma unroll
+  for (int q = 0; q < R; ++q) {
+    const int64_t pix = pix0 + q * g.W;
+    wt[q] = io.weight != nullptr ? io.weight[pix] : one;
+    gw[q] = zero;
+    if (kGrad) gw[q] = (!kFused && io.grad_is_map ? io.grad[pix] : io.gscalar) * wt[q];
+    ss[q] = recip_acc(ss[q]);
+    emax[q] = one - max_acc(emax[q] * ss[q] - g.cap, zero);
+    alpha[q] = gw[q] * emax[q] * recip_acc(s[q]);
+    beta[q] = ly[q] * alpha[q];
+    s[q] = log2_acc(s[q]);
+    loss[q] = ss[q] - ss[q];  // 0, or NaN when the soft labels are (min_acc drops it)
+  }
+  // the domain's K channels: soft labels, loss, gradient
+  sv = col.tseg;
+  dv = col.tdom;
+  TwoOf<acc_t>* slot = col.gdom;
+  for (int c = 0; c < k; ++c, sv += nx, dv += nx, slot += nx) {
+    const TwoOf<acc_t> vs = *sv, vd = *dv;
+    const acc_t xs = vs.x - col.bs, xd = vd.x - col.bd;
+    acc_t sum = 0, bottom = 0;
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      const acc_t a = min_acc(exp2_acc(ly[q] * vs.y + xs - dms[q]) * ss[q], g.cap);
+      const acc_t z = ly[q] * vd.y + xd - dm[q];
+      if (kLoss) loss[q] -= a * z;  // the row's loss is A * log2(s) + this
+      if (kGrad) {
+        const acc_t gc = alpha[q] * exp2_acc(z) - gw[q] * a;
+        sum += gc;
+        bottom += ly[q] * gc;
+      }
+    }
+    if (kGrad) accumulate_rows(*slot, sum, bottom, first);
+  }
+  // the other K channels: gradient only (their soft label is 0)
+  if (kGrad) {
+    dv = col.toth;
+    slot = col.goth;
+    for (int c = 0; c < k; ++c, dv += nx, slot += nx) {
+      const TwoOf<acc_t> v = *dv;
+      const acc_t x = v.x - col.bd;
+      acc_t sum = 0, bottom = 0;
+#pragma unroll
+      for (int q = 0; q < R; ++q) {
+        const acc_t p = exp2_acc(ly[q] * v.y + x - dm[q]);
+        sum += alpha[q] * p;
+        bottom += beta[q] * p;
+      }
+      accumulate_rows(*slot, sum, bottom, first);
+    }
+  }
+  if (kLoss) {
+    const acc_t ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
+    for (int q = 0; q < R; ++q) {
+      const acc_t l = (emax[q] * s[q] + loss[q]) * (ln2 * wt[q]);
+      if (!kFused && io.out_map != nullptr) {
+        io.out_map[pix0 + q * g.W] = l;
+      } else {
+        local += l;
+      }
+    }
+  }
+  return true;
+}
+
+// staged_pass with exact row maxima, for the passes whose sums are too small
+// for the column bounds; returns the loss to add to `local`. A function of its
+// own, so the fast path's code stays small (sass_report.py counts it apart; it
+// runs at none of its shapes). Arguments by value: a reference would move the
+// caller's copies to local memory.
+template <int R, bool kLoss, bool kGrad, typename scalar_t, typename acc_t>
+FADA_NOINLINE __device__ acc_t staged_pass_exact(const StagedGeometry<acc_t> g, const StagedIO<scalar_t, acc_t> io,
+                                                 const StagedColumn<acc_t> col, int y0, bool first) {
+  acc_t local = 0;
+  staged_pass<R, true, kLoss, kGrad>(g, io, col, y0, first, local);
+  return local;
+}
+
+// The pass of R rows at y0, exact if the column bounds do not do.
+template <int R, bool kLoss, bool kGrad, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void pass_rows(const StagedGeometry<acc_t>& g, const StagedIO<scalar_t, acc_t>& io,
+                                          const StagedColumn<acc_t>& col, int y0, bool first, acc_t& local) {
+  if (!staged_pass<R, false, kLoss, kGrad>(g, io, col, y0, first, local)) {
+    local += staged_pass_exact<R, kLoss, kGrad>(g, io, col, y0, first);
+  }
+}
+
 // Shared memory of a staged block: kernel_limits.h's layout for 3K staged
 // channels (2K disc, K seg) and the gradient of the 2K disc channels.
 using limits::StagedLayout;
@@ -195,6 +403,21 @@ using limits::StagedLayout;
 template <typename acc_t>
 __host__ __device__ __forceinline__ StagedLayout staged_layout(int64_t K, int nx, int64_t tj) {
   return limits::staged_layout(limits::fada_staged_footprint(), K, nx, tj, sizeof(acc_t));
+}
+
+// Horizontal interpolation of `channels` staged channels at one output column
+// into td (stride nx); returns their column bound (max of top and bottom).
+template <typename acc_t>
+__device__ __forceinline__ acc_t interpolate_column(const acc_t* raw, int channels, int64_t ns_max, int i0, acc_t lx,
+                                                    int nx, TwoOf<acc_t>* td) {
+  acc_t bound = -std::numeric_limits<acc_t>::infinity();
+  const int stride = 2 * static_cast<int>(ns_max);
+  for (int c = 0; c < channels; ++c, raw += stride, td += nx) {
+    const TwoOf<acc_t> v = staged_column(raw, ns_max, i0, lx);
+    *td = v;
+    bound = max_acc(bound, max_acc(v.x, v.x + v.y));
+  }
+  return bound;
 }
 
 // grad: the (B, H, W) map when grad_is_map, else a scalar (nullptr: 1) divided
@@ -221,136 +444,50 @@ __global__ void __launch_bounds__(kStagedMaxThreads)
   const int64_t plane = g.h * g.w;
   stage_rows(disc + t.b * C * plane, C, t, g.h, g.w, g.disc_scale, ns_max, raw);
   stage_rows(seg + t.b * K * plane, K, t, g.h, g.w, g.seg_scale, ns_max, raw + C * 2 * ns_max);
-  if (kGrad) {
-    for (int e = tid; e < static_cast<int>(C * 2 * ns_max); e += nx) hacc[e] = 0;
-  }
   staged_ranges(t, g.sy, g.sx, g.h, g.w, g.H, g.W, colstart, rows);
   __syncthreads();
 
   const int ya = rows[0], yb = rows[1], xa = colstart[0], xb = colstart[t.nj];
-  acc_t gscalar = 0;
-  if (kGrad && !grad_is_map) gscalar = (grad != nullptr ? grad[0] : static_cast<acc_t>(1)) / grad_div;
-  const acc_t one = 1, zero = 0, ln2 = static_cast<acc_t>(0.693147180559945309417232121458176568);
-  const int k = static_cast<int>(K), c2 = static_cast<int>(C), ns = static_cast<int>(ns_max);
+  StagedIO<scalar_t, acc_t> io;
+  io.weight = weight;
+  io.grad = grad;
+  io.grad_is_map = grad_is_map;
+  io.gscalar = 0;
+  if (kGrad && !grad_is_map) io.gscalar = (grad != nullptr ? grad[0] : static_cast<acc_t>(1)) / grad_div;
+  io.out_map = out_map;
+  const int k = static_cast<int>(K), c2 = static_cast<int>(C);
   acc_t local = 0;  // this thread's loss sum (reductions)
 
   for (int cx0 = xa; cx0 < xb && ya < yb; cx0 += nx) {
     const int x = cx0 + tid;
     if (x < xb) {
       const LinearIndex<acc_t> ix = source_index<acc_t>(g.sx, x, g.w);
-      const int i0 = static_cast<int>(ix.i0 - t.j0), i1 = static_cast<int>(ix.i1 - t.j0);
+      const int i0 = static_cast<int>(ix.i0 - t.j0);
       if (kGrad) colw[tid] = ix.lambda;
-      for (int c = 0; c < 3 * k; ++c) td[c * nx + tid] = staged_column(raw + c * 2 * ns, ns_max, i0, i1, ix.lambda);
-      const TwoOf<acc_t>* tdisc = td + tid;
-      const TwoOf<acc_t>* tseg = td + c2 * nx + tid;
-      const TwoOf<acc_t>* tdom = td + static_cast<int>(g.off) * nx + tid;  // the domain's disc channels
-      const TwoOf<acc_t>* toth = td + (g.off == 0 ? k : 0) * nx + tid;   // the other K
-      TwoOf<acc_t>* gdom = gacc + static_cast<int>(g.off) * nx + tid;
-      TwoOf<acc_t>* goth = gacc + (g.off == 0 ? k : 0) * nx + tid;
-      const int64_t row0 = (t.b * g.H) * g.W + x;  // output pixel (b, y, x) = row0 + y * W
-
-      for (int y0 = ya; y0 < yb; y0 += kRows) {
-        const bool first = y0 == ya;
-        acc_t ly[kRows], m[kRows], ms[kRows], s[kRows], ss[kRows];
-#pragma unroll
-        for (int q = 0; q < kRows; ++q) {
-          ly[q] = y0 + q < yb ? source_index<acc_t>(g.sy, y0 + q, g.h).lambda : zero;
-          m[q] = ms[q] = -std::numeric_limits<acc_t>::infinity();
-          s[q] = ss[q] = 0;
-        }
-        // maxima (NaN may be dropped here; the sums below pick it up)
-        for (int c = 0; c < c2; ++c) {
-          const TwoOf<acc_t> v = tdisc[c * nx];
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) m[q] = max_acc(m[q], ly[q] * v.y + v.x);
-        }
-        for (int c = 0; c < k; ++c) {
-          const TwoOf<acc_t> v = tseg[c * nx];
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) ms[q] = max_acc(ms[q], ly[q] * v.y + v.x);
-        }
-        for (int c = 0; c < c2; ++c) {
-          const TwoOf<acc_t> v = tdisc[c * nx];
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) s[q] += exp2_acc(ly[q] * v.y + v.x - m[q]);
-        }
-        for (int c = 0; c < k; ++c) {
-          const TwoOf<acc_t> v = tseg[c * nx];
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) ss[q] += exp2_acc(ly[q] * v.y + v.x - ms[q]);
-        }
-        // per row: log2 of the disc sum (in s), 1 / seg sum (in ss), the
-        // gradient weight gw and alpha = gw * (sum_c a_c) / disc sum
-        acc_t gw[kRows], alpha[kRows], loss[kRows];
-#pragma unroll
-        for (int q = 0; q < kRows; ++q) {
-          gw[q] = 0;
-          if (kGrad && y0 + q < yb) {
-            const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
-            gw[q] = grad_is_map ? grad[pix] : gscalar;
-            if (weight != nullptr) gw[q] *= weight[pix];
-          }
-          ss[q] = recip_acc(ss[q]);  // p_max: the argmax's exp2 is 1
-          alpha[q] = gw[q] * (one - max_acc(ss[q] - g.cap, zero)) * recip_acc(s[q]);
-          s[q] = log2_acc(s[q]);
-          loss[q] = ss[q] - ss[q];  // 0, or NaN when the soft labels are (min_acc drops it)
-        }
-        // the domain's K channels: soft labels, loss, gradient
-        for (int c = 0; c < k; ++c) {
-          const TwoOf<acc_t> sv = tseg[c * nx], dv = tdom[c * nx];
-          acc_t sum = 0, bottom = 0;
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) {
-            const acc_t a = min_acc(exp2_acc(ly[q] * sv.y + sv.x - ms[q]) * ss[q], g.cap);
-            const acc_t z = ly[q] * dv.y + dv.x - m[q];
-            if (kLoss) loss[q] += a * (s[q] - z);
-            if (kGrad) {
-              const acc_t gc = alpha[q] * exp2_acc(z) - gw[q] * a;
-              sum += gc;
-              bottom += ly[q] * gc;
-            }
-          }
-          if (kGrad) accumulate_rows(gdom[c * nx], sum, bottom, first);
-        }
-        // the other K channels: gradient only (their soft label is 0)
-        if (kGrad) {
-          for (int c = 0; c < k; ++c) {
-            const TwoOf<acc_t> dv = toth[c * nx];
-            acc_t sum = 0, bottom = 0;
-#pragma unroll
-            for (int q = 0; q < kRows; ++q) {
-              const acc_t gc = alpha[q] * exp2_acc(ly[q] * dv.y + dv.x - m[q]);
-              sum += gc;
-              bottom += ly[q] * gc;
-            }
-            accumulate_rows(goth[c * nx], sum, bottom, first);
-          }
-        }
-        if (kLoss) {
-#pragma unroll
-          for (int q = 0; q < kRows; ++q) {
-            if (y0 + q < yb) {
-              const int64_t pix = row0 + static_cast<int64_t>(y0 + q) * g.W;
-              acc_t l = loss[q] * ln2;
-              if (weight != nullptr) l *= weight[pix];
-              if (out_map != nullptr) {
-                out_map[pix] = l;
-              } else {
-                local += l;
-              }
-            }
-          }
-        }
-      }
+      StagedColumn<acc_t> col;
+      col.bd = interpolate_column(raw, c2, ns_max, i0, ix.lambda, nx, td + tid);
+      col.bs = interpolate_column(raw + C * 2 * ns_max, k, ns_max, i0, ix.lambda, nx, td + c2 * nx + tid);
+      col.tdisc = td + tid;
+      col.tseg = td + c2 * nx + tid;
+      col.tdom = td + static_cast<int>(g.off) * nx + tid;  // the domain's disc channels
+      col.toth = td + (g.off == 0 ? k : 0) * nx + tid;    // the other K
+      col.gdom = gacc + static_cast<int>(g.off) * nx + tid;
+      col.goth = gacc + (g.off == 0 ? k : 0) * nx + tid;
+      col.row0 = (t.b * g.H) * g.W + x;
+      // the group's rows in passes of 8, then 4, then 1 (8x upsampling: 8-9 rows)
+      int y0 = ya;
+      for (; y0 + 8 <= yb; y0 += 8) pass_rows<8, kLoss, kGrad>(g, io, col, y0, y0 == ya, local);
+      for (; y0 + 4 <= yb; y0 += 4) pass_rows<4, kLoss, kGrad>(g, io, col, y0, y0 == ya, local);
+      for (; y0 < yb; ++y0) pass_rows<1, kLoss, kGrad>(g, io, col, y0, y0 == ya, local);
     }
     if (kGrad) {
       __syncthreads();
       const int cx1 = cx0 + nx < xb ? cx0 + nx : xb;
-      staged_adjoint(t, C, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc);
+      staged_adjoint(t, C, g.w, cx0, cx1, nx, colstart, gacc, colw, ns_max, hacc, cx0 == xa);
       __syncthreads();
     }
   }
-  if (kGrad) staged_write_slots(t, C, g.h, g.w, g.tiles, hacc, ns_max, part_main, part_spill);
+  if (kGrad) staged_write_slots(t, C, g.h, g.w, g.tiles, hacc, ns_max, xa < xb && ya < yb, part_main, part_spill);
   if (kLoss && partials != nullptr) {
     __shared__ acc_t shared[kStagedMaxThreads];
     const acc_t block_total = block_sum(local, shared);

@@ -122,11 +122,13 @@ StagedConfig choose_staged_config(const AxisMap<acc_t>& sx, int64_t w, int64_t W
 
 // The staged kernels' float math on the device (FADA loss and cross-entropy): single MUFU instructions
 // (ex2/lg2.approx.ftz, about 2 ulp like exp2f/log2f, which add instructions to
-// keep denormals) and one correctly rounded reciprocal instead of divisions.
-// Their domains make the flush harmless: exp2 of x <= 0 (a value minus its
-// row's maximum; a term below 2^-126 next to the maximum's 1 changes no float
-// sum), log2 and 1/x of a sum of exps >= 1. No fast-math anywhere else; double
-// and the host (the emulation test) use the library functions.
+// keep denormals; rcp.approx.ftz, 1 ulp, where __frcp_rn adds a Newton step
+// and a slow-path branch). Their domains make the flush harmless: exp2 of
+// x <= ~0 (a value minus its row's maximum or a bound of it; a term below
+// 2^-126 next to a sum >= 2^-32 changes no float sum), log2 and 1/x of a sum
+// of exps >= 2^-32, a normal float whose reciprocal is normal too. No
+// fast-math anywhere else; double and the host (the emulation test) use the
+// library functions and a division.
 template <typename acc_t>
 __device__ __forceinline__ acc_t exp2_acc(acc_t x) {
   return ::exp2(x);
@@ -164,7 +166,9 @@ __device__ __forceinline__ float log2_acc<float>(float x) {
 }
 template <>
 __device__ __forceinline__ float recip_acc<float>(float x) {
-  return __frcp_rn(x);
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 #endif
 template <>
@@ -175,6 +179,38 @@ template <>
 __device__ __forceinline__ float min_acc<float>(float a, float b) {
   return ::fminf(a, b);
 }
+
+// Device: e / n for 0 <= e < 2^22 and n >= 1, from the float quotient: e and
+// n are exact in float, 1 / n (1 ulp) and the product (half an ulp) are off
+// by less than e / n * 2^-22 < 1, so one correction step makes it exact.
+__device__ __forceinline__ int small_div(int e, int n) {
+  int q = static_cast<int>(static_cast<float>(e) * recip_acc<float>(static_cast<float>(n)));
+  const int r = e - q * n;
+  q += r < 0 ? -1 : (r >= n ? 1 : 0);
+  return q;
+}
+
+// Device: (e / n, e % n) for e = threadIdx.x, threadIdx.x + blockDim.x, ...,
+// the block-strided loops over (channel, column) pairs, with the divisions
+// done once at the start (n < 2^22) instead of at every step.
+struct StridedDivMod {
+  int q, r, dq, dr, n;
+  __device__ __forceinline__ explicit StridedDivMod(int n_) : n(n_) {
+    const int start = threadIdx.x, stride = blockDim.x;
+    q = small_div(start, n);
+    r = start - q * n;
+    dq = small_div(stride, n);
+    dr = stride - dq * n;
+  }
+  __device__ __forceinline__ void next() {
+    q += dq;
+    r += dr;
+    if (r >= n) {
+      r -= n;
+      ++q;
+    }
+  }
+};
 
 // Device: the block's place in the tiling (see the top comment).
 struct StagedTile {
@@ -196,46 +232,54 @@ __device__ __forceinline__ StagedTile staged_tile(int64_t tj, int64_t h, int64_t
 
 // Device: colstart[jj] (jj = 0..nj) = first output column whose lower source
 // column is >= j0 + jj, rows[0..1] = the output rows of group r; each entry by
-// its own thread. The caller synchronises.
+// its own thread, all in one loop (one copy of the search, the first warp's
+// lanes side by side). The caller synchronises.
 template <typename acc_t>
 __device__ __forceinline__ void staged_ranges(const StagedTile& t, const AxisMap<acc_t>& sy, const AxisMap<acc_t>& sx,
                                               int64_t h, int64_t w, int64_t H, int64_t W, int* colstart, int* rows) {
-  for (int64_t jj = threadIdx.x; jj <= t.nj; jj += blockDim.x) {
-    colstart[jj] = static_cast<int>(first_at_or_beyond<acc_t>(t.j0 + jj, sx, w, W));
+  for (int64_t jj = threadIdx.x; jj <= t.nj + 2; jj += blockDim.x) {
+    const bool column = jj <= t.nj;
+    const int64_t found = first_at_or_beyond<acc_t>(column ? t.j0 + jj : t.r + (jj - t.nj - 1), column ? sx : sy,
+                                                    column ? w : h, column ? W : H);
+    (column ? colstart[jj] : rows[jj - t.nj - 1]) = static_cast<int>(found);
   }
-  if (threadIdx.x == blockDim.x - 1) rows[0] = static_cast<int>(first_at_or_beyond<acc_t>(t.r, sy, h, H));
-  if (threadIdx.x == blockDim.x - 2) rows[1] = static_cast<int>(first_at_or_beyond<acc_t>(t.r + 1, sy, h, H));
 }
 
 // Device: stages rows r and r1 of `channels` planes (each h x w, plane stride
 // h * w, starting at `planes`), columns [j0, j0 + ns), times `scale`, into
-// raw[(c * 2 + row) * ns_max + jj]. In-block indices are ints (a block's
-// shared memory holds them). The caller synchronises.
+// raw[(c * 2 + row) * ns_max + jj]; the last tile (ns == nj < ns_max) also
+// gets a copy of its last column at jj = ns, so that i1 = min(i0 + 1, w - 1)
+// is always at i0 + 1 (see staged_column). In-block indices are ints (a
+// block's shared memory holds them). The caller synchronises.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_rows(const scalar_t* __restrict__ planes, int64_t channels, const StagedTile& t,
                                            int64_t h, int64_t w, acc_t scale, int64_t ns_max, acc_t* raw) {
   const int ns = static_cast<int>(t.ns), per_channel = 2 * ns, total = static_cast<int>(channels) * per_channel;
   const scalar_t* top = planes + t.r * w + t.j0;
   const int64_t bottom_offset = (t.r1 - t.r) * w, plane = h * w;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int c = e / per_channel, rest = e - c * per_channel;
+  StridedDivMod crest(per_channel);
+  for (int e = threadIdx.x; e < total; e += blockDim.x, crest.next()) {
+    const int c = crest.q, rest = crest.r;
     const int row = rest >= ns ? 1 : 0, jj = rest - row * ns;
     const scalar_t v = top[c * plane + (row ? bottom_offset : 0) + jj];
-    raw[(c * 2 + row) * static_cast<int>(ns_max) + jj] = static_cast<acc_t>(v) * scale;
+    acc_t* at = raw + (c * 2 + row) * static_cast<int>(ns_max) + jj;
+    at[0] = static_cast<acc_t>(v) * scale;
+    if (jj + 1 == ns && t.ns == t.nj) at[1] = at[0];  // the clamped column past the end
   }
 }
 
 // Device, one thread: the horizontal interpolation of one staged channel at an
-// output column with local source indices i0, i1 and weight lx: (top value,
-// bottom - top), so that row y's value is fma(ly, .y, .x).
+// output column with local source index i0 (i1 is at i0 + 1, see stage_rows)
+// and weight lx: (top value, bottom - top), so that row y's value is
+// fma(ly, .y, .x). Fixed offsets from one address: no index arithmetic.
 template <typename acc_t>
-__device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, int i1,
-                                                      acc_t lx) {
-  const acc_t* bottom = raw_channel + static_cast<int>(ns_max);
-  const acc_t top = lerp(raw_channel[i0], raw_channel[i1], lx);
+__device__ __forceinline__ TwoOf<acc_t> staged_column(const acc_t* raw_channel, int64_t ns_max, int i0, acc_t lx) {
+  const acc_t* at = raw_channel + i0;
+  const acc_t* bottom = at + static_cast<int>(ns_max);
+  const acc_t top = lerp(at[0], at[1], lx);
   TwoOf<acc_t> v;
   v.x = top;
-  v.y = lerp(bottom[i0], bottom[i1], lx) - top;
+  v.y = lerp(bottom[0], bottom[1], lx) - top;
   return v;
 }
 
@@ -252,62 +296,80 @@ __device__ __forceinline__ void accumulate_rows(TwoOf<acc_t>& slot, acc_t sum, a
   }
 }
 
+// Shared accumulators of a block's horizontal adjoint: see
+// limits::staged_hacc_size (common/kernel_limits.h).
+using limits::staged_hacc_size;
+
 // Device, after a barrier: the horizontal adjoint of one chunk of output
 // columns [cx0, cx1). gacc[c * nx + (x - cx0)] holds column x's gradient sums
-// (top row, bottom row) of channel c, colw[x - cx0] its lambda. Adds into
-// hacc[(c * 2 + top|bottom) * ns_max + jj] for the staged columns, each in a
-// fixed order: first the columns reaching j0 + jj through i1 (lambda), then
-// those whose i0 it is (1 - lambda, + lambda at the clamped last column).
+// (top row, bottom row) of channel c, colw[x - cx0] its lambda. One work item
+// per (channel, source column j0 + jj < j0 + nj) sums its columns in
+// increasing x into hacc (see staged_hacc_size): each column read once, as
+// sum g and sum lambda g; own = sum g - sum lambda g. `first`: the block's
+// first chunk, which sets the entries instead of adding to them.
 template <typename acc_t>
 __device__ __forceinline__ void staged_adjoint(const StagedTile& t, int64_t channels, int64_t w, int cx0, int cx1,
                                                int nx, const int* colstart, const TwoOf<acc_t>* gacc,
-                                               const acc_t* colw, int64_t ns_max, acc_t* hacc) {
-  const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
-  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
-    const int c = e / ns, jj = e - c * ns;
+                                               const acc_t* colw, int64_t ns_max, acc_t* hacc, bool first) {
+  const int nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max), ch = static_cast<int>(channels);
+  acc_t* next = hacc + ch * 2 * stride;
+  StridedDivMod cjj(nj);
+  for (int e = threadIdx.x; e < ch * nj; e += blockDim.x, cjj.next()) {
+    const int c = cjj.q, jj = cjj.r;
     const TwoOf<acc_t>* gc = gacc + c * nx - cx0;
     const acc_t* wc = colw - cx0;
-    acc_t st = 0, sb = 0;
-    if (jj > 0) {  // columns whose i0 is the previous source column
-      const int lo = colstart[jj - 1] > cx0 ? colstart[jj - 1] : cx0;
-      const int hi = colstart[jj] < cx1 ? colstart[jj] : cx1;
-      for (int x = lo; x < hi; ++x) {
-        st += wc[x] * gc[x].x;
-        sb += wc[x] * gc[x].y;
-      }
+    const int lo = colstart[jj] > cx0 ? colstart[jj] : cx0;
+    const int hi = colstart[jj + 1] < cx1 ? colstart[jj + 1] : cx1;
+    acc_t gt = 0, gb = 0, lt = 0, lb = 0;  // sum g, sum lambda g (top, bottom)
+#pragma unroll 2
+    for (int x = lo; x < hi; ++x) {
+      const TwoOf<acc_t> gx = gc[x];
+      gt += gx.x;
+      gb += gx.y;
+      lt += wc[x] * gx.x;
+      lb += wc[x] * gx.y;
     }
-    if (jj < nj) {
-      const bool clamped = t.j0 + jj == w - 1;  // i1 == i0: both weights land here
-      const int lo = colstart[jj] > cx0 ? colstart[jj] : cx0;
-      const int hi = colstart[jj + 1] < cx1 ? colstart[jj + 1] : cx1;
-      for (int x = lo; x < hi; ++x) {
-        const acc_t wx = clamped ? static_cast<acc_t>(1) : static_cast<acc_t>(1) - wc[x];
-        st += wx * gc[x].x;
-        sb += wx * gc[x].y;
-      }
+    const acc_t split = t.j0 + jj == w - 1 ? static_cast<acc_t>(0) : static_cast<acc_t>(1);
+    const int top = (c * 2) * stride + jj, bottom = top + stride;
+    if (first) {
+      hacc[top] = gt - split * lt;
+      hacc[bottom] = gb - split * lb;
+      next[top] = split * lt;
+      next[bottom] = split * lb;
+    } else {
+      hacc[top] += gt - split * lt;
+      hacc[bottom] += gb - split * lb;
+      next[top] += split * lt;
+      next[bottom] += split * lb;
     }
-    hacc[(c * 2 + 0) * stride + jj] += st;
-    hacc[(c * 2 + 1) * stride + jj] += sb;
   }
 }
 
-// Device: the block's sums into its main and spill slots (see the top comment).
+// Device: the block's sums into its main and spill slots (see the top
+// comment): source column j0 + jj gets next[jj - 1] + own[jj] (own[nj] is 0),
+// or 0 when no chunk ran (`written` false: no output pixel in the block).
 template <typename acc_t>
 __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t channels, int64_t h, int64_t w,
-                                                   int64_t tiles, const acc_t* hacc, int64_t ns_max,
+                                                   int64_t tiles, const acc_t* hacc, int64_t ns_max, bool written,
                                                    acc_t* __restrict__ part_main, acc_t* __restrict__ part_spill) {
   const int ns = static_cast<int>(t.ns), nj = static_cast<int>(t.nj), stride = static_cast<int>(ns_max);
-  acc_t* main_top = part_main + ((t.b * h + t.r) * 2) * channels * w + t.j0;  // then + tb * channels * w + c * w
+  const int ch = static_cast<int>(channels), wi = static_cast<int>(w), ti = static_cast<int>(tiles);
+  const acc_t* next = hacc + ch * 2 * stride;
+  // offsets within the block's slots are ints (staged_gather_grid); then + tb * channels * w + c * w
+  acc_t* main_top = part_main + ((t.b * h + t.r) * 2) * channels * w + t.j0;
   acc_t* spill_top = part_spill + ((t.b * h + t.r) * 2) * channels * tiles + t.tile;
-  for (int e = threadIdx.x; e < static_cast<int>(channels) * ns; e += blockDim.x) {
-    const int c = e / ns, jj = e - c * ns;
+  StridedDivMod cjj(nj);
+  for (int e = threadIdx.x; e < ch * nj; e += blockDim.x, cjj.next()) {  // main slots
+    const int c = cjj.q, jj = cjj.r;
     for (int tb = 0; tb < 2; ++tb) {
-      const acc_t v = hacc[(c * 2 + tb) * stride + jj];
-      if (jj < nj) {
-        main_top[(tb * channels + c) * w + jj] = v;
-      } else {
-        spill_top[(tb * channels + c) * tiles] = v;
-      }
+      const int at = (c * 2 + tb) * stride + jj;
+      const acc_t v = jj > 0 ? next[at - 1] + hacc[at] : hacc[at];
+      main_top[(tb * ch + c) * wi + jj] = written ? v : static_cast<acc_t>(0);
+    }
+  }
+  if (ns > nj) {  // the spill column jj = nj
+    for (int e = threadIdx.x; e < 2 * ch; e += blockDim.x) {  // e = c * 2 + tb
+      spill_top[((e & 1) * ch + (e >> 1)) * ti] = written ? next[e * stride + nj - 1] : static_cast<acc_t>(0);
     }
   }
 }
@@ -317,38 +379,42 @@ __device__ __forceinline__ void staged_write_slots(const StagedTile& t, int64_t 
 // the same from the previous tile's spill when j starts a tile. Fixed order.
 // Grid: x = chunks of kGatherThreads columns, y = row i, z = plane b * C + c
 // (staged_gather_grid checks the limits), so no index needs a division but
-// the block's b = z / C.
+// b = z / C and the tile j / tj, both small_div's.
 constexpr int kGatherThreads = 128;
 
 // Device: the fixed-order sum of element (plane, i, j)'s slots.
 template <typename acc_t>
 __device__ __forceinline__ acc_t staged_gather_sum(const acc_t* __restrict__ part_main,
-                                                   const acc_t* __restrict__ part_spill, int64_t C, int h, int w,
-                                                   int tj, int64_t tiles, int64_t plane, int i, int j) {
-  const int64_t b = plane / C, c = plane - b * C;
-  // slot (row group, top|bottom) of this (b, c): ((b * h + row) * 2 + tb) * C + c
-  const int64_t top = ((b * h + i) * 2) * C + c, up = top - C;  // (i, top); (i - 1, bottom); (i, bottom) = top + C
-  acc_t v = part_main[top * w + j];
-  if (i > 0) v += part_main[up * w + j];
-  if (i == h - 1) v += part_main[(top + C) * w + j];
-  const int prev = j / tj - 1;
+                                                   const acc_t* __restrict__ part_spill, int C, int h, int w,
+                                                   int tj, int tiles, int plane, int i, int j) {
+  const int b = small_div(plane, C), c = plane - b * C;
+  // slot (row group, top|bottom) of this (b, c): ((b * h + row) * 2 + tb) * C + c; the
+  // offsets from (i, top) to (i - 1, bottom) and (i, bottom) are ints (staged_gather_grid)
+  const int64_t top = (static_cast<int64_t>(b * h + i) * 2) * C + c;
+  const acc_t* slot = part_main + top * w + j;
+  const int up = -C * w, down = C * w;
+  acc_t v = slot[0];
+  if (i > 0) v += slot[up];
+  if (i == h - 1) v += slot[down];
+  const int prev = small_div(j, tj) - 1;
   if (j > 0 && j == (prev + 1) * tj) {
-    v += part_spill[top * tiles + prev];
-    if (i > 0) v += part_spill[up * tiles + prev];
-    if (i == h - 1) v += part_spill[(top + C) * tiles + prev];
+    const acc_t* spill = part_spill + top * tiles + prev;
+    v += spill[0];
+    if (i > 0) v += spill[-C * tiles];
+    if (i == h - 1) v += spill[C * tiles];
   }
   return v;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kGatherThreads)
-    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int64_t C,
-                         int h, int w, int tj, int64_t tiles, scalar_t* __restrict__ grad) {
+    staged_gather_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill, int C,
+                         int h, int w, int tj, int tiles, scalar_t* __restrict__ grad) {
   const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
   if (j >= w) return;
-  const int64_t plane = blockIdx.z;
-  const int i = blockIdx.y;
-  grad[(plane * h + i) * w + j] = static_cast<scalar_t>(staged_gather_sum(part_main, part_spill, C, h, w, tj, tiles, plane, i, j));
+  const int plane = blockIdx.z, i = blockIdx.y;
+  grad[(static_cast<int64_t>(plane) * h + i) * w + j] =
+      static_cast<scalar_t>(staged_gather_sum(part_main, part_spill, C, h, w, tj, tiles, plane, i, j));
 }
 
 // The same, each sum divided by *divisor when that is > 0 (a count computed on
@@ -357,21 +423,22 @@ __global__ void __launch_bounds__(kGatherThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kGatherThreads)
     staged_gather_divided_kernel(const acc_t* __restrict__ part_main, const acc_t* __restrict__ part_spill,
-                                 int64_t C, int h, int w, int tj, int64_t tiles,
+                                 int C, int h, int w, int tj, int tiles,
                                  const int64_t* __restrict__ divisor, scalar_t* __restrict__ grad) {
   const int j = static_cast<int>(blockIdx.x) * kGatherThreads + static_cast<int>(threadIdx.x);
   if (j >= w) return;
-  const int64_t plane = blockIdx.z;
-  const int i = blockIdx.y;
+  const int plane = blockIdx.z, i = blockIdx.y;
   acc_t v = staged_gather_sum(part_main, part_spill, C, h, w, tj, tiles, plane, i, j);
   const int64_t d = *divisor;
   if (d > 0) v /= static_cast<acc_t>(d);
-  grad[(plane * h + i) * w + j] = static_cast<scalar_t>(v);
+  grad[(static_cast<int64_t>(plane) * h + i) * w + j] = static_cast<scalar_t>(v);
 }
 
-// Host: the gather's grid, or false when the shape exceeds it.
+// Host: the gather's grid, or false when the shape exceeds it (or a column
+// index exceeds small_div's range, or a block's slot offsets, below
+// 2 * planes * w, would not be ints).
 inline bool staged_gather_grid(int64_t planes, int64_t h, int64_t w, dim3& grid) {
-  if (planes > 65535 || h > 65535 || w >= (int64_t{1} << 30)) return false;
+  if (planes > 65535 || h > 65535 || w >= (int64_t{1} << 22) || 2 * planes * w >= (int64_t{1} << 31)) return false;
   grid = dim3(static_cast<unsigned>(ceil_div(w, kGatherThreads)), static_cast<unsigned>(h),
               static_cast<unsigned>(planes));
   return true;
@@ -434,14 +501,14 @@ void launch_staged_gather(const at::Tensor& part_main, const at::Tensor& part_sp
   dim3 grid;
   const bool fits = staged_gather_grid(grad.size(0) * grad.size(1), grad.size(2), grad.size(3), grid);
   TORCH_INTERNAL_ASSERT(fits, "a staged configuration admitted a plane the gather cannot take");
-  const int64_t C = grad.size(1);
-  const int h = static_cast<int>(grad.size(2)), w = static_cast<int>(grad.size(3)), tj = static_cast<int>(cfg.tj);
+  const int C = static_cast<int>(grad.size(1)), h = static_cast<int>(grad.size(2)), w = static_cast<int>(grad.size(3));
+  const int tj = static_cast<int>(cfg.tj), tiles = static_cast<int>(cfg.tiles);
   if (divisor == nullptr) {
     FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_kernel<scalar_t, acc_t>)(
-        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, cfg.tiles, grad.template data_ptr<scalar_t>());
+        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, tiles, grad.template data_ptr<scalar_t>());
   } else {
     FADA_LAUNCH(grid, kGatherThreads, 0, stream, staged_gather_divided_kernel<scalar_t, acc_t>)(
-        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, cfg.tiles, divisor,
+        part_main.template data_ptr<acc_t>(), part_spill.template data_ptr<acc_t>(), C, h, w, tj, tiles, divisor,
         grad.template data_ptr<scalar_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
