@@ -238,7 +238,7 @@ def test_training_initialised_from_an_official_checkpoint(tmp_path):
     assert sd2.iteration == 1
 
 
-def test_init_loads_the_official_discriminator_when_present(tmp_path):
+def test_init_loads_the_official_discriminator_when_present(tmp_path, capsys):
     """init_from an official adversarial checkpoint: its model_D becomes stage 2's discriminator
     (init_discriminator=auto); a stage-1 checkpoint has none (D starts afresh, or an error under
     init_discriminator=require); init_discriminator=skip never loads it."""
@@ -257,7 +257,9 @@ def test_init_loads_the_official_discriminator_when_present(tmp_path):
         return T.build_models(_tiny_cfg("adv", tmp_path, f"init_from={tmp_path / init}", *overrides), "adv", cpu)[2]
 
     torch.testing.assert_close(discriminator("adv.pth")(x), d_o(x))
+    assert "discriminator: loaded from" in capsys.readouterr().out  # said, not silent
     fresh = discriminator("src.pth").state_dict()
+    assert "discriminator: new (random init)" in capsys.readouterr().out
     assert not torch.equal(fresh["source_head.weight"], discriminator("adv.pth").state_dict()["source_head.weight"])
     skipped = discriminator("adv.pth", "init_discriminator=skip").state_dict()
     assert all(torch.equal(fresh[k], skipped[k]) for k in fresh)

@@ -263,12 +263,17 @@ def _discriminator_to_init(cfg: Dict[str, Any], init: Dict[str, Any], discrimina
     """``discriminator`` when it is to be loaded from the ``init_from`` checkpoint too (its
     ``discriminator``, or an official checkpoint's ``model_D``), as ``init_discriminator`` says."""
     mode, key = cfg["init_discriminator"], "model_D" if M.is_official_checkpoint(init) else "discriminator"
-    if discriminator is None or mode == "skip" or (mode == "auto" and key not in init):
+    if discriminator is None:
         return None
-    if key not in init:
+    if mode == "require" and key not in init:
         raise ValueError(f"init_discriminator=require, but init_from={cfg['init_from']!r} has no {key!r} entry "
                          f"(keys: {sorted(init)}); a stage-1 checkpoint has none: use init_discriminator=auto")
-    return discriminator
+    load = mode != "skip" and key in init
+    if D.is_main():  # say which discriminator training starts from: loaded or freshly initialised
+        why = f"its {key!r} entry" if load else ("init_discriminator=skip" if mode == "skip" else f"no {key!r} entry")
+        print(f"discriminator: {'loaded from' if load else 'new (random init);'} init_from={cfg['init_from']!r} "
+              f"({why})", flush=True)
+    return discriminator if load else None
 
 
 def _wrap_ddp(module: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
