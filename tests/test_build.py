@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from fada_core import _build
+from fada_core import _build, _compile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,31 +68,31 @@ def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
 
 
 def test_sources_and_flags():
-    cpu = _build.sources(with_cuda=False)
-    cuda = _build.sources(with_cuda=True)
+    cpu = _compile.sources(with_cuda=False)
+    cuda = _compile.sources(with_cuda=True)
     assert cpu[0].endswith("fada_core.cpp")
     # the kernel sources are compiled through one wrapper per instruction set, not on their own
-    names = [os.path.relpath(s, _build.CSRC) for s in cpu]
+    names = [os.path.relpath(s, _compile.CSRC) for s in cpu]
     assert {"cpu/dispatch.cpp", "cpu/isa/default.cpp", "cpu/isa/avx2.cpp", "cpu/isa/avx512.cpp"} <= set(names)
     assert not any(s.endswith("_kernel.cpp") for s in cpu)
     assert not any(s.endswith(".cu") for s in cpu)
     assert any(s.endswith("class_stats_kernel.cu") for s in cuda) and set(cpu) <= set(cuda)
-    assert not any(f.startswith("-march") for f in _build.compile_args(False)["cxx"])  # one library, every CPU
-    assert _build.build_directory(False) != _build.build_directory(True)
-    assert "--use_fast_math" not in _build.compile_args(True)["nvcc"]
-    assert "-v" in _build.compile_args(True, ptxas_verbose=True)["nvcc"]
-    assert "-v" not in _build.compile_args(True)["nvcc"]
+    assert not any(f.startswith("-march") for f in _compile.compile_args(False)["cxx"])  # one library, every CPU
+    assert _compile.build_directory(False) != _compile.build_directory(True)
+    assert "--use_fast_math" not in _compile.compile_args(True)["nvcc"]
+    assert "-v" in _compile.compile_args(True, ptxas_verbose=True)["nvcc"]
+    assert "-v" not in _compile.compile_args(True)["nvcc"]
 
 
 def test_cuda_decision_without_gpu(monkeypatch):
     if torch.cuda.is_available() or torch.version.cuda is None:
         pytest.skip("needs a CUDA build of torch with no GPU visible")
     monkeypatch.delenv("FADA_CORE_FORCE_CUDA", raising=False)
-    include, reason = _build.cuda_decision()
+    include, reason = _compile.cuda_decision()
     assert not include and "FADA_CORE_FORCE_CUDA" in reason
     monkeypatch.setenv("FADA_CORE_FORCE_CUDA", "1")
-    include, reason = _build.cuda_decision()
-    assert include == (_build.cuda_home() is not None)
+    include, reason = _compile.cuda_decision()
+    assert include == (_compile.cuda_home() is not None)
 
 
 def test_import_does_not_load_kernels():
