@@ -7,7 +7,7 @@ By default the install is pure Python and the kernels are JIT-built on first use
 
 (``--no-build-isolation`` so the extension is compiled against the installed
 torch). The result is the library the JIT build gives (same sources and
-flags, fada_core/_build.py): CPU kernels for every instruction set, picked at
+flags, fada_core/_compile.py): CPU kernels for every instruction set, picked at
 run time, so no ``-march=native`` is needed. The CUDA sources are included when
 a GPU is visible or ``FADA_CORE_FORCE_CUDA=1``; with no GPU visible
 ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0+PTX".
@@ -15,19 +15,18 @@ a GPU is visible or ``FADA_CORE_FORCE_CUDA=1``; with no GPU visible
 
 import importlib.util
 import os
-import sys
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name):
+def _flag(name):  # (as fada_core._compile.env_flag, which needs torch to import)
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _load_build():
-    """fada_core/_build.py (sources, flags and toolkit lookup, shared with the JIT
+def _load_compile():
+    """fada_core/_compile.py (sources, flags and toolkit lookup, shared with the JIT
     build), loaded without importing the package; None without FADA_CORE_BUILD_EXT=1."""
     if not _flag("FADA_CORE_BUILD_EXT"):
         return None
@@ -38,14 +37,13 @@ def _load_build():
             "FADA_CORE_BUILD_EXT=1 needs torch at build time: install torch first and run pip "
             "with --no-build-isolation"
         ) from exc
-    spec = importlib.util.spec_from_file_location("_fada_core_build", os.path.join(HERE, "fada_core", "_build.py"))
+    spec = importlib.util.spec_from_file_location("_fada_core_compile", os.path.join(HERE, "fada_core", "_compile.py"))
     build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build  # (dataclasses look their module up there)
     spec.loader.exec_module(build)
     return build
 
 
-build = _load_build()
+build = _load_compile()
 if build is None:
     setup()
 else:
@@ -54,4 +52,4 @@ else:
         print(f"fada_core: building the CPU kernels only ({reason})")
     if with_cuda:
         build.use_cuda_toolkit()
-    setup(ext_modules=[build.extension(with_cuda)], cmdclass={"build_ext": build._cpp_extension().BuildExtension})
+    setup(ext_modules=[build.extension(with_cuda)], cmdclass={"build_ext": build.cpp_extension().BuildExtension})

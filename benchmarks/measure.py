@@ -198,6 +198,130 @@ def cpu_memory(jobs: List[Dict], threads: int, workdir: str, timeout: float = 18
 # ----------------------------------------------------------------------------- one case
 
 
+class _CaseRun:
+    """The variants of one case under measurement, and the pool of inputs they run on. ``fns`` holds
+    the variants still in the race: one that fails a step leaves it, its record saying where."""
+
+    def __init__(self, case: V.Case, variants: Sequence[V.Variant], device: str, repeats: int):
+        self.case, self.op, self.full, self.device = case, case.op, FULL_MODE[case.op], device
+        self.records: Dict[str, Dict] = {}
+        self.fns: Dict[str, Callable] = {}
+        for v in variants:
+            self.records[v.name] = {
+                "op": self.op, "case": case.as_dict(), "case_name": case.name, "variant": v.name, "label": v.label,
+                "baseline": v.baseline, "status": "ok", "loadavg_at_start": loadavg()}
+            try:
+                self.fns[v.name] = v.build(case, device)
+            except V.Unavailable as exc:
+                self.records[v.name]["status"] = f"unavailable ({exc})"
+            except Exception as exc:
+                self.records[v.name]["status"] = f"error ({type(exc).__name__}: {exc})"[:400]
+        self.pool = [V.make_inputs(case, device, seed=1000 + i) for i in range(pool_size(case, repeats))]
+
+    def attempt(self, name: str, stage: str, step: Callable[[Callable], None]) -> None:
+        """``step(fn)`` for variant ``name``; an exception drops the variant, naming ``stage``."""
+        try:
+            step(self.fns[name])
+        except Exception as exc:
+            self.records[name]["status"] = f"error in {stage} ({type(exc).__name__}: {str(exc)[:300]})"
+            del self.fns[name]
+
+    def call(self, fn: Callable, x: Dict[str, torch.Tensor], mode: str) -> float:
+        """Seconds taken by one call of ``fn`` on inputs ``x``, their gradients reset first."""
+        reset_grads(self.op, x)
+        return timed(self.device, lambda: run(self.op, fn, x, mode))
+
+    def warm_up(self, warmup: int) -> None:
+        """The first calls; a compiled variant's first includes its compilation (``first_call_s``)."""
+        def step(name: str, fn: Callable) -> None:
+            for i in range(max(1, warmup)):
+                t = self.call(fn, self.pool[i % len(self.pool)], self.full)
+                if i == 0:
+                    self.records[name]["first_call_s"] = t
+
+        for name in list(self.fns):
+            self.attempt(name, "warm-up", lambda fn: step(name, fn))
+
+    def check_correctness(self) -> None:
+        """Errors against float64, and bitwise repeatability (the same input twice)."""
+        x, key = self.pool[0], V.GRAD_KEY[self.op]
+        ref = V.reference(self.case, x)
+
+        def twice(fn: Callable) -> List[tuple]:
+            outs = []
+            for _ in range(2):
+                reset_grads(self.op, x)
+                out = run(self.op, fn, x, self.full)
+                grad = x[key].grad.detach().clone() if key else None
+                outs.append((out.detach() if isinstance(out, torch.Tensor) else out, grad))
+            return outs
+
+        def step(record: Dict, fn: Callable) -> None:
+            (out, grad), (out2, grad2) = twice(fn)
+            record["errors"] = V.errors(self.case, out, grad, ref)
+            record["bitwise_repeatable"] = V.same_bits(out, out2) and (not key or bool(torch.equal(grad, grad2)))
+
+        for name in list(self.fns):
+            self.attempt(name, "correctness check", lambda fn: step(self.records[name], fn))
+        reset_grads(self.op, x)
+
+    def measure_cuda_memory(self) -> None:
+        for name in list(self.fns):
+            self.attempt(name, "memory", lambda fn: self.records[name].update(
+                extra_peak_mb=cuda_extra_peak_mb(self.op, fn, self.pool[0], self.full)))
+
+    def time_rounds(self, repeats: int, budget_s: float, min_repeats: int) -> Dict[str, Dict[str, List[float]]]:
+        """Interleaved timing rounds: ``{variant: {mode: seconds of each call}}``."""
+        modes = MODES[self.op]
+        samples: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in modes} for n in self.fns}
+        counter = 0
+        order_rng = random.Random(f"{self.case}")
+        t_start = time.perf_counter()
+        for rnd in range(repeats):
+            if budget_s > 0 and rnd >= min_repeats and time.perf_counter() - t_start > budget_s:
+                break
+            for mode in modes:
+                # A fresh (seeded) order every round, so that no variant always runs
+                # right after the same one: a variant that leaves hundreds of MB of
+                # dirty cache lines and freed pages behind slows whatever comes next.
+                # (Rotating A B C -> B C A keeps every neighbour: C still follows B.)
+                names = list(self.fns)
+                order_rng.shuffle(names)
+                for name in names:
+                    if name not in self.fns:
+                        continue
+                    x = self.pool[counter % len(self.pool)]
+                    counter += 1
+                    self.attempt(name, f"timing {mode}", lambda fn: samples[name][mode].append(self.call(fn, x, mode)))
+            for x in self.pool:
+                reset_grads(self.op, x)
+        return samples
+
+    def summarize(self, samples: Dict[str, Dict[str, List[float]]], compiled: Sequence[str]) -> None:
+        """Each surviving variant's ``time``; ``compile_s`` (first call minus the median) for ``compiled``."""
+        for name, per_mode in samples.items():
+            if name not in self.fns:
+                continue
+            rec = self.records[name]
+            rec["time"] = {m: summarize(s) for m, s in per_mode.items() if s}
+            if "first_call_s" in rec and self.full in rec["time"] and name in compiled:
+                rec["compile_s"] = rec["first_call_s"] - rec["time"][self.full]["median_ms"] / 1e3
+
+    def release(self) -> None:
+        """Free the variants and inputs before the next case is measured."""
+        self.fns.clear()
+        self.pool.clear()
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def log(self, log: Callable[[str], None]) -> None:
+        for rec in self.records.values():
+            t = rec.get("time", {}).get(self.full)
+            log(f"  {rec['variant']:<12} "
+                + (f"{self.full} {t['median_ms']:9.2f} ms (IQR {t['iqr_ms']:.2f})" if t else rec["status"]))
+
+
 def measure_case(
     case: V.Case,
     variants: Sequence[V.Variant],
@@ -213,118 +337,17 @@ def measure_case(
     ``budget_s`` > 0 stops the timing rounds once they have taken that long, after at least
     ``min_repeats`` rounds (the sample count ``n`` is in each summary).
     """
-    op = case.op
-    modes = MODES[op]
-    full = FULL_MODE[op]
-    records: Dict[str, Dict] = {}
-    fns: Dict[str, Callable] = {}
-    for v in variants:
-        rec = {"op": op, "case": case.as_dict(), "case_name": case.name, "variant": v.name, "label": v.label,
-               "baseline": v.baseline, "status": "ok", "loadavg_at_start": loadavg()}
-        records[v.name] = rec
-        try:
-            fns[v.name] = v.build(case, device)
-        except V.Unavailable as exc:
-            rec["status"] = f"unavailable ({exc})"
-        except Exception as exc:
-            rec["status"] = f"error ({type(exc).__name__}: {exc})"[:400]
-
-    pool = [V.make_inputs(case, device, seed=1000 + i) for i in range(pool_size(case, repeats))]
-
-    def drop(name: str, exc: BaseException, stage: str) -> None:
-        records[name]["status"] = f"error in {stage} ({type(exc).__name__}: {str(exc)[:300]})"
-        fns.pop(name, None)
-
-    # Warm-up; the first call of a compiled variant includes its compilation.
-    for name in list(fns):
-        for i in range(max(1, warmup)):
-            x = pool[i % len(pool)]
-            reset_grads(op, x)
-            try:
-                t = timed(device, lambda: run(op, fns[name], x, full))
-            except Exception as exc:
-                drop(name, exc, "warm-up")
-                break
-            if i == 0:
-                records[name]["first_call_s"] = t
-
-    # Errors against float64 and bitwise repeatability (same input twice).
-    if op != "train_step":
-        x = pool[0]
-        ref = V.reference(case, x)
-        key = V.GRAD_KEY[op]
-        for name in list(fns):
-            try:
-                outs = []
-                for _ in range(2):
-                    reset_grads(op, x)
-                    out = run(op, fns[name], x, full)
-                    grad = x[key].grad.detach().clone() if key else None
-                    outs.append((out.detach() if isinstance(out, torch.Tensor) else out, grad))
-                records[name]["errors"] = V.errors(case, outs[0][0], outs[0][1], ref)
-                same = V.same_bits(outs[0][0], outs[1][0])
-                if key:
-                    same = same and bool(torch.equal(outs[0][1], outs[1][1]))
-                records[name]["bitwise_repeatable"] = same
-            except Exception as exc:
-                drop(name, exc, "correctness check")
-        reset_grads(op, x)
-        del ref
-
+    case_run = _CaseRun(case, variants, device, repeats)
+    case_run.warm_up(warmup)
+    if case.op != "train_step":
+        case_run.check_correctness()
     if device == "cuda":
-        for name in list(fns):
-            try:
-                records[name]["extra_peak_mb"] = cuda_extra_peak_mb(op, fns[name], pool[0], full)
-            except Exception as exc:
-                drop(name, exc, "memory")
-
-    # Interleaved timing rounds.
-    samples: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in modes} for n in fns}
-    counter = 0
-    order_rng = random.Random(f"{case}")
-    t_start = time.perf_counter()
-    for rnd in range(repeats):
-        if budget_s > 0 and rnd >= min_repeats and time.perf_counter() - t_start > budget_s:
-            break
-        for mode in modes:
-            # A fresh (seeded) order every round, so that no variant always runs
-            # right after the same one: a variant that leaves hundreds of MB of
-            # dirty cache lines and freed pages behind slows whatever comes next.
-            # (Rotating A B C -> B C A keeps every neighbour: C still follows B.)
-            names = list(fns)
-            order_rng.shuffle(names)
-            for name in names:
-                if name not in fns:
-                    continue
-                x = pool[counter % len(pool)]
-                counter += 1
-                reset_grads(op, x)
-                try:
-                    samples[name][mode].append(timed(device, lambda: run(op, fns[name], x, mode)))
-                except Exception as exc:
-                    drop(name, exc, f"timing {mode}")
-        for x in pool:
-            reset_grads(op, x)
-    for name, per_mode in samples.items():
-        if name not in fns:
-            continue
-        rec = records[name]
-        rec["time"] = {m: summarize(s) for m, s in per_mode.items() if s}
-        if "first_call_s" in rec and full in rec["time"]:
-            if next(v for v in variants if v.name == name).compiled:
-                rec["compile_s"] = rec["first_call_s"] - rec["time"][full]["median_ms"] / 1e3
-    fns.clear()
-    del pool
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    for rec in records.values():
-        t = rec.get("time", {}).get(full)
-        log(
-            f"  {rec['variant']:<12} "
-            + (f"{full} {t['median_ms']:9.2f} ms (IQR {t['iqr_ms']:.2f})" if t else rec["status"])
-        )
-    return list(records.values())
+        case_run.measure_cuda_memory()
+    samples = case_run.time_rounds(repeats, budget_s, min_repeats)
+    case_run.summarize(samples, compiled=[v.name for v in variants if v.compiled])
+    case_run.release()
+    case_run.log(log)
+    return list(case_run.records.values())
 
 
 # ----------------------------------------------------------------------------- environment

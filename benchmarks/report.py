@@ -6,7 +6,7 @@ Speedups are ratios of medians measured in the same run, same case, same mode.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 OP_TITLES = {
     "loss": "FADA soft-label loss (discriminator logits 2K channels, soft labels from K seg logits)",
@@ -192,62 +192,49 @@ def _env_lines(result: Dict) -> List[str]:
     return out
 
 
-def _status_row(r: Dict, ncols: int) -> str:
-    return f"| | {r['label']} | {r['status']} |" + " |" * (ncols - 3)
+def _table(columns: Sequence[str], cases: Dict[str, List[Dict]], cells: Callable[[Dict], List[str]]) -> List[str]:
+    """A markdown table: a bold row per case, then one per variant: its label and ``cells(record)``,
+    or its status when it has no timings (it failed or is unavailable)."""
+    n = len(columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * n]
+    for name, rows in cases.items():
+        lines.append(f"| **{name}** |" + " |" * (n - 1))
+        for r in rows:
+            if "time" not in r:
+                lines.append(f"| | {r['label']} | {r['status']} |" + " |" * (n - 3))
+            else:
+                lines.append(f"| | {r['label']} | " + " | ".join(cells(r)) + " |")
+    return lines
 
 
 def _loss_table(cases: Dict[str, List[Dict]]) -> List[str]:
-    head = ("| shape | variant | fwd ms [IQR] | fwd+bwd ms [IQR] | fwd+bwd speedup vs official | vs compile "
-            "| extra peak MB | err value | err grad (rel) | same bits |")
-    lines = [head, "|" + "---|" * 10]
-    for name, rows in cases.items():
-        lines.append(f"| **{name}** |" + " |" * 9)
-        for r in rows:
-            if "time" not in r:
-                lines.append(_status_row(r, 10))
-                continue
-            sp = r.get("speedup", {}).get("fwdbwd", {})
-            e = r.get("errors", {})
-            lines.append(
-                f"| | {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ms(r, 'fwdbwd')} | {_fmt_ratio(sp.get('vs_official'))} "
-                f"| {_fmt_ratio(sp.get('vs_compile'))} | {_fmt_mb(r.get('extra_peak_mb'))} | {_fmt_err(e.get('value_abs'))} "
-                f"| {_fmt_err(e.get('grad_rel'))} | {_yes(r.get('bitwise_repeatable'))} |"
-            )
-    return lines
+    def cells(r: Dict) -> List[str]:
+        sp, e = r.get("speedup", {}).get("fwdbwd", {}), r.get("errors", {})
+        return [_fmt_ms(r, "fwd"), _fmt_ms(r, "fwdbwd"), _fmt_ratio(sp.get("vs_official")),
+                _fmt_ratio(sp.get("vs_compile")), _fmt_mb(r.get("extra_peak_mb")), _fmt_err(e.get("value_abs")),
+                _fmt_err(e.get("grad_rel")), _yes(r.get("bitwise_repeatable"))]
+
+    return _table(("shape", "variant", "fwd ms [IQR]", "fwd+bwd ms [IQR]", "fwd+bwd speedup vs official",
+                   "vs compile", "extra peak MB", "err value", "err grad (rel)", "same bits"), cases, cells)
 
 
 def _stats_table(cases: Dict[str, List[Dict]]) -> List[str]:
-    head = ("| shape | variant | ms [IQR] | x read floor | speedup vs index_add | extra peak MB "
-            "| err means (abs) | err m2 (rel) | same bits |")
-    lines = [head, "|" + "---|" * 9]
-    for name, rows in cases.items():
-        lines.append(f"| **{name}** |" + " |" * 8)
-        for r in rows:
-            if "time" not in r:
-                lines.append(_status_row(r, 9))
-                continue
-            sp = r.get("speedup", {}).get("fwd", {})
-            e = r.get("errors", {})
-            lines.append(
-                f"| | {r['label']} | {_fmt_ms(r, 'fwd')} | {_fmt_ratio(sp.get('x_read_floor'))} "
-                f"| {_fmt_ratio(sp.get('vs_index_add'))} | {_fmt_mb(r.get('extra_peak_mb'))} "
-                f"| {_fmt_err(e.get('means_abs'))} | {_fmt_err(e.get('m2_rel'))} | {_yes(r.get('bitwise_repeatable'))} |"
-            )
-    return lines
+    def cells(r: Dict) -> List[str]:
+        sp, e = r.get("speedup", {}).get("fwd", {}), r.get("errors", {})
+        return [_fmt_ms(r, "fwd"), _fmt_ratio(sp.get("x_read_floor")), _fmt_ratio(sp.get("vs_index_add")),
+                _fmt_mb(r.get("extra_peak_mb")), _fmt_err(e.get("means_abs")), _fmt_err(e.get("m2_rel")),
+                _yes(r.get("bitwise_repeatable"))]
+
+    return _table(("shape", "variant", "ms [IQR]", "x read floor", "speedup vs index_add", "extra peak MB",
+                   "err means (abs)", "err m2 (rel)", "same bits"), cases, cells)
 
 
 def _train_table(cases: Dict[str, List[Dict]]) -> List[str]:
-    lines = ["| case | variant | step ms [IQR] | speedup vs official | extra peak MB |", "|" + "---|" * 5]
-    for name, rows in cases.items():
-        lines.append(f"| **{name}** |" + " |" * 4)
-        for r in rows:
-            if "time" not in r:
-                lines.append(_status_row(r, 5))
-                continue
-            sp = r.get("speedup", {}).get("step", {})
-            lines.append(f"| | {r['label']} | {_fmt_ms(r, 'step')} | {_fmt_ratio(sp.get('vs_official'))} "
-                         f"| {_fmt_mb(r.get('extra_peak_mb'))} |")
-    return lines
+    def cells(r: Dict) -> List[str]:
+        return [_fmt_ms(r, "step"), _fmt_ratio(r.get("speedup", {}).get("step", {}).get("vs_official")),
+                _fmt_mb(r.get("extra_peak_mb"))]
+
+    return _table(("case", "variant", "step ms [IQR]", "speedup vs official", "extra peak MB"), cases, cells)
 
 
 def _yes(x) -> str:

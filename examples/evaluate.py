@@ -93,6 +93,63 @@ def _gt_files(dataset):
     return [base.samples[base.indices[i]].label for i in indices]
 
 
+def _label_id_output(args, dataset, num_classes):
+    """``(label_id_dir, trainId -> label-ID LUT)`` with --save-label-ids, else ``(None, None)``; and
+    whether --official-check can run."""
+    label_id_dir = lut = None
+    if args.save_label_ids:
+        id_lut = _label_lut(dataset)
+        if id_lut is None:
+            raise SystemExit("--save-label-ids: the data set has no label-ID look-up table")
+        lut = E.invert_lut(id_lut, num_classes)
+        label_id_dir = os.path.join(args.output, "label_ids")
+    if args.official_check and not args.save_label_ids:
+        raise SystemExit("--official-check needs --save-label-ids")
+    if args.official_check and _base(dataset).__class__.__name__ != "CityscapesDataset":
+        raise SystemExit("--official-check works on Cityscapes-layout data only")
+    return label_id_dir, lut
+
+
+def _report(result, args, dataset, names, scales, seconds, label_id_dir):
+    """Rank 0, after the evaluation: the table and timing on stdout, the official cross-check if asked,
+    and the files under --output."""
+    print(E.format_table(result, names))
+    thirteen = E.miou13(result, names)  # SYNTHIA protocol: mIoU16 and mIoU* of the 16-class model
+    if thirteen is not None:
+        result.extra["mIoU13"] = thirteen
+    print(f"time: {seconds:.1f} s ({seconds / max(result.num_images, 1):.3f} s/image)")
+    if args.official_check:
+        # evaluate() all-reduces after every rank has written its PNGs, so all are on disk here
+        result.extra["official"] = official = E.cityscapes_official_scores(label_id_dir, _gt_files(dataset))
+        print(f"cityscapesscripts mIoU {100.0 * official['mIoU']:.2f} %   (this evaluation: "
+              f"{100.0 * result.miou:.2f} %, difference {100.0 * abs(official['mIoU'] - result.miou):.2e} %)")
+    E.write_results_csv(result, names, os.path.join(args.output, "results.csv"))
+    np.savetxt(os.path.join(args.output, "confusion.csv"), result.confusion, fmt="%d", delimiter=",",
+               header=",".join(names))
+    with open(os.path.join(args.output, "summary.json"), "w") as handle:
+        json.dump(_summary(result, args, names, scales, seconds), handle, indent=2)
+    plot.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
+                            miou=result.miou, colors=E.default_palette(len(names)),
+                            title=f"Per-class IoU — {os.path.basename(args.checkpoint)}")
+    print(f"wrote {args.output}/results.csv, confusion.csv, summary.json, per_class_iou.png"
+          + (f", predictions/ ({min(args.save_images, result.num_images)} images)" if args.save_images else "")
+          + (", label_ids/" if label_id_dir else ""))
+
+
+def _summary(result, args, names, scales, seconds):
+    """summary.json: the settings, the scores (a NaN IoU as null) and the time taken."""
+    summary = {"checkpoint": os.path.abspath(args.checkpoint), "images": result.num_images,
+               "flip": args.flip, "scales": list(scales), "mIoU": result.miou, "mAcc": result.macc,
+               "allAcc": result.allacc,
+               "iou": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, result.iou)},
+               "seconds": seconds}
+    if "mIoU13" in result.extra:
+        summary["mIoU13"] = result.extra["mIoU13"]
+    if "official" in result.extra:
+        summary["cityscapesscripts_mIoU"] = result.extra["official"]["mIoU"]
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, distributed = E.setup_device(args.device)
@@ -102,19 +159,7 @@ def main(argv=None):
     names = E.class_names_for(num_classes)
     dataset, loader = E.eval_data_from_args(cfg, args, device, distributed)
     scales = tuple(args.scales) if args.scales else (E.MULTI_SCALES if args.multi_scale else (1.0,))
-
-    label_id_dir = lut = None
-    if args.save_label_ids:
-        id_lut = _label_lut(dataset)
-        if id_lut is None:
-            raise SystemExit("--save-label-ids: the data set has no label-ID look-up table")
-        lut = E.invert_lut(id_lut, num_classes)
-        label_id_dir = os.path.join(args.output, "label_ids")
-
-    if args.official_check and not args.save_label_ids:
-        raise SystemExit("--official-check needs --save-label-ids")
-    if args.official_check and _base(dataset).__class__.__name__ != "CityscapesDataset":
-        raise SystemExit("--official-check works on Cityscapes-layout data only")
+    label_id_dir, lut = _label_id_output(args, dataset, num_classes)
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
         print(f"checkpoint: {args.checkpoint}\nimages: {len(dataset)}   classes: {num_classes}   "
@@ -128,36 +173,7 @@ def main(argv=None):
                         label_id_dir=label_id_dir, trainid_to_labelid=lut, amp=args.amp)
     seconds = time.time() - start
     if rank == 0:
-        print(E.format_table(result, names))
-        thirteen = E.miou13(result, names)  # SYNTHIA protocol: mIoU16 and mIoU* of the 16-class model
-        if thirteen is not None:
-            result.extra["mIoU13"] = thirteen
-        print(f"time: {seconds:.1f} s ({seconds / max(result.num_images, 1):.3f} s/image)")
-        if args.official_check:
-            # evaluate() all-reduces after every rank has written its PNGs, so all are on disk here
-            result.extra["official"] = official = E.cityscapes_official_scores(label_id_dir, _gt_files(dataset))
-            print(f"cityscapesscripts mIoU {100.0 * official['mIoU']:.2f} %   (this evaluation: "
-                  f"{100.0 * result.miou:.2f} %, difference {100.0 * abs(official['mIoU'] - result.miou):.2e} %)")
-        E.write_results_csv(result, names, os.path.join(args.output, "results.csv"))
-        np.savetxt(os.path.join(args.output, "confusion.csv"), result.confusion, fmt="%d", delimiter=",",
-                   header=",".join(names))
-        summary = {"checkpoint": os.path.abspath(args.checkpoint), "images": result.num_images,
-                   "flip": args.flip, "scales": list(scales), "mIoU": result.miou, "mAcc": result.macc,
-                   "allAcc": result.allacc,
-                   "iou": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, result.iou)},
-                   "seconds": seconds}
-        if "mIoU13" in result.extra:
-            summary["mIoU13"] = result.extra["mIoU13"]
-        if "official" in result.extra:
-            summary["cityscapesscripts_mIoU"] = result.extra["official"]["mIoU"]
-        with open(os.path.join(args.output, "summary.json"), "w") as handle:
-            json.dump(summary, handle, indent=2)
-        plot.plot_per_class_iou(result.iou, names, os.path.join(args.output, "per_class_iou.png"),
-                                miou=result.miou, colors=E.default_palette(num_classes),
-                                title=f"Per-class IoU — {os.path.basename(args.checkpoint)}")
-        print(f"wrote {args.output}/results.csv, confusion.csv, summary.json, per_class_iou.png"
-              + (f", predictions/ ({min(args.save_images, result.num_images)} images)" if args.save_images else "")
-              + (", label_ids/" if label_id_dir else ""))
+        _report(result, args, dataset, names, scales, seconds, label_id_dir)
     if distributed:
         dist.destroy_process_group()
     return result

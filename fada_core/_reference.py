@@ -91,7 +91,11 @@ def soft_label_cross_entropy(
     is ``mean(weight · Σ_c −y_c log p_c)`` over all B·H·W pixels. Every loss
     here is returned in the dtype it is computed in: float32 for half inputs.
     """
-    log_p = F.log_softmax(opmath(logits), dim=1)
+    return _soft_label_nll(F.log_softmax(opmath(logits), dim=1), soft_label, weight, reduction)
+
+
+def _soft_label_nll(log_p: Tensor, soft_label: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    """Σ_c −y_c · log_p_c per pixel, times the pixel weight if any, then reduced."""
     per_pixel = -(soft_label.to(log_p.dtype) * log_p).sum(dim=1)
     if weight is not None:
         per_pixel = per_pixel * weight.to(per_pixel.dtype)
@@ -117,12 +121,9 @@ def fada_loss(
     """
     num_classes = seg_logits.shape[1]
     log_p = F.log_softmax(upsample(opmath(disc_logits), size, align_corners), dim=1)
-    a = _soft_labels_opmath(seg_logits, temperature, cap, size, align_corners).to(log_p.dtype)
+    a = _soft_labels_opmath(seg_logits, temperature, cap, size, align_corners)
     half = log_p[:, :num_classes] if domain == "source" else log_p[:, num_classes:]
-    per_pixel = -(a * half).sum(dim=1)
-    if weight is not None:
-        per_pixel = per_pixel * weight.to(per_pixel.dtype)
-    return _reduce(per_pixel, reduction)
+    return _soft_label_nll(half, a, weight, reduction)
 
 
 def upsampled_cross_entropy(

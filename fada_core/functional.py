@@ -116,6 +116,15 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _KERNEL_DTYPES else torch.float32
 
 
+def _run_loss_op(name: str, reduction: str, logits: Tensor, *args) -> Tensor:
+    """The loss of operator ``torch.ops.fada_core.<name>(logits, *args)``. Training with a mean or
+    sum (``logits`` needs a gradient), its ``<name>_with_grad`` form computes the loss and that
+    gradient in one pass (one launch on the CUDA fast path); the backward then only scales it."""
+    with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
+    out = getattr(torch.ops.fada_core, f"{name}_with_grad" if with_grad else name)(logits, *args)
+    return out[0] if with_grad else out
+
+
 def _check_label_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """Labels in [0, K) or ignore_index, checked on the host (one sync). The CUDA kernels check on
     the device instead (no sync; see :func:`check_label_errors`)."""
@@ -323,11 +332,9 @@ def fada_loss(
         )
 
     dtype = _kernel_dtype(torch.promote_types(disc_logits.dtype, seg_logits.dtype))
-    # Training with a mean or sum: the loss and its gradient in one pass (one
-    # launch on the CUDA fast path); the backward then only scales it.
-    with_grad = reduction != "none" and disc_logits.requires_grad and torch.is_grad_enabled()
-    op = torch.ops.fada_core.fada_loss_with_grad if with_grad else torch.ops.fada_core.fada_loss
-    out = op(
+    loss = _run_loss_op(
+        "fada_loss",
+        reduction,
         disc_logits.to(dtype),
         seg_logits.detach().to(dtype),
         _DOMAIN_CODES[domain],
@@ -341,7 +348,7 @@ def fada_loss(
     )
     # the kernels return the loss in float32 for half inputs already; this
     # only matters for mixed dtypes (float32 disc, float64 seg: float32, as eager)
-    return (out[0] if with_grad else out).to(_reference.opmath_dtype(disc_logits.dtype))
+    return loss.to(_reference.opmath_dtype(disc_logits.dtype))
 
 
 def upsampled_cross_entropy(
@@ -392,13 +399,9 @@ def upsampled_cross_entropy(
         return _reference.upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners)
     if labels.device.type != "cuda":
         _check_label_range(labels, logits.shape[1], ignore_index)
-    dtype = _kernel_dtype(logits.dtype)
-    # Training with a mean or sum: the loss and its gradient in one pass (one
-    # launch on the CUDA fast path); the backward then only scales it.
-    with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
-    op = torch.ops.fada_core.upsampled_cross_entropy_with_grad if with_grad else torch.ops.fada_core.upsampled_cross_entropy
-    out = op(logits.to(dtype), labels.long(), temperature, ignore_index, _REDUCTION_CODES[reduction], align_corners)
-    return out[0] if with_grad else out  # float32 for half logits
+    logits = logits.to(_kernel_dtype(logits.dtype))
+    return _run_loss_op("upsampled_cross_entropy", reduction, logits, labels.long(), temperature, ignore_index,
+                        _REDUCTION_CODES[reduction], align_corners)  # float32 for half logits
 
 
 # --------------------------------------------------------------------------- class centers

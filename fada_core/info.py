@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from fada_core import _build
+from fada_core import _build, _compile
 
 
 def _version_line(cmd: List[str], containing: str = "") -> Optional[str]:
@@ -39,7 +39,7 @@ def _version_line(cmd: List[str], containing: str = "") -> Optional[str]:
 
 def _ninja_version() -> Optional[str]:
     try:
-        _build.ensure_ninja()  # (finds the pip package's ninja next to the interpreter, as a build does)
+        _compile.ensure_ninja()  # (finds the pip package's ninja next to the interpreter, as a build does)
     except RuntimeError:
         return None
     return _version_line(["ninja", "--version"])
@@ -48,7 +48,7 @@ def _ninja_version() -> Optional[str]:
 def status() -> Dict[str, Any]:
     """What a user has: versions, toolchain, and whether and which kernels are loaded
     (:func:`fada_core._build.status`). Loads nothing."""
-    home = _build.cuda_home()
+    home = _compile.cuda_home()
     with_gpu = torch.cuda.is_available()
     return {
         "python": sys.version.split()[0],
@@ -61,7 +61,7 @@ def status() -> Dict[str, Any]:
         "cxx": _version_line([os.environ.get("CXX", "c++"), "--version"]),
         "ninja": _ninja_version(),
         "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST")
-        or (None if with_gpu else f"{_build.DEFAULT_CUDA_ARCH_LIST} (default)"),
+        or (None if with_gpu else f"{_compile.DEFAULT_CUDA_ARCH_LIST} (default)"),
         **_build.status(),
     }
 

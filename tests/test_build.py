@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from fada_core import _build
+from fada_core import _build, _compile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,31 +68,31 @@ def test_status_after_load_lists_the_class_stats_kernel(kernel_ops):
 
 
 def test_sources_and_flags():
-    cpu = _build.sources(with_cuda=False)
-    cuda = _build.sources(with_cuda=True)
+    cpu = _compile.sources(with_cuda=False)
+    cuda = _compile.sources(with_cuda=True)
     assert cpu[0].endswith("fada_core.cpp")
     # the kernel sources are compiled through one wrapper per instruction set, not on their own
-    names = [os.path.relpath(s, _build.CSRC) for s in cpu]
+    names = [os.path.relpath(s, _compile.CSRC) for s in cpu]
     assert {"cpu/dispatch.cpp", "cpu/isa/default.cpp", "cpu/isa/avx2.cpp", "cpu/isa/avx512.cpp"} <= set(names)
     assert not any(s.endswith("_kernel.cpp") for s in cpu)
     assert not any(s.endswith(".cu") for s in cpu)
     assert any(s.endswith("class_stats_kernel.cu") for s in cuda) and set(cpu) <= set(cuda)
-    assert not any(f.startswith("-march") for f in _build.compile_args(False)["cxx"])  # one library, every CPU
-    assert _build.build_directory(False) != _build.build_directory(True)
-    assert "--use_fast_math" not in _build.compile_args(True)["nvcc"]
-    assert "-v" in _build.compile_args(True, ptxas_verbose=True)["nvcc"]
-    assert "-v" not in _build.compile_args(True)["nvcc"]
+    assert not any(f.startswith("-march") for f in _compile.compile_args(False)["cxx"])  # one library, every CPU
+    assert _compile.build_directory(False) != _compile.build_directory(True)
+    assert "--use_fast_math" not in _compile.compile_args(True)["nvcc"]
+    assert "-v" in _compile.compile_args(True, ptxas_verbose=True)["nvcc"]
+    assert "-v" not in _compile.compile_args(True)["nvcc"]
 
 
 def test_cuda_decision_without_gpu(monkeypatch):
     if torch.cuda.is_available() or torch.version.cuda is None:
         pytest.skip("needs a CUDA build of torch with no GPU visible")
     monkeypatch.delenv("FADA_CORE_FORCE_CUDA", raising=False)
-    include, reason = _build.cuda_decision()
+    include, reason = _compile.cuda_decision()
     assert not include and "FADA_CORE_FORCE_CUDA" in reason
     monkeypatch.setenv("FADA_CORE_FORCE_CUDA", "1")
-    include, reason = _build.cuda_decision()
-    assert include == (_build.cuda_home() is not None)
+    include, reason = _compile.cuda_decision()
+    assert include == (_compile.cuda_home() is not None)
 
 
 def test_import_does_not_load_kernels():
@@ -113,6 +113,7 @@ def test_disable_kernels_env_falls_back_to_eager():
     proc = _run_python(
         """
         import warnings
+        import pytest
         import torch
         import fada_core
         import fada_core.functional as FF
@@ -122,12 +123,8 @@ def test_disable_kernels_env_falls_back_to_eager():
             assert _build.kernels_available("cpu") is False
             assert _build.kernels_available("cpu", "class_center_stats") is False
         assert "FADA_CORE_DISABLE_KERNELS" in _build.failure_reason()
-        try:
+        with pytest.raises(RuntimeError, match="FADA_CORE_DISABLE_KERNELS"):
             _build.load()
-        except RuntimeError as exc:
-            assert "FADA_CORE_DISABLE_KERNELS" in str(exc)
-        else:
-            raise AssertionError("load() must raise when kernels are disabled")
         f = torch.randn(2, 3, 4, 5)
         y = torch.randint(0, 3, (2, 4, 5))
         s = FF.class_center_stats(f, y, 3, backend="auto")
@@ -136,12 +133,8 @@ def test_disable_kernels_env_falls_back_to_eager():
         ccd = fada_core.ClassCenterDistance(3, backend="auto")
         ccd.update(f, y)
         assert ccd.compute().present.all()
-        try:
+        with pytest.raises(RuntimeError, match="FADA_CORE_DISABLE_KERNELS"):
             FF.class_center_stats(f, y, 3, backend="kernel")
-        except RuntimeError as exc:
-            assert "FADA_CORE_DISABLE_KERNELS" in str(exc)
-        else:
-            raise AssertionError("backend='kernel' must raise when kernels are disabled")
         assert not any(n.startswith("fada_core::") for n in torch._C._dispatch_get_all_op_names())
         print("ok")
         """,
@@ -157,6 +150,7 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     proc = _run_python(
         """
         import warnings
+        import pytest
         import torch
         import fada_core.functional as FF
         from fada_core import _build
@@ -172,12 +166,8 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
         assert s.counts.tolist() == [9.0, 0.0]
         reason = _build.failure_reason()
         assert reason and "failed" in reason
-        try:
+        with pytest.raises(RuntimeError, match="failed"):
             FF.class_center_stats(f, y, 2, backend="kernel")
-        except RuntimeError as exc:
-            assert "failed" in str(exc)
-        else:
-            raise AssertionError("backend='kernel' must raise with the reason")
         assert _build.status()["failure"] == reason
         print("ok")
         """,

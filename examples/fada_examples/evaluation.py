@@ -406,6 +406,67 @@ def _unpack(batch):
     return image, label, names
 
 
+@contextlib.contextmanager
+def _eval_mode(*models):
+    """The models in eval mode for the block, then back in the mode each had."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was_training):
+            m.train(training)
+
+
+class _PredictionWriter:
+    """Writes predictions as PNGs: the first ``limit`` colour-coded under ``pred_dir`` (None: none),
+    and, given a trainId -> label-ID LUT, every one as a Cityscapes label-ID PNG under ``label_id_dir``."""
+
+    def __init__(self, pred_dir: Optional[str], limit: int, palette: np.ndarray,
+                 label_id_dir: Optional[str], trainid_to_labelid: Optional[np.ndarray]):
+        self.pred_dir, self.limit, self.palette, self.saved = pred_dir, limit, palette, 0
+        if pred_dir is not None:
+            os.makedirs(pred_dir, exist_ok=True)
+        self.label_id_dir, self.lut = label_id_dir, None
+        if label_id_dir is not None and trainid_to_labelid is not None:
+            mapping = np.asarray(trainid_to_labelid)
+            self.lut = np.full(256, 0, dtype=np.uint8)
+            self.lut[: len(mapping)] = mapping
+
+    def write(self, pred: torch.Tensor, names: Optional[Sequence[str]], rank: int, first_index: int) -> None:
+        """The (B, H, W) trainId maps ``pred``, named ``names`` or else by rank and running index."""
+        if self.pred_dir is None and self.lut is None:
+            return
+        pred_np = pred.to(torch.uint8).cpu().numpy()
+        for i in range(pred_np.shape[0]):
+            name = str(names[i]) if names is not None else f"{rank:02d}_{first_index + i:06d}"
+            if self.pred_dir is not None and self.saved < self.limit:
+                path = os.path.join(self.pred_dir, os.path.splitext(safe_name(name))[0] + ".png")
+                colorize_prediction(pred_np[i], self.palette).save(path)
+                self.saved += 1
+            if self.lut is not None:
+                path = os.path.join(self.label_id_dir, os.path.splitext(name)[0] + ".png")
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                Image.fromarray(self.lut[pred_np[i]]).save(path)
+
+
+def _with_progress(loader, progress: bool, desc: str, rank: int):
+    """``(iterable, set_postfix)``: a tqdm bar over ``loader`` on rank 0 (set_postfix None elsewhere)."""
+    if not progress or tqdm is None:
+        return loader, None
+    bar = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True)
+    return bar, bar.set_postfix if rank == 0 else None
+
+
+def _sum_over_ranks(confusion: torch.Tensor, images_seen: int) -> int:
+    """Sums ``confusion`` (in place) and the image counts over the process group; the total count."""
+    dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+    seen = torch.tensor([images_seen], dtype=torch.int64, device=confusion.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.SUM)
+    return int(seen.item())
+
+
 @torch.no_grad()
 def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
              flip: bool = False, scales: Sequence[float] = (1.0,), output_dir: Optional[str] = None,
@@ -432,68 +493,31 @@ def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
     """
     device = torch.device(device)
     rank, world = _dist_info(distributed)
-    was_training = (feature_extractor.training, classifier.training)
-    feature_extractor.eval()
-    classifier.eval()
-    if palette is None:
-        palette = default_palette(num_classes)
-    pred_dir = None
-    if output_dir is not None and num_images_to_save > 0 and rank == 0:
-        pred_dir = os.path.join(output_dir, "predictions")
-        os.makedirs(pred_dir, exist_ok=True)
-    lut = None
-    if label_id_dir is not None and trainid_to_labelid is not None:
-        lut = np.full(256, 0, dtype=np.uint8)
-        mapping = np.asarray(trainid_to_labelid)
-        lut[: len(mapping)] = mapping
-
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    saved = 0
-    images_seen = 0
-    iterator = loader
-    show_postfix = False
-    step = 0
-    if progress and tqdm is not None:
-        iterator = tqdm(loader, desc=desc, unit="batch", disable=rank != 0, dynamic_ncols=True)
-        show_postfix = rank == 0
-    try:
-        for batch in iterator:
+    with _eval_mode(feature_extractor, classifier):
+        save = output_dir is not None and num_images_to_save > 0 and rank == 0
+        writer = _PredictionWriter(os.path.join(output_dir, "predictions") if save else None, num_images_to_save,
+                                   default_palette(num_classes) if palette is None else palette,
+                                   label_id_dir, trainid_to_labelid)
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        images_seen = 0
+        batches, set_postfix = _with_progress(loader, progress, desc, rank)
+        for step, batch in enumerate(batches):
             image, label, names = _unpack(batch)
             image = image.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True).long()
-            prob = predict_probabilities(feature_extractor, classifier, image, label.shape[-2:],
-                                         flip=flip, scales=scales, amp=amp)
-            pred = prob.argmax(dim=1)
+            pred = predict_probabilities(feature_extractor, classifier, image, label.shape[-2:],
+                                         flip=flip, scales=scales, amp=amp).argmax(dim=1)
             confusion += confusion_matrix(pred, label, num_classes, ignore_index, check=False)
+            if set_postfix is not None and step % 10 == 0:
+                pixel_acc = 100.0 * float(confusion.diag().sum()) / max(float(confusion.sum()), 1.0)
+                set_postfix(pixel_acc=f"{pixel_acc:.1f}%")
+            writer.write(pred, names, rank, first_index=images_seen)
             images_seen += image.shape[0]
-            if show_postfix and (step % 10 == 0):
-                iterator.set_postfix(pixel_acc=f"{100.0 * float(confusion.diag().sum()) / max(float(confusion.sum()), 1.0):.1f}%")
-            step += 1
-            if pred_dir is None and lut is None:
-                continue
-            pred_np = pred.to(torch.uint8).cpu().numpy()
-            for i in range(pred_np.shape[0]):
-                name = names[i] if names is not None else f"{rank:02d}_{images_seen - pred_np.shape[0] + i:06d}"
-                if pred_dir is not None and saved < num_images_to_save:
-                    path = os.path.join(pred_dir, os.path.splitext(safe_name(str(name)))[0] + ".png")
-                    colorize_prediction(pred_np[i], palette).save(path)
-                    saved += 1
-                if lut is not None:
-                    path = os.path.join(label_id_dir, os.path.splitext(str(name))[0] + ".png")
-                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                    Image.fromarray(lut[pred_np[i]]).save(path)
-    finally:
-        feature_extractor.train(was_training[0])
-        classifier.train(was_training[1])
-
     if world > 1:
-        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
-        seen = torch.tensor([images_seen], dtype=torch.int64, device=device)
-        dist.all_reduce(seen, op=dist.ReduceOp.SUM)
-        images_seen = int(seen.item())
+        images_seen = _sum_over_ranks(confusion, images_seen)
     result = scores_from_confusion(confusion, num_images=images_seen)
-    if pred_dir is not None:
-        result.extra["predictions_dir"] = pred_dir
+    if writer.pred_dir is not None:
+        result.extra["predictions_dir"] = writer.pred_dir
     return result
 
 

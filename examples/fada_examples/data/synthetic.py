@@ -17,6 +17,8 @@ temporary sibling folder and renamed into place, so concurrent callers (DDP rank
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -48,13 +50,42 @@ def _rect(lab: np.ndarray, x0: float, y0: float, x1: float, y1: float, value: in
         lab[ya:yb, xa:xb] = value
 
 
-def draw_scene(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """One street scene as an (H, W) uint8 map of Cityscapes label IDs."""
-    W, H = width, height
-    lab = np.full((H, W), SKY, dtype=np.uint8)
-    horizon = int(H * rng.uniform(0.40, 0.52))
+@dataclasses.dataclass
+class _Street:
+    """A scene's perspective: depth ``t`` runs from 0 at the horizon to 1 at the bottom row, and the
+    road (centred at ``cx``) and its sidewalks widen with it."""
 
-    # Skyline: buildings (sometimes a wall at their foot), trees, gaps of sky.
+    width: int
+    height: int
+    horizon: int
+    cx: float
+
+    def row(self, t):
+        return self.horizon + t * (self.height - self.horizon)
+
+    def road_half(self, t):
+        return self.width * (0.03 + 0.55 * t)
+
+    def sidewalk(self, t):
+        return self.width * (0.02 + 0.18 * t)
+
+
+def draw_scene(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """One street scene as an (H, W) uint8 map of Cityscapes label IDs: sky, skyline, ground, poles,
+    then people and vehicles (the random draws in that order: the data's bytes depend on it)."""
+    lab = np.full((height, width), SKY, dtype=np.uint8)
+    horizon = int(height * rng.uniform(0.40, 0.52))
+    _draw_skyline(lab, rng, horizon)
+    street = _Street(width, height, horizon, cx=width * rng.uniform(0.4, 0.6))
+    _draw_ground(lab, street)
+    _draw_poles(lab, rng, street)
+    _draw_traffic(lab, rng, street)
+    return lab
+
+
+def _draw_skyline(lab: np.ndarray, rng: np.random.Generator, horizon: int) -> None:
+    """Buildings (sometimes a wall at their foot), trees, gaps of sky; sometimes a fence."""
+    H, W = lab.shape
     x = 0
     while x < W:
         bw = int(W * rng.uniform(0.08, 0.22)) + 1
@@ -70,54 +101,52 @@ def draw_scene(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
         fx = W * rng.uniform(0.0, 0.6)
         _rect(lab, fx, horizon - H * 0.05, fx + W * rng.uniform(0.15, 0.4), horizon, FENCE)
 
-    # Ground in perspective: road in the middle, sidewalks, terrain outside.
-    cx = W * rng.uniform(0.4, 0.6)
-    ys = np.arange(horizon, H)
-    t = (ys - horizon + 1) / max(1, H - horizon)
-    road_half = W * (0.03 + 0.55 * t)
-    walk = W * (0.02 + 0.18 * t)
-    xs = np.arange(W)[None, :]
-    dist = np.abs(xs - cx)
+
+def _draw_ground(lab: np.ndarray, street: _Street) -> None:
+    """Below the horizon: road in the middle, sidewalks, terrain outside."""
+    H, W = lab.shape
+    t = (np.arange(street.horizon, H) - street.horizon + 1) / max(1, H - street.horizon)
+    road_half = street.road_half(t)
+    dist = np.abs(np.arange(W)[None, :] - street.cx)
     ground = np.where(dist <= road_half[:, None], ROAD,
-                      np.where(dist <= (road_half + walk)[:, None], SIDEWALK, TERRAIN))
-    lab[horizon:] = ground.astype(np.uint8)
+                      np.where(dist <= (road_half + street.sidewalk(t))[:, None], SIDEWALK, TERRAIN))
+    lab[street.horizon:] = ground.astype(np.uint8)
 
-    def depth_row(tt: float) -> float:
-        return horizon + tt * (H - horizon)
 
-    # Poles on the sidewalks, carrying a sign or a light.
+def _draw_poles(lab: np.ndarray, rng: np.random.Generator, street: _Street) -> None:
+    """Poles in the middle of the sidewalks, each carrying a sign or a light."""
+    H, W = lab.shape
     for _ in range(int(rng.integers(1, 4))):
-        tt = rng.uniform(0.2, 0.8)
+        t = rng.uniform(0.2, 0.8)
         side = rng.choice([-1.0, 1.0])
-        base = depth_row(tt)
-        px = cx + side * (W * (0.03 + 0.55 * tt) + W * (0.02 + 0.18 * tt) * 0.5)
-        pw = max(1.0, W * 0.012 * (0.5 + tt))
-        ph = H * (0.25 + 0.35 * tt)
+        base = street.row(t)
+        px = street.cx + side * (street.road_half(t) + street.sidewalk(t) * 0.5)
+        pw = max(1.0, W * 0.012 * (0.5 + t))
+        ph = H * (0.25 + 0.35 * t)
         _rect(lab, px - pw / 2, base - ph, px + pw / 2, base, POLE)
         s = pw * 3.5
         _rect(lab, px - s / 2, base - ph - s * 0.8, px + s / 2, base - ph + s * 0.2,
               SIGN if rng.random() < 0.6 else LIGHT)
 
-    # People on the sidewalks, vehicles on the road (far to near).
-    objects = []
-    for _ in range(int(rng.integers(0, 3))):
-        objects.append(("person", rng.uniform(0.15, 0.9)))
+
+def _draw_traffic(lab: np.ndarray, rng: np.random.Generator, street: _Street) -> None:
+    """People on the sidewalks, cars and buses on the road, drawn far to near (near ones in front)."""
+    W = lab.shape[1]
+    objects = [("person", rng.uniform(0.15, 0.9)) for _ in range(int(rng.integers(0, 3)))]
     for _ in range(int(rng.integers(1, 4))):
         objects.append(("bus" if rng.random() < 0.15 else "car", rng.uniform(0.1, 0.9)))
-    for kind, tt in sorted(objects, key=lambda o: o[1]):
-        base = depth_row(tt)
-        rh, ww = W * (0.03 + 0.55 * tt), W * (0.02 + 0.18 * tt)
+    for kind, t in sorted(objects, key=lambda o: o[1]):
+        base, road_half = street.row(t), street.road_half(t)
         if kind == "person":
             side = rng.choice([-1.0, 1.0])
-            px = cx + side * (rh + ww * rng.uniform(0.2, 0.8))
-            pw = max(1.0, W * 0.02 * (0.4 + tt))
+            px = street.cx + side * (road_half + street.sidewalk(t) * rng.uniform(0.2, 0.8))
+            pw = max(1.0, W * 0.02 * (0.4 + t))
             _rect(lab, px - pw / 2, base - pw * 3.2, px + pw / 2, base, PERSON)
         else:
-            vx = cx + rng.uniform(-0.7, 0.7) * rh
-            vw = W * (0.05 + 0.2 * tt) * (1.6 if kind == "bus" else 1.0)
+            vx = street.cx + rng.uniform(-0.7, 0.7) * road_half
+            vw = W * (0.05 + 0.2 * t) * (1.6 if kind == "bus" else 1.0)
             vh = vw * (0.9 if kind == "bus" else 0.55)
             _rect(lab, vx - vw / 2, base - vh, vx + vw / 2, base, BUS if kind == "bus" else CAR)
-    return lab
 
 
 _CS_COLORS = np.zeros((256, 3), dtype=np.float64)
@@ -171,24 +200,39 @@ def _palette_png(label_ids: np.ndarray) -> Image.Image:
 
 
 def _write(root: str, params: dict) -> None:
-    w, h = params["size"]
-    seed = params["seed"]
+    """The source set, the target set and the source's class lists under ``root``; the marker last."""
+    from .datasets import GTA5Dataset
+    from .sampling import class_lists_cache_name, compute_class_lists, save_class_lists
+
     src = os.path.join(root, "gta5")
+    _write_source(src, params)
+    _write_target(os.path.join(root, "cityscapes"), params)
+    save_class_lists(compute_class_lists(GTA5Dataset(src)), os.path.join(src, class_lists_cache_name(19)))
+    with open(os.path.join(root, _MARKER), "w", encoding="utf-8") as f:
+        json.dump(params, f, indent=1, sort_keys=True)
+
+
+def _write_source(src: str, params: dict) -> None:
+    """GTA5 layout: ``images/00001.png`` and palette-PNG ``labels/00001.png``."""
+    w, h = params["size"]
     os.makedirs(os.path.join(src, "images"))
     os.makedirs(os.path.join(src, "labels"))
     for i in range(params["num_source"]):
-        rng = np.random.default_rng([seed, 0, i])
+        rng = np.random.default_rng([params["seed"], 0, i])
         lab = draw_scene(rng, w, h)
         name = f"{i + 1:05d}.png"
-        Image.fromarray(render(lab, rng, "source"), mode="RGB").save(
-            os.path.join(src, "images", name))
+        Image.fromarray(render(lab, rng, "source"), mode="RGB").save(os.path.join(src, "images", name))
         _palette_png(lab).save(os.path.join(src, "labels", name))
-    tgt = os.path.join(root, "cityscapes")
+
+
+def _write_target(tgt: str, params: dict) -> None:
+    """Cityscapes layout, train and val splits, with the ego-vehicle band at the bottom."""
+    w, h = params["size"]
     for split, count, cities, code in (("train", params["num_target_train"], _TRAIN_CITIES, 1),
                                        ("val", params["num_target_val"], _VAL_CITIES, 2)):
         for i in range(count):
             city = cities[i % len(cities)]
-            rng = np.random.default_rng([seed, code, i])
+            rng = np.random.default_rng([params["seed"], code, i])
             lab = draw_scene(rng, w, h)
             lab[int(h * 0.93):] = EGO
             stem = f"{city}_{i:06d}_000019"
@@ -200,17 +244,57 @@ def _write(root: str, params: dict) -> None:
                 os.path.join(img_dir, f"{stem}_leftImg8bit.png"))
             Image.fromarray(lab, mode="L").save(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"))
 
-    from .datasets import GTA5Dataset
-    from .sampling import class_lists_cache_name, compute_class_lists, save_class_lists
-
-    save_class_lists(compute_class_lists(GTA5Dataset(src)), os.path.join(src, class_lists_cache_name(19)))
-    with open(os.path.join(root, _MARKER), "w", encoding="utf-8") as f:
-        json.dump(params, f, indent=1, sort_keys=True)
-
 
 def _paths(root: str) -> dict:
     return {"source": os.path.join(root, "gta5"), "target": os.path.join(root, "cityscapes"),
             "class_lists": os.path.join(root, "gta5", "class_lists_19.json")}
+
+
+def _checked_params(num_source, num_target_train, num_target_val, size, seed) -> dict:
+    """The arguments as the marker file records them; ValueError on a count < 1 or a side < 16."""
+    params = {"version": SYNTHETIC_VERSION, "num_source": int(num_source),
+              "num_target_train": int(num_target_train), "num_target_val": int(num_target_val),
+              "size": [int(size[0]), int(size[1])], "seed": int(seed)}
+    if min(params["num_source"], params["num_target_train"], params["num_target_val"]) < 1:
+        raise ValueError(f"every image count must be >= 1, got {params}")
+    if min(params["size"]) < 16:
+        raise ValueError(f"size must be at least (16, 16), got {tuple(size)}")
+    return params
+
+
+def _finished(root: str, params: dict) -> bool:
+    """Whether ``root`` holds finished synthetic data made with ``params`` (ValueError: other params)."""
+    marker = os.path.join(root, _MARKER)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker, "r", encoding="utf-8") as f:
+        found = json.load(f)
+    if found != params:
+        raise ValueError(f"{root} already holds synthetic data made with {found}, not "
+                         f"{params}; pass another root or delete it")
+    return True
+
+
+def _write_then_rename(root: str, params: dict) -> None:
+    """Write into a temporary sibling of ``root`` and rename it into place, so that a reader never sees
+    half the data; when another process renamed its copy first, that copy is used if it matches."""
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(tmp)
+        _write(tmp, params)
+        if os.path.isdir(root):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)  # empty: make room for the rename
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _finished(root, params):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_synthetic_data(root: str, *, num_source: int = 24, num_target_train: int = 16,
@@ -232,52 +316,11 @@ def make_synthetic_data(root: str, *, num_source: int = 24, num_target_train: in
         ValueError: ``root`` holds synthetic data made with other arguments.
         FileExistsError: ``root`` is a non-empty folder without synthetic data.
     """
-    params = {"version": SYNTHETIC_VERSION, "num_source": int(num_source),
-              "num_target_train": int(num_target_train), "num_target_val": int(num_target_val),
-              "size": [int(size[0]), int(size[1])], "seed": int(seed)}
-    if min(params["num_source"], params["num_target_train"], params["num_target_val"]) < 1:
-        raise ValueError(f"every image count must be >= 1, got {params}")
-    if min(params["size"]) < 16:
-        raise ValueError(f"size must be at least (16, 16), got {tuple(size)}")
+    params = _checked_params(num_source, num_target_train, num_target_val, size, seed)
     root = os.path.abspath(root)
-
-    def existing() -> dict | None:
-        marker = os.path.join(root, _MARKER)
-        if not os.path.isfile(marker):
-            return None
-        with open(marker, "r", encoding="utf-8") as f:
-            found = json.load(f)
-        if found != params:
-            raise ValueError(f"{root} already holds synthetic data made with {found}, not "
-                             f"{params}; pass another root or delete it")
-        return _paths(root)
-
-    done = existing()
-    if done is not None:
-        return done
-    if os.path.isdir(root) and os.listdir(root):
-        raise FileExistsError(f"{root} is not empty and holds no synthetic data ({_MARKER} "
-                              "missing); pass an empty or new folder")
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.makedirs(tmp)
-        _write(tmp, params)
-        if os.path.isdir(root):
-            try:
-                os.rmdir(root)  # empty: make room for the rename
-            except OSError:
-                pass
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process finished first: use its data if it matches.
-            done = existing()
-            if done is None:
-                raise
-            return done
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not _finished(root, params):
+        if os.path.isdir(root) and os.listdir(root):
+            raise FileExistsError(f"{root} is not empty and holds no synthetic data ({_MARKER} "
+                                  "missing); pass an empty or new folder")
+        _write_then_rename(root, params)
     return _paths(root)
