@@ -653,13 +653,13 @@ def compile_cubin(source: str, csrc: str, arch: str, workdir: str) -> Tuple[str,
     """nvcc -cubin of one .cu with the library's flags; returns (cubin path, ptxas -v log)."""
     import torch.utils.cpp_extension as cpp
 
-    from fada_core import _build
+    from fada_core import _compile
 
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     includes = [f"-I{p}" for p in cpp.include_paths(device_type="cuda")] + [f"-I{csrc}"]
     cubin = os.path.join(workdir, os.path.basename(source) + ".cubin")
     cmd = [os.path.join(home, "bin", "nvcc"), "-cubin", f"-arch={arch}", "-std=c++20", *cpp.COMMON_NVCC_FLAGS,
-           *_build.compile_args(True, ptxas_verbose=True)["nvcc"], "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *_compile.compile_args(True, ptxas_verbose=True)["nvcc"], "-DTORCH_API_INCLUDE_EXTENSION_H",
            "-D_GLIBCXX_USE_CXX11_ABI=1",
            *includes, "-o", cubin, source]
     run = subprocess.run(cmd, capture_output=True, text=True)

@@ -33,8 +33,6 @@ import torch
 
 from fada_core import _compile
 
-compile_args = _compile.compile_args  # (benchmarks/sass_report.py takes the nvcc flags from here)
-
 
 @dataclasses.dataclass
 class _State:

@@ -93,8 +93,12 @@ def compile_args(with_cuda: bool, ptxas_verbose: bool = False) -> Dict[str, List
     masks; results are unchanged (it only drops the promise to keep floating-point exception flags).
     No ``--use_fast_math``: it changes exp/log/division rounding and NaN handling, and the kernels must
     match the eager reference. ``ptxas_verbose`` adds nvcc's register/spill report.
+    ``-DNDEBUG -fno-wrapv``: the AOT build (setup.py) compiles with Python's own flags first, which
+    include ``-DNDEBUG -fwrapv``; with these two the JIT and AOT builds are the same machine code
+    (``benchmarks/compare_builds.py``). ``-fwrapv`` would forbid the loop optimisations that rely on
+    signed overflow being undefined.
     """
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    cxx = ["-O3", "-DNDEBUG", "-fno-wrapv", "-fopenmp", "-fno-trapping-math"]
     if not with_cuda:
         return {"cxx": cxx}
     isystem = [flag for inc in _wheel_cuda_includes() for flag in ("-isystem", inc)]

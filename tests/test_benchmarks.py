@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import measure, report  # noqa: E402
+from benchmarks import compare_builds, measure, report  # noqa: E402
 from benchmarks import run as bench  # noqa: E402
 from benchmarks import variants as V  # noqa: E402
 
@@ -169,3 +169,17 @@ def test_gpu_check_smoke_writes_json_and_markdown(tmp_path):
     text = (tmp_path / "gpu_check.md").read_text()
     assert text.startswith(f"# gpu_check on {saved['device']['device']}") and "| tests | ok |" in text
     assert (tmp_path / "tests.log").read_text().strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 ELF libraries")
+def test_compare_builds_on_the_loaded_library(kernel_ops, tmp_path):
+    from fada_core import _build
+
+    library = _build.status()["library"]
+    functions = compare_builds.kernel_functions(library)
+    for isa in ("default", "avx2", "avx512"):  # every instruction-set build is in the library
+        assert any(f"fada_cpu_{isa}::" in name for name in functions), isa
+    assert compare_builds.main([library, library]) == 0
+    # moved code (other addresses, jump targets) is the same code; another instruction is not
+    assert compare_builds._normalise("jmp    2d013 <f(int)+0x1403>") == compare_builds._normalise("jmp 11aac <f(int)+0x10>")
+    assert compare_builds._normalise("vaddpd %ymm1,%ymm2,%ymm3") != compare_builds._normalise("vsubpd %ymm1,%ymm2,%ymm3")

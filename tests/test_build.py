@@ -84,6 +84,40 @@ def test_sources_and_flags():
     assert "-v" not in _compile.compile_args(True)["nvcc"]
 
 
+def _codegen(flags):
+    """What of a g++ command line changes the machine code it makes (the last flag of each kind wins)."""
+    state = {"opt": "-O0", "wrapv": False, "ndebug": False, "arch": None, "fp": []}
+    for flag in flags:
+        if flag.startswith("-O"):
+            state["opt"] = flag
+        elif flag in ("-fwrapv", "-fno-wrapv"):
+            state["wrapv"] = flag == "-fwrapv"
+        elif flag in ("-DNDEBUG", "-UNDEBUG"):
+            state["ndebug"] = flag == "-DNDEBUG"
+        elif flag.startswith(("-march", "-mtune")):
+            state["arch"] = flag
+        elif flag.startswith("-f") and "math" in flag:
+            state["fp"].append(flag)
+    return state
+
+
+@pytest.mark.parametrize("python_cflags", [
+    "sysconfig", "-DNDEBUG -g -fwrapv -O3 -Wall", "-DNDEBUG -g -fwrapv -O2 -Wall", "-g -O0", "",
+])
+def test_aot_build_compiles_as_the_jit_build(python_cflags):
+    # setup.py's AOT build puts Python's CFLAGS (CPython's: -DNDEBUG -g -fwrapv -O3 -Wall) before
+    # the library's flags; the JIT build has only the library's. Same code generation either way,
+    # so the pip-installed library is the JIT one (benchmarks/compare_builds.py checks the machine code).
+    import sysconfig
+
+    if python_cflags == "sysconfig":
+        python_cflags = sysconfig.get_config_var("CFLAGS") or ""
+    ours = _compile.compile_args(False)["cxx"]
+    aot, jit = _codegen(python_cflags.split() + ours), _codegen(ours)
+    assert aot == jit
+    assert jit["opt"] == "-O3" and jit["ndebug"] and not jit["wrapv"] and jit["arch"] is None
+
+
 def test_cuda_decision_without_gpu(monkeypatch):
     if torch.cuda.is_available() or torch.version.cuda is None:
         pytest.skip("needs a CUDA build of torch with no GPU visible")
