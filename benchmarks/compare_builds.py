@@ -13,6 +13,7 @@ when a kernel function differs or exists in one library only.
 """
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("first", help="a fada_core CPU library (.so), e.g. the JIT build")
     parser.add_argument("second", help="another, e.g. the AOT build (fada_core/_C*.so)")
     args = parser.parse_args(argv)
+    for path in (args.first, args.second):
+        if not os.path.isfile(path):
+            parser.error(f"no such library: {path}")
     a, b = kernel_functions(args.first), kernel_functions(args.second)
     same, differ, alone = Counter(), Counter(), sorted(set(a) ^ set(b))
     for name in set(a) & set(b):
