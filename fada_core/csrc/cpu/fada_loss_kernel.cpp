@@ -241,7 +241,6 @@ struct FadaScratch {
 
 template <typename scalar_t>
 void fada_forward_kernel(const FadaProblem<scalar_t>& p, const LossOut<scalar_t>& out) {
-  using acc_t = at::opmath_type<scalar_t>;
   parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
     FadaScratch<scalar_t> t(p);
     for (int64_t begin = 0, end = 0; queue.next(begin, end);)
@@ -320,8 +319,8 @@ template <typename scalar_t>
 void fada_gradient(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                    at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_disc) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor part = at::empty({p.B * p.h * 2 * 2 * p.K * p.w},
-                              grad_disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int64_t slots = p.B * p.h * 2, slot = 2 * p.K * p.w;  // top and bottom per task, 2K channels
+  at::Tensor part = at::empty({slots * slot}, grad_disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
   fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part.data_ptr<acc_t>(), grad_disc.data_ptr<scalar_t>(), out);
 }
