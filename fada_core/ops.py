@@ -55,23 +55,6 @@ def _fake_fada_loss_with_grad(disc_logits, seg_logits, domain, temperature, cap,
     return loss, torch.empty_like(disc_logits)
 
 
-def _fada_loss_with_grad_cpu(disc_logits, seg_logits, domain, temperature, cap, out_h, out_w, weight, reduction,
-                             align_corners=True):
-    # The CPU has no fused kernel: the forward and backward ops one after the
-    # other (the backward for an upstream gradient of 1). Composed here, above
-    # the CPU kernels, so that the op exists on every device with one meaning
-    # and csrc/cpu needs no code for it; on CUDA a fast-path launch computes
-    # both at once (csrc/cuda/fada_loss_kernel.cu). (The upsampled cross-entropy
-    # has a fused CPU kernel too, csrc/cpu/cross_entropy_kernel.cpp: one pass.)
-    if reduction == REDUCTIONS["none"]:
-        raise RuntimeError("fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)")
-    args = (domain, temperature, cap, out_h, out_w, weight, reduction, align_corners)
-    loss = torch.ops.fada_core.fada_loss(disc_logits, seg_logits, *args)
-    one = torch.ones((), dtype=disc_logits.dtype, device=disc_logits.device)
-    grad = torch.ops.fada_core.fada_loss_backward(one, disc_logits.detach(), seg_logits, *args)
-    return loss, grad
-
-
 def _fake_upsampled_ce(logits, labels, temperature, ignore_index, reduction, align_corners=True):
     torch._check(logits.dim() == 4, lambda: "logits must be (B, K, h, w)")
     torch._check(labels.dim() == 3, lambda: "labels must be (B, H, W)")
@@ -158,7 +141,6 @@ def register() -> None:
     lib.register_fake("fada_core::fada_loss")(_fake_fada_loss)
     lib.register_fake("fada_core::fada_loss_backward")(_fake_fada_loss_backward)
     lib.register_fake("fada_core::fada_loss_with_grad")(_fake_fada_loss_with_grad)
-    lib.register_kernel("fada_core::fada_loss_with_grad", "cpu")(_fada_loss_with_grad_cpu)
     lib.register_fake("fada_core::upsampled_cross_entropy")(_fake_upsampled_ce)
     lib.register_fake("fada_core::upsampled_cross_entropy_backward")(_fake_upsampled_ce_backward)
     lib.register_fake("fada_core::upsampled_cross_entropy_with_grad")(_fake_upsampled_ce_with_grad)

@@ -1,4 +1,4 @@
-"""The compiled fada_loss / fada_loss_backward kernels against the eager reference.
+"""The compiled fada_loss / fada_loss_backward / fada_loss_with_grad kernels against the eager reference.
 
 Every kernel call runs with ``FADA_CORE_DEBUG_POISON=1``: outputs and scratch
 buffers start as NaN in the C++ code, so a value the kernel forgot to write
@@ -132,12 +132,12 @@ def test_same_bits_twice_and_across_thread_counts(isa_kernel_ops):
             torch.set_num_threads(n)
             out = isa_kernel_ops.fada_loss(disc, seg, 0, T, CAP, 70, 130, weight, 1)
             grad = isa_kernel_ops.fada_loss_backward(g, disc, seg, 0, T, CAP, 70, 130, weight, 1)
-            results.append((out, grad))
+            results.append((out, grad, *isa_kernel_ops.fada_loss_with_grad(disc, seg, 0, T, CAP, 70, 130, weight, 1)))
     finally:
         torch.set_num_threads(threads)
-    for out, grad in results[1:]:
-        assert torch.equal(out, results[0][0])
-        assert torch.equal(grad, results[0][1])
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+    assert torch.equal(results[0][2], results[0][0]) and torch.equal(results[0][3], results[0][1])
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -165,27 +165,78 @@ def test_opcheck_with_grad(kernel_ops, requires_grad, reduction):
     torch.library.opcheck(kernel_ops.fada_loss_with_grad.default, (disc, seg, 0, T, CAP, 7, 9, None, reduction, False))
 
 
+def _with_grad_and_separate_ops(ops, disc, seg, args):
+    """fada_loss_with_grad, and fada_loss with fada_loss_backward for an upstream 1 (in the loss's dtype)."""
+    loss, grad = ops.fada_loss_with_grad(disc, seg, *args)
+    one = torch.ones((), dtype=loss.dtype)
+    return (loss, grad), (ops.fada_loss(disc, seg, *args), ops.fada_loss_backward(one, disc, seg, *args))
+
+
 @pytest.mark.parametrize("reduction", [1, 2])
-def test_with_grad_equals_forward_and_backward(kernel_ops, reduction):
-    """The fused op's loss is fada_loss's; its gradient, fada_loss_backward's for 1; autograd scales it."""
-    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 9, torch.float32, 8, True)
-    args = (1, T, CAP, 7, 9, weight, reduction)
-    loss, grad = kernel_ops.fada_loss_with_grad(disc, seg, *args)
-    assert torch.equal(loss, kernel_ops.fada_loss(disc, seg, *args))
-    assert torch.equal(grad, kernel_ops.fada_loss_backward(torch.tensor(1.0), disc, seg, *args))
-    leaf = disc.clone().requires_grad_(True)
-    (kernel_ops.fada_loss_with_grad(leaf, seg, *args)[0] * 0.25).backward()
-    torch.testing.assert_close(leaf.grad, 0.25 * grad)
+@pytest.mark.parametrize("sizes", [(2, 3, 4, 5, 4, 5, 7, 9), (2, 3, 4, 5, 3, 6, 7, 9),  # seg at another size
+                                   (1, 4, 5, 70, 5, 70, 11, 600)])  # 3 column tiles a row
+def test_with_grad_equals_forward_and_backward(isa_kernel_ops, reduction, sizes):
+    """The fused op's loss is fada_loss's; its gradient, fada_loss_backward's for 1; autograd scales it.
+    (On the CPU the fused op is its own kernel, one pass: held to the same bits in every build.)"""
+    for domain, weighted in ((1, True), (0, False)):
+        disc, seg, weight = fada_loss_inputs(*sizes, torch.float32, 8, weighted)
+        args = (domain, T, CAP, sizes[-2], sizes[-1], weight, reduction)
+        (loss, grad), (want, want_grad) = _with_grad_and_separate_ops(isa_kernel_ops, disc, seg, args)
+        assert torch.equal(loss, want) and torch.equal(grad, want_grad)
+        leaf = disc.clone().requires_grad_(True)
+        (isa_kernel_ops.fada_loss_with_grad(leaf, seg, *args)[0] * 0.25).backward()
+        torch.testing.assert_close(leaf.grad, 0.25 * grad)
     with pytest.raises(RuntimeError, match="reduction must be mean"):
-        kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 0)
+        isa_kernel_ops.fada_loss_with_grad(disc, seg, *args[:-1], 0)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batch=st.integers(1, 3),
+    k=st.integers(1, 5),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 6), st.integers(1, 6))),
+    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 13), st.integers(1, 300))),
+    domain=st.sampled_from([0, 1]),
+    reduction=st.sampled_from([1, 2]),
+    weighted=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+    align_corners=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_with_grad_matches_reference(isa_kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted,
+                                     dtype, layout, align_corners, seed):
+    """The one-pass loss and gradient (for an upstream 1) against eager, and the bits of the separate ops."""
+    hs, ws = seg_size if seg_size is not None else (h, w)
+    out_h, out_w = out_size if out_size is not None else (h, w)
+    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+    want, want_grad, _ = _eager(disc, seg, domain, (out_h, out_w), weight, reduction, torch.tensor(1.0), align_corners)
+    args = (domain, T, CAP, out_h, out_w, weight, reduction, align_corners)
+    (loss, grad), separate = _with_grad_and_separate_ops(
+        isa_kernel_ops, with_layout(disc, layout), with_layout(seg, layout), args
+    )
+    _assert_close(loss, want, dtype)
+    _assert_close(grad, want_grad, dtype)
+    assert torch.equal(loss, separate[0]) and torch.equal(grad, separate[1])
+    assert want_grad.abs().max() > 0  # the comparison is not between zeros
+
+
+def test_with_grad_empty_batch(kernel_ops):
+    disc, seg, weight = fada_loss_inputs(0, 3, 4, 5, 4, 5, 7, 9, torch.float32, 0, True)
+    loss, grad = kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 1)
+    assert math.isnan(loss.item()) and grad.shape == disc.shape  # mean over no pixel, like torch
+    loss, grad = kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 2)
+    assert loss.item() == 0.0 and grad.shape == disc.shape
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [1, 2])
-def test_gradcheck_with_grad(kernel_ops, reduction, align_corners):
+def test_gradcheck_with_grad(isa_kernel_ops, reduction, align_corners):
     disc, seg, weight = fada_loss_inputs(1, 2, 3, 4, 3, 4, 5, 7, torch.float64, 5, True)
     disc.requires_grad_(True)
-    fn = lambda d: kernel_ops.fada_loss_with_grad(d, seg, 1, T, CAP, 5, 7, weight, reduction, align_corners)[0]  # noqa: E731
+    fn = lambda d: isa_kernel_ops.fada_loss_with_grad(d, seg, 1, T, CAP, 5, 7, weight, reduction, align_corners)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (disc,), eps=1e-6, atol=1e-7)
 
 

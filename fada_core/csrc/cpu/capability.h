@@ -30,6 +30,9 @@ struct Kernels {
                           const c10::optional<at::Tensor>&, int64_t, bool);
   at::Tensor (*fada_loss_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double,
                                    int64_t, int64_t, const c10::optional<at::Tensor>&, int64_t, bool);
+  std::tuple<at::Tensor, at::Tensor> (*fada_loss_with_grad)(const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                           double, int64_t, int64_t,
+                                                           const c10::optional<at::Tensor>&, int64_t, bool);
   at::Tensor (*upsampled_cross_entropy)(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t, bool);
   at::Tensor (*upsampled_cross_entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  int64_t, int64_t, bool);

@@ -22,6 +22,7 @@
 #include "../common/cross_entropy_host.h"
 #include "../common/fada_math.h"
 #include "../common/upsample_rows.h"
+#include "loss_rows.h"
 
 namespace fada {
 namespace cpu {
@@ -64,23 +65,6 @@ struct CeProblem {
         ly(lg.size(2), lab.size(1), align_corners),
         lx(lg.size(3), lab.size(2), align_corners),
         groups(ly.group_begin()) {}
-};
-
-// Where a kernel puts the loss: per pixel (`map`, reduction none), or per
-// output row (sums and non-ignored counts, reduced in a fixed order by
-// finish_loss); all null when only the gradient is wanted.
-template <typename scalar_t>
-struct LossOut {
-  at::opmath_type<scalar_t>* map = nullptr;  // reduction none: the loss in acc_t (float32 for half inputs)
-  double* row_sums = nullptr;
-  int64_t* row_counts = nullptr;
-
-  bool wanted() const { return map != nullptr || row_sums != nullptr; }
-  void start_rows(int64_t row0, int64_t row1) const {
-    if (row_sums == nullptr) return;
-    std::fill(row_sums + row0, row_sums + row1, 0.0);
-    std::fill(row_counts + row0, row_counts + row1, int64_t(0));
-  }
 };
 
 template <typename scalar_t>
@@ -148,18 +132,10 @@ struct CeScratch {
       const acc_t v = ce_loss_term(mx[x], vlog(sm[x]), zlp[x]);
       loss[x] = lp[x] >= 0 ? v : acc_t(0);
     }
-    if (out.map != nullptr) {
-      std::copy(loss, loss + n, out.map + pix);
-      return;
-    }
-    double tile_total = 0;
     int64_t count = 0;
-    for (int64_t x = 0; x < n; ++x) {
-      tile_total += static_cast<double>(loss[x]);
-      count += lp[x] >= 0 ? 1 : 0;
-    }
-    out.row_sums[row] += tile_total;  // tiles of a row arrive in increasing x0
-    out.row_counts[row] += count;
+    if (out.map == nullptr)
+      for (int64_t x = 0; x < n; ++x) count += lp[x] >= 0 ? 1 : 0;
+    out.add(pix, row, loss, n, count);  // tiles of a row arrive in increasing x0
   }
 };
 
@@ -224,35 +200,6 @@ bool ce_backward_kernel(const CeProblem<scalar_t>& p, const at::opmath_type<scal
 
 constexpr const char* kBadLabel =
     "upsampled_cross_entropy: labels must be in [0, num_classes) or equal to ignore_index";
-
-// Per-row sums and counts of a reduced loss, and their reduction in a fixed order.
-struct RowTotals {
-  std::vector<double> sums;
-  std::vector<int64_t> counts;
-
-  explicit RowTotals(int64_t rows)
-      : sums(rows, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0), counts(rows, 0) {}
-
-  template <typename scalar_t>
-  LossOut<scalar_t> out() {
-    LossOut<scalar_t> o;
-    o.row_sums = sums.data();
-    o.row_counts = counts.data();
-    return o;
-  }
-
-  // mean (reduction 1, NaN over no pixel, like torch) or sum (2)
-  double finish(int64_t reduction) const {
-    double total = 0;
-    int64_t count = 0;
-    for (size_t i = 0; i < sums.size(); ++i) {
-      total += sums[i];
-      count += counts[i];
-    }
-    if (reduction == 1) return count > 0 ? total / static_cast<double>(count) : std::numeric_limits<double>::quiet_NaN();
-    return total;
-  }
-};
 
 // The scale of the gradient of a reduced loss for an upstream gradient
 // `upstream`: divided by the number of non-ignored pixels for the mean (all

@@ -89,6 +89,14 @@ at::Tensor fada_loss_backward(const at::Tensor& grad, const at::Tensor& disc, co
                                       align_corners);
 }
 
+std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad(const at::Tensor& disc, const at::Tensor& seg, int64_t domain,
+                                                       double temperature, double cap, int64_t out_h, int64_t out_w,
+                                                       const c10::optional<at::Tensor>& weight, int64_t reduction,
+                                                       bool align_corners) {
+  return kernels().fada_loss_with_grad(disc, seg, domain, temperature, cap, out_h, out_w, weight, reduction,
+                                       align_corners);
+}
+
 at::Tensor upsampled_cross_entropy(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                                    int64_t ignore_index, int64_t reduction, bool align_corners) {
   return kernels().upsampled_cross_entropy(logits, labels, temperature, ignore_index, reduction, align_corners);
@@ -121,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_center_stats(const at::Tens
 TORCH_LIBRARY_IMPL(fada_core, CPU, m) {
   m.impl("fada_loss", &fada::cpu_dispatch::fada_loss);
   m.impl("fada_loss_backward", &fada::cpu_dispatch::fada_loss_backward);
+  m.impl("fada_loss_with_grad", &fada::cpu_dispatch::fada_loss_with_grad);
   m.impl("upsampled_cross_entropy", &fada::cpu_dispatch::upsampled_cross_entropy);
   m.impl("upsampled_cross_entropy_backward", &fada::cpu_dispatch::upsampled_cross_entropy_backward);
   m.impl("upsampled_cross_entropy_with_grad", &fada::cpu_dispatch::upsampled_cross_entropy_with_grad);

@@ -1,6 +1,7 @@
-// Fused FADA loss on the CPU: forward and the gradient w.r.t. the
-// low-resolution discriminator logits, sampling both inputs bilinearly
-// (either corner convention) on the fly. Per output pixel (b, y, x):
+// Fused FADA loss on the CPU: forward, the gradient w.r.t. the
+// low-resolution discriminator logits, and both in one pass
+// (fada_loss_with_grad), sampling both inputs bilinearly (either corner
+// convention) on the fly. Per output pixel (b, y, x):
 //   z = upsampled disc logits (2K), s = upsampled seg logits (K),
 //   a_c = min(softmax(s / T)_c, cap)             (detached soft label)
 //   loss = -sum_c a_c log_softmax(z)_{off + c}   (off = 0 source, K target)
@@ -11,7 +12,9 @@
 // source row); rows are processed in column tiles so that every per-channel
 // loop over pixels vectorises. The backward accumulates each group's
 // contribution into its own partial slot and reduces the slots in a fixed
-// order: results are bitwise independent of the number of threads.
+// order: results are bitwise independent of the number of threads. The
+// one-pass loss and gradient is the backward computing each tile's loss too,
+// with the forward's arithmetic: it gives the bits of the two separate ops.
 //
 // Compiled once per instruction set through isa/*.cpp (registered by
 // dispatch.cpp); the loops are plain C++ that the compiler vectorises for each.
@@ -29,6 +32,7 @@
 #include "../common/fada_loss_host.h"
 #include "../common/fada_math.h"
 #include "../common/upsample_rows.h"
+#include "loss_rows.h"
 
 namespace fada {
 namespace cpu {
@@ -44,6 +48,18 @@ inline void soft_label_into(acc_t* __restrict e, acc_t* __restrict asum, const a
     const acc_t a = soft_label(e[x], inv[x], cap);
     e[x] = a;
     asum[x] += a;
+  }
+}
+
+// e <- exp(z - m); sum += e: exp_store_sum out of place, for the domain's
+// half of the disc logits, whose z the loss still needs.
+template <typename acc_t>
+inline void exp_copy_sum(acc_t* __restrict e, acc_t* __restrict sum, const acc_t* __restrict z,
+                         const acc_t* __restrict m, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    const acc_t v = vexp_nonpos(z[x] - m[x]);
+    e[x] = v;
+    sum[x] += v;
   }
 }
 
@@ -109,6 +125,12 @@ struct FadaProblem {
         sy(s.size(2), a.out_h, a.align_corners),
         sx(s.size(3), a.out_w, a.align_corners),
         groups(dy.group_begin()) {}
+
+  // The scale of the gradient of a reduced loss for an upstream gradient
+  // `upstream`: divided by the number of output pixels for the mean.
+  acc_t reduced_grad_scale(acc_t upstream, int64_t reduction) const {
+    return reduction == 1 ? upstream / static_cast<acc_t>(B * H * W) : upstream;
+  }
 };
 
 // Per-thread scratch: two cached source-row pairs and the tile buffers.
@@ -117,6 +139,7 @@ struct FadaScratch {
   using acc_t = at::opmath_type<scalar_t>;
   RowPair<scalar_t, acc_t> drows, srows;
   std::vector<acc_t> z, s, m, sum, aux, asum, val;
+  std::vector<acc_t> e_dom;  // the backward's exp(z - m) for the domain's half
 
   explicit FadaScratch(const FadaProblem<scalar_t>& p)
       : drows(p.disc, 2 * p.K, p.h, p.w, p.dx),
@@ -127,7 +150,8 @@ struct FadaScratch {
         sum(scratch<acc_t>(kTile)),
         aux(scratch<acc_t>(kTile)),
         asum(scratch<acc_t>(kTile)),
-        val(scratch<acc_t>(kTile)) {}
+        val(scratch<acc_t>(kTile)),
+        e_dom(scratch<acc_t>(p.K * kTile)) {}
 
   // Calls body(y, x0, n) for every column tile of output rows [y0, y1), all
   // of which share their lower disc source row. When the seg logits have the
@@ -170,79 +194,97 @@ struct FadaScratch {
     // the 2K disc logits and their max
     drows.vertical_max(p.dy.lambda[y], x0, n, z.data(), kTile, mx);
   }
+
+  // sum = sum_c exp(z_c - max) over the 2K channels of the loaded tile. With
+  // keep_exp, the exps are kept for the gradient: in z, except the domain's
+  // half, whose exps go to e_dom because the loss still reads its z. Same
+  // sum, in the same channel order, either way.
+  void exp_sums(const FadaProblem<scalar_t>& p, int64_t n, bool keep_exp) {
+    acc_t* __restrict sm = sum.data();
+    const acc_t* __restrict mx = m.data();
+    std::fill(sm, sm + n, acc_t(0));
+    for (int64_t c = 0; c < 2 * p.K; ++c) {
+      acc_t* zc = z.data() + c * kTile;
+      if (!keep_exp) {
+        exp_sum_into(sm, zc, mx, n);
+      } else if (c >= p.off && c < p.off + p.K) {
+        exp_copy_sum(e_dom.data() + (c - p.off) * kTile, sm, zc, mx, n);
+      } else {
+        exp_store_sum(zc, sm, mx, acc_t(1), n);
+      }
+    }
+  }
+
+  // The loaded tile's loss into `out` (times the weight), from z's domain half
+  // and sum = sum_c exp(z_c - max) over all 2K channels. Uses aux and val.
+  void tile_loss(const FadaProblem<scalar_t>& p, int64_t b, int64_t y, int64_t x0, int64_t n,
+                 const LossOut<scalar_t>& out) {
+    const acc_t* __restrict zp = z.data();
+    const acc_t* __restrict ap = s.data();
+    const acc_t* __restrict mx = m.data();
+    const acc_t* __restrict sm = sum.data();
+    acc_t* __restrict log_sum = aux.data();
+    acc_t* __restrict loss = val.data();
+    for (int64_t x = 0; x < n; ++x) {
+      log_sum[x] = vlog(sm[x]);
+      loss[x] = 0;
+    }
+    for (int64_t c = 0; c < p.K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, mx, log_sum, n);
+    const int64_t row = b * p.H + y, pix = row * p.W + x0;
+    if (p.weight != nullptr) {
+      const acc_t* __restrict wt = p.weight + pix;
+      for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
+    }
+    out.add(pix, row, loss, n, n);  // every pixel counts for the mean
+  }
 };
 
 template <typename scalar_t>
-void fada_forward_kernel(const FadaProblem<scalar_t>& p, at::opmath_type<scalar_t>* out_map, double* row_sums) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tasks = p.B * p.h;
-  parallel_tasks(tasks, [&](const TaskQueue& queue) {
+void fada_forward_kernel(const FadaProblem<scalar_t>& p, const LossOut<scalar_t>& out) {
+  parallel_tasks(p.B * p.h, [&](const TaskQueue& queue) {
     FadaScratch<scalar_t> t(p);
-    const int64_t K = p.K;
     for (int64_t begin = 0, end = 0; queue.next(begin, end);)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.h, r = task % p.h;
       if (p.groups[r] == p.groups[r + 1]) continue;
-      t.drows.reset(p.disc + b * 2 * K * p.h * p.w);
-      t.srows.reset(p.seg + b * K * p.hs * p.ws);
-      if (row_sums != nullptr)
-        for (int64_t y = p.groups[r]; y < p.groups[r + 1]; ++y) row_sums[b * p.H + y] = 0;
+      t.drows.reset(p.disc + b * 2 * p.K * p.h * p.w);
+      t.srows.reset(p.seg + b * p.K * p.hs * p.ws);
+      out.start_rows(b * p.H + p.groups[r], b * p.H + p.groups[r + 1]);
       t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
         t.load_tile(p, y, x0, n);
-        const acc_t* __restrict zp = t.z.data();
-        const acc_t* __restrict ap = t.s.data();
-        const acc_t* __restrict mx = t.m.data();
-        acc_t* __restrict sm = t.sum.data();
-        acc_t* __restrict log_sum = t.aux.data();
-        acc_t* __restrict loss = t.val.data();
-        std::fill(sm, sm + n, acc_t(0));
-        for (int64_t c = 0; c < 2 * K; ++c) exp_sum_into(sm, zp + c * kTile, mx, n);
-        for (int64_t x = 0; x < n; ++x) {
-          log_sum[x] = vlog(sm[x]);
-          loss[x] = 0;
-        }
-        for (int64_t c = 0; c < K; ++c) loss_into(loss, ap + c * kTile, zp + (p.off + c) * kTile, mx, log_sum, n);
-        const int64_t pix = (b * p.H + y) * p.W + x0;
-        if (p.weight != nullptr) {
-          const acc_t* __restrict wt = p.weight + pix;
-          for (int64_t x = 0; x < n; ++x) loss[x] *= wt[x];
-        }
-        if (out_map != nullptr) {
-          std::copy(loss, loss + n, out_map + pix);
-        } else {
-          double tile_total = 0;
-          for (int64_t x = 0; x < n; ++x) tile_total += static_cast<double>(loss[x]);
-          row_sums[b * p.H + y] += tile_total;  // tiles of a row arrive in increasing x0
-        }
+        t.exp_sums(p, n, false);
+        t.tile_loss(p, b, y, x0, n, out);
       });
     }
   });
 }
 
 // grad_map: (B, H, W) upstream gradient for reduction none, else nullptr and
-// grad_scale is the (already divided, for mean) scalar upstream gradient.
+// grad_scale is the (already divided, for mean) scalar upstream gradient. The
+// loss into `out` when wanted (the fused loss-and-gradient: one pass, not two).
 template <typename scalar_t>
 void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                           at::opmath_type<scalar_t> grad_scale, at::opmath_type<scalar_t>* part,
-                          scalar_t* grad_disc) {
+                          scalar_t* grad_disc, const LossOut<scalar_t>& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = 2 * p.K, K = p.K, W = p.W;
   auto accumulate = [&](FadaScratch<scalar_t>& t, int64_t b, int64_t r, acc_t* top, acc_t* bottom) {
     t.drows.reset(p.disc + b * C * p.h * p.w);
     t.srows.reset(p.seg + b * K * p.hs * p.ws);
+    out.start_rows(b * p.H + p.groups[r], b * p.H + p.groups[r + 1]);
     t.for_each_tile(p, p.groups[r], p.groups[r + 1], [&](int64_t y, int64_t x0, int64_t n) {
       const acc_t wy1 = p.dy.lambda[y];
       const acc_t wy0 = static_cast<acc_t>(1) - wy1;
       t.load_tile(p, y, x0, n);
-      acc_t* __restrict zp = t.z.data();
+      t.exp_sums(p, n, true);
+      if (out.wanted()) t.tile_loss(p, b, y, x0, n, out);
+      const acc_t* __restrict ep = t.e_dom.data();
+      const acc_t* __restrict zp = t.z.data();
       const acc_t* __restrict ap = t.s.data();
-      const acc_t* __restrict mx = t.m.data();
       const acc_t* __restrict as = t.asum.data();
-      acc_t* __restrict sm = t.sum.data();
+      const acc_t* __restrict sm = t.sum.data();
       acc_t* __restrict inv = t.aux.data();
       acc_t* __restrict gw = t.val.data();
-      std::fill(sm, sm + n, acc_t(0));
-      for (int64_t c = 0; c < C; ++c) exp_store_sum(zp + c * kTile, sm, mx, acc_t(1), n);
       const int64_t pix = (b * p.H + y) * W + x0;
       for (int64_t x = 0; x < n; ++x) {
         inv[x] = static_cast<acc_t>(1) / sm[x];
@@ -260,7 +302,7 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
         acc_t* tc = top + c * W + x0;
         acc_t* bc = bottom + c * W + x0;
         if (c >= p.off && c < p.off + K) {
-          grad_into(tc, bc, gw, as, zp + c * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
+          grad_into(tc, bc, gw, as, ep + (c - p.off) * kTile, inv, ap + (c - p.off) * kTile, wy0, wy1, n);
         } else {
           grad_into_other(tc, bc, gw, as, zp + c * kTile, inv, wy0, wy1, n);
         }
@@ -269,6 +311,18 @@ void fada_backward_kernel(const FadaProblem<scalar_t>& p, const at::opmath_type<
   };
   adjoint_row_groups(p.B, p.h, p.groups, C, p.dx, part, grad_disc, [&] { return FadaScratch<scalar_t>(p); },
                      accumulate);
+}
+
+// The backward's launch: the gradient into grad_disc (contiguous), through
+// per-group partials (adjoint_row_groups); `out` as fada_backward_kernel.
+template <typename scalar_t>
+void fada_gradient(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
+                   at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_disc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t slots = p.B * p.h * 2, slot = 2 * p.K * p.w;  // top and bottom per task, 2K channels
+  at::Tensor part = at::empty({slots * slot}, grad_disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+  fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part.data_ptr<acc_t>(), grad_disc.data_ptr<scalar_t>(), out);
 }
 
 // The CPU launches; everything around them is common/fada_loss_host.h.
@@ -280,20 +334,18 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
       disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
       [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out) {
         if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-        const int64_t B = disc.size(0);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           FadaProblem<scalar_t> p(disc, seg, wt, a);
           if (reduction == 0) {
-            fada_forward_kernel<scalar_t>(p, out.data_ptr<acc_t>(), nullptr);
-            return;
+            LossOut<scalar_t> map;
+            map.map = out.data_ptr<acc_t>();
+            fada_forward_kernel<scalar_t>(p, map);
+          } else {
+            RowTotals rows(p.B * p.H);
+            fada_forward_kernel<scalar_t>(p, rows.out<scalar_t>());
+            out.fill_(static_cast<acc_t>(rows.finish(reduction)));
           }
-          std::vector<double> rows(B * out_h, debug_poison() ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-          fada_forward_kernel<scalar_t>(p, nullptr, rows.data());
-          double total = 0;
-          for (double v : rows) total += v;  // fixed order
-          if (reduction == 1) total /= static_cast<double>(B * out_h * out_w);
-          out.fill_(static_cast<acc_t>(total));
         });
       });
 }
@@ -307,23 +359,39 @@ at::Tensor fada_loss_backward_cpu(const at::Tensor& grad_in, const at::Tensor& d
       grad_in, disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
       [&](const at::Tensor& grad, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
           at::Tensor& grad_disc) {
-        const int64_t B = disc.size(0);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           FadaProblem<scalar_t> p(disc, seg, wt, a);
-          acc_t grad_scale = 1;
-          const acc_t* grad_map = nullptr;
           if (reduction == 0) {
-            grad_map = grad.data_ptr<acc_t>();
+            fada_gradient<scalar_t>(p, grad.data_ptr<acc_t>(), acc_t(1), LossOut<scalar_t>(), grad_disc);
           } else {
-            grad_scale = grad.data_ptr<acc_t>()[0];
-            if (reduction == 1) grad_scale /= static_cast<acc_t>(B * out_h * out_w);
+            const acc_t scale = p.reduced_grad_scale(grad.data_ptr<acc_t>()[0], reduction);
+            fada_gradient<scalar_t>(p, nullptr, scale, LossOut<scalar_t>(), grad_disc);
           }
-          const int64_t C = 2 * p.K;
-          at::Tensor part = at::empty({B * p.h * 2 * C * p.w}, grad.options());
-          if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
-          acc_t* part_ptr = part.data_ptr<acc_t>();
-          fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_disc.data_ptr<scalar_t>());
+        });
+      });
+}
+
+// The loss and its gradient for an upstream 1 in one pass over the pixels:
+// the same arithmetic as the forward and backward kernels, so the same bits.
+std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cpu(const at::Tensor& disc_logits,
+                                                           const at::Tensor& seg_logits, int64_t domain,
+                                                           double temperature, double cap, int64_t out_h,
+                                                           int64_t out_w, const c10::optional<at::Tensor>& weight,
+                                                           int64_t reduction, bool align_corners) {
+  const host::FadaLossArgs a{domain, temperature, cap, out_h, out_w, reduction, align_corners};
+  return host::fada_loss_with_grad(
+      disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
+      [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out,
+          at::Tensor& grad_disc) {
+        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          FadaProblem<scalar_t> p(disc, seg, wt, a);
+          RowTotals rows(p.B * p.H);
+          fada_gradient<scalar_t>(p, nullptr, p.reduced_grad_scale(acc_t(1), reduction), rows.out<scalar_t>(),
+                                  grad_disc);
+          out.fill_(static_cast<acc_t>(rows.finish(reduction)));
         });
       });
 }

@@ -23,6 +23,7 @@ extern const Kernels FADA_CPU_TABLE = {
     FADA_CPU_ISA_NAME,
     &::FADA_CPU_ISA::fada::cpu::fada_loss_cpu,
     &::FADA_CPU_ISA::fada::cpu::fada_loss_backward_cpu,
+    &::FADA_CPU_ISA::fada::cpu::fada_loss_with_grad_cpu,
     &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_cpu,
     &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_backward_cpu,
     &::FADA_CPU_ISA::fada::cpu::upsampled_cross_entropy_with_grad_cpu,
