@@ -1,6 +1,10 @@
 """Helpers shared by the kernel parity tests: inputs, layouts, one forward+backward, the scaled comparison."""
 
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
 import torch
+from hypothesis import strategies as st
 
 # per-dtype relative tolerances: tight enough that an indexing or weighting bug fails
 RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -90,3 +94,45 @@ def assert_class_stats_close(got, want, offset=0.0, rtol=1e-9):
     torch.testing.assert_close(counts, r_counts, rtol=0, atol=0)
     torch.testing.assert_close(means, r_means, rtol=rtol, atol=rtol * (1.0 + abs(offset)))
     torch.testing.assert_close(m2, r_m2, rtol=rtol, atol=1e-9)
+
+
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+@dataclasses.dataclass
+class FadaLossCase:
+    """One drawn FADA loss problem: contiguous inputs (``layout`` says how to present them), the output
+    size and the op's arguments."""
+
+    disc: torch.Tensor
+    seg: torch.Tensor
+    weight: Optional[torch.Tensor]
+    out_size: Tuple[int, int]
+    domain: int
+    reduction: int
+    dtype: torch.dtype
+    layout: str
+    align_corners: bool
+
+
+def fada_loss_cases(max_batch: int = 3, max_k: int = 5, max_side: int = 6, max_out: Tuple[int, int] = (13, 13),
+                    reductions: Sequence[int] = (0, 1, 2),
+                    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)) -> st.SearchStrategy:
+    """FADA loss problems for the kernel parity tests: sizes, seg logits at the disc's size or another
+    one, output sizes (None: the input size), domain, reduction, weight or none, dtype, layout, corners."""
+
+    @st.composite
+    def case(draw) -> FadaLossCase:
+        side = st.integers(1, max_side)
+        batch, k, h, w = draw(st.integers(1, max_batch)), draw(st.integers(1, max_k)), draw(side), draw(side)
+        hs, ws = draw(st.one_of(st.none(), st.tuples(side, side))) or (h, w)
+        out_h, out_w = draw(st.one_of(st.none(), st.tuples(st.integers(1, max_out[0]), st.integers(1, max_out[1])))) \
+            or (h, w)
+        dtype = draw(st.sampled_from(list(dtypes)))
+        disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype,
+                                             draw(st.integers(0, 2**31 - 1)), draw(st.booleans()))
+        return FadaLossCase(disc, seg, weight, (out_h, out_w), draw(st.sampled_from([0, 1])),
+                            draw(st.sampled_from(list(reductions))), dtype, draw(st.sampled_from(LAYOUTS)),
+                            draw(st.booleans()))
+
+    return case()

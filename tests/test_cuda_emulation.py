@@ -27,6 +27,7 @@ from kernel_testing import (
     assert_close_scaled,
     class_stats_inputs,
     cross_entropy_inputs,
+    fada_loss_cases,
     fada_loss_inputs,
     forward_backward,
     loss_floor,
@@ -95,31 +96,15 @@ HALF_AND_FULL = st.sampled_from([torch.float32, torch.float64, torch.float16, to
 
 
 @EXAMPLES
-@given(
-    batch=st.integers(1, 2),
-    k=st.integers(1, 4),
-    h=st.integers(1, 5),
-    w=st.integers(1, 5),
-    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 5), st.integers(1, 5))),
-    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 11), st.integers(1, 11))),
-    domain=st.sampled_from([0, 1]),
-    reduction=st.sampled_from([0, 1, 2]),
-    weighted=st.booleans(),
-    dtype=HALF_AND_FULL,
-    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
-    align_corners=st.booleans(),
-    general=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_fada_loss_kernels_match_reference(emulated_cuda_ops, batch, k, h, w, seg_size, out_size, domain, reduction,
-                                           weighted, dtype, layout, align_corners, general, seed):
-    hs, ws = seg_size if seg_size is not None else (h, w)
-    out_h, out_w = out_size if out_size is not None else (h, w)
-    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
+@given(case=fada_loss_cases(max_batch=2, max_k=4, max_side=5, max_out=(11, 11),
+                            dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16)),
+       general=st.booleans())
+def test_fada_loss_kernels_match_reference(emulated_cuda_ops, case, general):
+    c, dtype, disc, seg = case, case.dtype, case.disc, case.seg
     with kernels(general):
         (want, want_grad), (got, got_grad) = _loss_pair(
-            emulated_cuda_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w), weight,
-            reduction, align_corners,
+            emulated_cuda_ops, with_layout(disc, c.layout), with_layout(seg, c.layout), c.domain, c.out_size,
+            c.weight, c.reduction, c.align_corners,
         )
     assert_close_scaled(got, want, dtype, floor=loss_floor(disc, seg))
     assert_close_scaled(got_grad, want_grad, dtype)

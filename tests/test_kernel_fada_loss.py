@@ -12,10 +12,9 @@ import math
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from fada_core import _reference
-from kernel_testing import assert_close_scaled, fada_loss_inputs, forward_backward, with_layout
+from kernel_testing import assert_close_scaled, fada_loss_cases, fada_loss_inputs, forward_backward, with_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 DOMAINS = ["source", "target"]
@@ -49,29 +48,13 @@ def _assert_close(got, want, dtype):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    batch=st.integers(1, 3),
-    k=st.integers(1, 5),
-    h=st.integers(1, 6),
-    w=st.integers(1, 6),
-    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 6), st.integers(1, 6))),
-    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 13), st.integers(1, 13))),
-    domain=st.sampled_from([0, 1]),
-    reduction=st.sampled_from([0, 1, 2]),
-    weighted=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
-    align_corners=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_matches_reference(isa_kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted, dtype,
-                           layout, align_corners, seed):
-    hs, ws = seg_size if seg_size is not None else (h, w)
-    out_h, out_w = out_size if out_size is not None else (h, w)  # None: H == h
-    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
-    want, want_grad, grad_out = _eager(disc, seg, domain, (out_h, out_w), weight, reduction, None, align_corners)
-    got, got_grad = _kernel(isa_kernel_ops, with_layout(disc, layout), with_layout(seg, layout), domain, (out_h, out_w),
-                            weight, reduction, grad_out, align_corners)
+@given(case=fada_loss_cases())
+def test_matches_reference(isa_kernel_ops, case):
+    c, dtype = case, case.dtype
+    want, want_grad, grad_out = _eager(c.disc, c.seg, c.domain, c.out_size, c.weight, c.reduction, None,
+                                       c.align_corners)
+    got, got_grad = _kernel(isa_kernel_ops, with_layout(c.disc, c.layout), with_layout(c.seg, c.layout), c.domain,
+                            c.out_size, c.weight, c.reduction, grad_out, c.align_corners)
     _assert_close(got, want, dtype)
     _assert_close(got_grad, want_grad, dtype)
     assert want_grad.abs().max() > 0  # the comparison is not between zeros
@@ -191,31 +174,16 @@ def test_with_grad_equals_forward_and_backward(isa_kernel_ops, reduction, sizes)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    batch=st.integers(1, 3),
-    k=st.integers(1, 5),
-    h=st.integers(1, 6),
-    w=st.integers(1, 6),
-    seg_size=st.one_of(st.none(), st.tuples(st.integers(1, 6), st.integers(1, 6))),
-    out_size=st.one_of(st.none(), st.tuples(st.integers(1, 13), st.integers(1, 300))),
-    domain=st.sampled_from([0, 1]),
-    reduction=st.sampled_from([1, 2]),
-    weighted=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
-    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
-    align_corners=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_with_grad_matches_reference(isa_kernel_ops, batch, k, h, w, seg_size, out_size, domain, reduction, weighted,
-                                     dtype, layout, align_corners, seed):
+@given(case=fada_loss_cases(max_out=(13, 300), reductions=(1, 2),
+                            dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16)))
+def test_with_grad_matches_reference(isa_kernel_ops, case):
     """The one-pass loss and gradient (for an upstream 1) against eager, and the bits of the separate ops."""
-    hs, ws = seg_size if seg_size is not None else (h, w)
-    out_h, out_w = out_size if out_size is not None else (h, w)
-    disc, seg, weight = fada_loss_inputs(batch, k, h, w, hs, ws, out_h, out_w, dtype, seed, weighted)
-    want, want_grad, _ = _eager(disc, seg, domain, (out_h, out_w), weight, reduction, torch.tensor(1.0), align_corners)
-    args = (domain, T, CAP, out_h, out_w, weight, reduction, align_corners)
+    c, dtype = case, case.dtype
+    want, want_grad, _ = _eager(c.disc, c.seg, c.domain, c.out_size, c.weight, c.reduction, torch.tensor(1.0),
+                                c.align_corners)
+    args = (c.domain, T, CAP, *c.out_size, c.weight, c.reduction, c.align_corners)
     (loss, grad), separate = _with_grad_and_separate_ops(
-        isa_kernel_ops, with_layout(disc, layout), with_layout(seg, layout), args
+        isa_kernel_ops, with_layout(c.disc, c.layout), with_layout(c.seg, c.layout), args
     )
     _assert_close(loss, want, dtype)
     _assert_close(grad, want_grad, dtype)
