@@ -1,7 +1,9 @@
 // Device building blocks shared by the fused FADA loss and upsampled
 // cross-entropy CUDA kernels: fixed-order (deterministic) reductions, the
 // output ranges that touch a source row/column, and the final gather of the
-// per-group partials of the upsampling adjoint.
+// per-group partials of the upsampling adjoint; and on the host, what their
+// entry points share around a launch (dispatch_launch) and the general
+// backward's launch (adjoint_backward).
 //
 // Backward design (no float atomics, same bits every run): one block per
 // (batch item b, group r of output rows whose lower source row is r, tile of
