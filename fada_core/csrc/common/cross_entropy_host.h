@@ -2,16 +2,18 @@
 // upsampled_cross_entropy_with_grad, shared by the
 // CPU (cpu/cross_entropy_kernel.cpp) and CUDA (cuda/cross_entropy_kernel.cu)
 // backends: argument checks, contiguity, output and gradient allocation, empty
-// batches, the copy back into a non-contiguous gradient. Each backend passes
-// only its device check and a launch function. Host code only.
+// batches, the copy back into a non-contiguous gradient (the last three with
+// the FADA loss's, host_util.h). Each backend passes only its device check
+// and a launch function. Host code only.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
-#include <limits>
 #include <tuple>
+
+#include "host_util.h"
 
 namespace fada {
 namespace host {
@@ -38,25 +40,21 @@ inline void check_ce_inputs(const at::Tensor& logits, const at::Tensor& labels, 
   TORCH_CHECK(temperature > 0, "upsampled_cross_entropy: temperature must be positive, got ", temperature);
 }
 
-// The loss's options: the accumulation type of the logits (float32 for half
-// logits, as torch's losses under autocast).
-inline at::TensorOptions ce_loss_options(const at::Tensor& logits) {
-  return logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+// The loss (loss_tensor, H x W: the labels') in the accumulation type of the
+// logits (float32 for half logits, as torch's losses under autocast).
+inline at::Tensor ce_loss_output(const at::Tensor& logits, const at::Tensor& labels, int64_t reduction) {
+  return loss_tensor(logits.options().dtype(at::toOpMathType(logits.scalar_type())), labels.size(0), labels.size(1),
+                     labels.size(2), reduction);
 }
 
 // Forward: `launch(logits, labels, out)` with contiguous inputs, B > 0, and
-// `out` allocated ((B, H, W) for reduction none, else a scalar; ce_loss_options).
+// `out` from ce_loss_output.
 template <typename Launch>
 at::Tensor upsampled_cross_entropy_forward(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
                                            int64_t reduction, const char* backend, bool on_device, Launch launch) {
   check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
-  const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
-  const at::TensorOptions opts = ce_loss_options(logits_in);
-  at::Tensor out = reduction == 0 ? at::empty({B, H, W}, opts) : at::empty({}, opts);
-  if (B == 0) {  // mean over no pixel: NaN, like torch
-    if (reduction != 0) out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return out;
-  }
+  at::Tensor out = ce_loss_output(logits_in, labels_in, reduction);
+  if (labels_in.size(0) == 0) return out;
   launch(logits_in.contiguous(), labels_in.contiguous(), out);
   return out;
 }
@@ -69,22 +67,11 @@ at::Tensor upsampled_cross_entropy_backward(const at::Tensor& grad, const at::Te
                                             const at::Tensor& labels_in, double temperature, int64_t reduction,
                                             const char* backend, bool on_device, Launch launch) {
   check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
-  TORCH_CHECK(grad.device() == logits_in.device(), "upsampled_cross_entropy_backward: grad must be on ",
-              logits_in.device());
-  const int64_t B = labels_in.size(0), H = labels_in.size(1), W = labels_in.size(2);
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
-                "upsampled_cross_entropy_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "upsampled_cross_entropy_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  at::Tensor result = at::empty_like(logits_in);
-  if (B == 0) return result;
-  const at::Tensor logits = logits_in.contiguous();
-  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
-  launch(grad, logits, labels_in.contiguous(), grad_logits);
-  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
-  return result;
+  check_upstream_grad(grad, logits_in.device(), labels_in.size(0), labels_in.size(1), labels_in.size(2), reduction,
+                      "upsampled_cross_entropy_backward");
+  return gradient_like(logits_in, [&](const at::Tensor& logits, at::Tensor& grad_logits) {
+    launch(grad, logits, labels_in.contiguous(), grad_logits);
+  });
 }
 
 // Forward and backward together, for an upstream gradient of 1 (reduction
@@ -97,18 +84,12 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad(const at::T
                                                                      int64_t reduction, const char* backend,
                                                                      bool on_device, Launch launch) {
   check_ce_inputs(logits_in, labels_in, temperature, reduction, backend, on_device);
-  TORCH_CHECK(reduction != 0, "upsampled_cross_entropy_with_grad: reduction must be mean (1) or sum (2), got none (0)");
-  at::Tensor out = at::empty({}, ce_loss_options(logits_in));
-  at::Tensor result = at::empty_like(logits_in);
-  if (labels_in.size(0) == 0) {  // mean over no pixel: NaN, like torch
-    out.fill_(reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-    return {out, result};
-  }
-  const at::Tensor logits = logits_in.contiguous();
-  at::Tensor grad_logits = logits_in.is_contiguous() ? result : at::empty_like(logits);
-  launch(logits, labels_in.contiguous(), out, grad_logits);
-  if (!grad_logits.is_same(result)) result.copy_(grad_logits);
-  return {out, result};
+  check_fused_reduction(reduction, "upsampled_cross_entropy_with_grad");
+  at::Tensor out = ce_loss_output(logits_in, labels_in, reduction);
+  at::Tensor grad_logits = gradient_like(logits_in, [&](const at::Tensor& logits, at::Tensor& grad) {
+    launch(logits, labels_in.contiguous(), out, grad);
+  });
+  return {out, grad_logits};
 }
 
 }  // namespace host

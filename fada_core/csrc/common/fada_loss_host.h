@@ -3,8 +3,9 @@
 // (cuda/fada_loss_kernel.cu) backends: argument checks (both backends reject
 // the same inputs with the same words), contiguity, the weight and upstream
 // gradient in the accumulation type, output and gradient allocation, empty
-// batches, the copy back into a non-contiguous gradient. Each backend passes
-// only its device check and a launch function. Host code only, ISA-neutral.
+// batches, the copy back into a non-contiguous gradient (the last three with
+// the cross-entropy's, host_util.h). Each backend passes only its device
+// check and a launch function. Host code only, ISA-neutral.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,8 +13,9 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <limits>
 #include <tuple>
+
+#include "host_util.h"
 
 namespace fada {
 namespace host {
@@ -73,15 +75,10 @@ inline at::Tensor acc_weight(const c10::optional<at::Tensor>& weight, const at::
   return weight.has_value() ? weight->to(acc_type(disc)).contiguous() : at::Tensor();
 }
 
-// The loss, (B, H, W) for reduction none, else a scalar, in the accumulation
-// type (float32 for half inputs, as torch's losses under autocast); for an
-// empty batch already final (mean over no pixel: NaN, like torch).
+// The loss (loss_tensor) in the accumulation type (float32 for half inputs,
+// as torch's losses under autocast).
 inline at::Tensor loss_output(const at::Tensor& disc, const FadaLossArgs& a) {
-  const auto opts = disc.options().dtype(acc_type(disc));
-  at::Tensor out = a.reduction == 0 ? at::empty({disc.size(0), a.out_h, a.out_w}, opts) : at::empty({}, opts);
-  if (disc.size(0) == 0 && a.reduction != 0)
-    out.fill_(a.reduction == 1 ? std::numeric_limits<double>::quiet_NaN() : 0.0);
-  return out;
+  return loss_tensor(disc.options().dtype(acc_type(disc)), disc.size(0), a.out_h, a.out_w, a.reduction);
 }
 
 // Forward: `launch(disc, seg, weight, out)` with contiguous logits, B > 0,
@@ -106,22 +103,10 @@ at::Tensor fada_loss_backward(const at::Tensor& grad, const at::Tensor& disc_in,
                               const c10::optional<at::Tensor>& weight, const FadaLossArgs& a, const char* backend,
                               bool on_device, Launch launch) {
   check_fada_inputs(disc_in, seg_in, weight, a, backend, on_device);
-  TORCH_CHECK(grad.device() == disc_in.device(), "fada_loss_backward: grad must be on ", disc_in.device(), ", got ",
-              grad.device());
-  const int64_t B = disc_in.size(0);
-  if (a.reduction == 0) {
-    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == a.out_h && grad.size(2) == a.out_w,
-                "fada_loss_backward: grad must be (B, H, W) for reduction none, got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "fada_loss_backward: grad must be a scalar, got ", grad.sizes());
-  }
-  at::Tensor result = at::empty_like(disc_in);
-  if (B == 0) return result;
-  const at::Tensor disc = disc_in.contiguous();
-  at::Tensor grad_disc = disc_in.is_contiguous() ? result : at::empty_like(disc);
-  launch(grad.to(acc_type(disc)).contiguous(), disc, seg_in.contiguous(), acc_weight(weight, disc), grad_disc);
-  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
-  return result;
+  check_upstream_grad(grad, disc_in.device(), disc_in.size(0), a.out_h, a.out_w, a.reduction, "fada_loss_backward");
+  return gradient_like(disc_in, [&](const at::Tensor& disc, at::Tensor& grad_disc) {
+    launch(grad.to(acc_type(disc)).contiguous(), disc, seg_in.contiguous(), acc_weight(weight, disc), grad_disc);
+  });
 }
 
 // Forward and backward together, for an upstream gradient of 1 (reduction
@@ -132,15 +117,12 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad(const at::Tensor& disc_in
                                                        const c10::optional<at::Tensor>& weight, const FadaLossArgs& a,
                                                        const char* backend, bool on_device, Launch launch) {
   check_fada_inputs(disc_in, seg_in, weight, a, backend, on_device);
-  TORCH_CHECK(a.reduction != 0, "fada_loss_with_grad: reduction must be mean (1) or sum (2), got none (0)");
+  check_fused_reduction(a.reduction, "fada_loss_with_grad");
   at::Tensor out = loss_output(disc_in, a);
-  at::Tensor result = at::empty_like(disc_in);
-  if (disc_in.size(0) == 0) return {out, result};
-  const at::Tensor disc = disc_in.contiguous();
-  at::Tensor grad_disc = disc_in.is_contiguous() ? result : at::empty_like(disc);
-  launch(disc, seg_in.contiguous(), acc_weight(weight, disc), out, grad_disc);
-  if (!grad_disc.is_same(result)) result.copy_(grad_disc);
-  return {out, result};
+  at::Tensor grad_disc = gradient_like(disc_in, [&](const at::Tensor& disc, at::Tensor& grad) {
+    launch(disc, seg_in.contiguous(), acc_weight(weight, disc), out, grad);
+  });
+  return {out, grad_disc};
 }
 
 }  // namespace host

@@ -7,7 +7,6 @@
 // (integers: exact in any order), so no host synchronisation is needed. Labels outside [0, K) are recorded for the
 // host (label_errors.cuh) and make the loss and gradient NaN.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
@@ -467,12 +466,13 @@ void ce_forward_into(const at::Tensor& logits, const at::Tensor& labels, const C
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// g_acc: the (B, H, W) map for reduction none, else the scalar upstream gradient.
+// grad: the (B, H, W) map for reduction none, else the scalar upstream
+// gradient, in any floating type (read as acc_t).
 template <typename scalar_t, typename acc_t>
-void ce_backward_into(const at::Tensor& g_acc, const at::Tensor& logits, const at::Tensor& labels,
+void ce_backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
                       const CeGeometry<acc_t>& g, const StagedConfig& cfg, int64_t reduction, at::Tensor& grad_logits,
                       cudaStream_t stream) {
-  const int64_t B = labels.size(0);
+  const at::Tensor g_acc = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   if (cfg.tiles > 0) {
     CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, false, true);
     run.grad = g_acc.data_ptr<acc_t>();
@@ -482,21 +482,47 @@ void ce_backward_into(const at::Tensor& g_acc, const at::Tensor& logits, const a
     ce_staged_gather<scalar_t, acc_t>(run, cfg, grad_logits, stream);
     return;
   }
-  at::Tensor count;
-  if (reduction == 1) count = count_valid(labels, g.ignore_index, stream);
-  const int64_t C = g.K;
-  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.sx, g.w, g.W, ce_backward_kernel<scalar_t, acc_t>);
-  at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-  FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
-      logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
-      count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g,
-      acfg.tj, part.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t n = grad_logits.numel();
-  FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
-      part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_logits.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor count = reduction == 1 ? count_valid(labels, g.ignore_index, stream) : at::Tensor();
+  const auto launch = [&](const dim3& grid, const AdjointConfig& acfg, acc_t* part) {
+    FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, ce_backward_kernel<scalar_t, acc_t>)(
+        logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), g_acc.data_ptr<acc_t>(), reduction == 0,
+        count.defined() ? reinterpret_cast<const unsigned long long*>(count.data_ptr<int64_t>()) : nullptr, g,
+        acfg.tj, part);
+  };
+  adjoint_backward<scalar_t>(ce_backward_kernel<scalar_t, acc_t>, g.sx, g.W, grad_logits, stream, launch);
+}
+
+// The loss into `out` and dL/d(logits) for an upstream gradient of 1 into
+// grad_logits (reduction mean or sum). On the fast path one launch computes
+// both (then the fixed-order sums and the gradient gather); else the forward
+// and backward kernels run one after the other.
+template <typename scalar_t, typename acc_t>
+void ce_with_grad_into(const at::Tensor& logits, const at::Tensor& labels, const CeGeometry<acc_t>& g,
+                       const StagedConfig& cfg, int64_t reduction, at::Tensor& out, at::Tensor& grad_logits,
+                       cudaStream_t stream) {
+  if (cfg.tiles == 0) {
+    ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
+    const at::Tensor one = at::ones({}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ce_backward_into<scalar_t, acc_t>(one, logits, labels, g, cfg, reduction, grad_logits, stream);
+    return;
+  }
+  CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, true, true);
+  launch_ce_staged<scalar_t, acc_t, true, true>(logits, labels, ce_staged_geometry(g, cfg), cfg, run, stream);
+  ce_staged_reduce<scalar_t, acc_t>(run, out, stream);
+  ce_staged_gather<scalar_t, acc_t>(run, cfg, grad_logits, stream);
+}
+
+// What the three launches below share: dispatch_launch's set-up, then
+// body(tag, g, cfg, stream) with the geometry and the staged configuration
+// in the accumulation type of the dispatched element type.
+template <typename Body>
+void dispatch_ce(const at::Tensor& logits, const at::Tensor& labels, double temperature, int64_t ignore_index,
+                 bool align_corners, const char* dispatch_name, Body body) {
+  dispatch_launch(logits, "upsampled_cross_entropy", dispatch_name, [&](auto tag, cudaStream_t stream) {
+    using acc_t = at::opmath_type<typename decltype(tag)::type>;
+    const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
+    body(tag, g, ce_staged_config<acc_t>(logits, g), stream);
+  });
 }
 
 at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, double temperature,
@@ -505,15 +531,10 @@ at::Tensor upsampled_cross_entropy_cuda(const at::Tensor& logits_in, const at::T
   return host::upsampled_cross_entropy_forward(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
-        check_grid_limits(logits, "upsampled_cross_entropy");
-        c10::cuda::CUDAGuard guard(logits.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
-          ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
-        });
+        dispatch_ce(logits, labels, temperature, ignore_index, align_corners, "upsampled_cross_entropy_cuda",
+                    [&](auto tag, const auto& g, const StagedConfig& cfg, cudaStream_t stream) {
+                      ce_forward_into<typename decltype(tag)::type>(logits, labels, g, cfg, reduction, out, stream);
+                    });
       });
 }
 
@@ -524,24 +545,16 @@ at::Tensor upsampled_cross_entropy_backward_cuda(const at::Tensor& grad_in, cons
   return host::upsampled_cross_entropy_backward(
       grad_in, logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& grad_logits) {
-        check_grid_limits(logits, "upsampled_cross_entropy");
-        c10::cuda::CUDAGuard guard(logits.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                        "upsampled_cross_entropy_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const at::Tensor g_acc = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
-          ce_backward_into<scalar_t, acc_t>(g_acc, logits, labels, g, cfg, reduction, grad_logits, stream);
-        });
+        dispatch_ce(logits, labels, temperature, ignore_index, align_corners, "upsampled_cross_entropy_backward_cuda",
+                    [&](auto tag, const auto& g, const StagedConfig& cfg, cudaStream_t stream) {
+                      ce_backward_into<typename decltype(tag)::type>(grad, logits, labels, g, cfg, reduction,
+                                                                     grad_logits, stream);
+                    });
       });
 }
 
 // The loss and G = dL/d(logits) for an upstream gradient of 1 (reduction mean
-// or sum; the autograd backward is grad_out * G). On the fast path one launch
-// computes both (then the fixed-order sums and the gradient gather); else the
-// forward and backward kernels run one after the other.
+// or sum; the autograd backward is grad_out * G): ce_with_grad_into.
 std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const at::Tensor& logits_in,
                                                                           const at::Tensor& labels_in,
                                                                           double temperature, int64_t ignore_index,
@@ -550,25 +563,11 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cuda(const 
   return host::upsampled_cross_entropy_with_grad(
       logits_in, labels_in, temperature, reduction, "CUDA kernel", on_kernel_device(logits_in),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out, at::Tensor& grad_logits) {
-        check_grid_limits(logits, "upsampled_cross_entropy");
-        c10::cuda::CUDAGuard guard(logits.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
-                                        "upsampled_cross_entropy_with_grad_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const CeGeometry<acc_t> g = geometry<acc_t>(logits, labels, temperature, ignore_index, align_corners);
-          const StagedConfig cfg = ce_staged_config<acc_t>(logits, g);
-          if (cfg.tiles == 0) {
-            ce_forward_into<scalar_t, acc_t>(logits, labels, g, cfg, reduction, out, stream);
-            const at::Tensor one = at::ones({}, logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-            ce_backward_into<scalar_t, acc_t>(one, logits, labels, g, cfg, reduction, grad_logits, stream);
-            return;
-          }
-          CeStagedRun<acc_t> run = ce_staged_run<acc_t>(logits, cfg, reduction, true, true);
-          launch_ce_staged<scalar_t, acc_t, true, true>(logits, labels, ce_staged_geometry(g, cfg), cfg, run, stream);
-          ce_staged_reduce<scalar_t, acc_t>(run, out, stream);
-          ce_staged_gather<scalar_t, acc_t>(run, cfg, grad_logits, stream);
-        });
+        dispatch_ce(logits, labels, temperature, ignore_index, align_corners, "upsampled_cross_entropy_with_grad_cuda",
+                    [&](auto tag, const auto& g, const StagedConfig& cfg, cudaStream_t stream) {
+                      ce_with_grad_into<typename decltype(tag)::type>(logits, labels, g, cfg, reduction, out,
+                                                                      grad_logits, stream);
+                    });
       });
 }
 

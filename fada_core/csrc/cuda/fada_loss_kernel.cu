@@ -7,7 +7,6 @@
 // the (small, cache-resident) low-resolution inputs; "none" writes the map,
 // mean/sum reduce per block in a fixed tree order and then in one block.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -624,8 +623,7 @@ template <typename scalar_t, typename acc_t>
 void backward_into(const at::Tensor& g_acc, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
                    const FadaGeometry<acc_t>& g, const StagedConfig& cfg, int64_t reduction,
                    const at::Tensor& grad_disc, cudaStream_t stream) {
-  const int64_t B = disc.size(0), C = 2 * g.K;
-  const acc_t grad_div = reduction == 1 ? static_cast<acc_t>(B * g.H * g.W) : static_cast<acc_t>(1);
+  const acc_t grad_div = reduction == 1 ? static_cast<acc_t>(disc.size(0) * g.H * g.W) : static_cast<acc_t>(1);
   const acc_t* wptr = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
   if (cfg.tiles > 0) {
     StagedRun<acc_t> run;
@@ -638,17 +636,50 @@ void backward_into(const at::Tensor& g_acc, const at::Tensor& disc, const at::Te
     gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
     return;
   }
-  const AdjointConfig acfg = adjoint_config<acc_t>(C, g.sdx, g.w, g.W, fada_backward_kernel<scalar_t, acc_t>);
-  at::Tensor part = at::empty({B * g.h * 2 * C * g.w}, disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const dim3 grid(static_cast<unsigned>(ceil_div(g.w, acfg.tj)), static_cast<unsigned>(g.h), static_cast<unsigned>(B));
-  FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
-      disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g_acc.data_ptr<acc_t>(), reduction == 0, grad_div, g,
-      acfg.tj, part.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t n = grad_disc.numel();
-  FADA_LAUNCH(pixel_blocks(n), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
-      part.data_ptr<acc_t>(), B, C, g.h, g.w, grad_disc.data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto launch = [&](const dim3& grid, const AdjointConfig& acfg, acc_t* part) {
+    FADA_LAUNCH(grid, acfg.nx, acfg.smem, stream, fada_backward_kernel<scalar_t, acc_t>)(
+        disc.data_ptr<scalar_t>(), seg.data_ptr<scalar_t>(), wptr, g_acc.data_ptr<acc_t>(), reduction == 0, grad_div,
+        g, acfg.tj, part);
+  };
+  adjoint_backward<scalar_t>(fada_backward_kernel<scalar_t, acc_t>, g.sdx, g.W, grad_disc, stream, launch);
+}
+
+// The loss into `out` and dL/d(disc) for an upstream gradient of 1 into
+// grad_disc (reduction mean or sum). On the fast path one launch computes
+// both (then the fixed-order loss sum and the gradient gather); else the
+// forward and backward kernels run one after the other.
+template <typename scalar_t, typename acc_t>
+void with_grad_into(const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, const FadaGeometry<acc_t>& g,
+                    const StagedConfig& cfg, int64_t reduction, const at::Tensor& out, const at::Tensor& grad_disc,
+                    cudaStream_t stream) {
+  const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  if (cfg.tiles == 0) {
+    forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
+    backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg, reduction,
+                                   grad_disc, stream);
+    return;
+  }
+  const int64_t B = disc.size(0), total = B * g.H * g.W;
+  StagedRun<acc_t> run;
+  run.weight = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
+  run.grad_div = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
+  run.partials = at::empty({cfg.tiles * g.h * B}, disc.options().dtype(acc_type));
+  staged_slots(disc, cfg, run);
+  launch_staged<scalar_t, acc_t, true, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
+  reduce_loss<scalar_t, acc_t>(run.partials, run.grad_div, out, stream);
+  gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
+}
+
+// What the three launches below share: dispatch_launch's set-up, then
+// body(tag, g, cfg, stream) with the geometry and the staged configuration
+// in the accumulation type of the dispatched element type.
+template <typename Body>
+void dispatch_fada(const at::Tensor& disc, const at::Tensor& seg, const host::FadaLossArgs& a,
+                   const char* dispatch_name, Body body) {
+  dispatch_launch(disc, "fada_loss", dispatch_name, [&](auto tag, cudaStream_t stream) {
+    using acc_t = at::opmath_type<typename decltype(tag)::type>;
+    body(tag, geometry<acc_t>(disc, seg, a), staged_config_for<acc_t>(disc, seg, a), stream);
+  });
 }
 
 // The CUDA launches; everything around them is common/fada_loss_host.h.
@@ -660,14 +691,9 @@ at::Tensor fada_loss_cuda(const at::Tensor& disc_logits, const at::Tensor& seg_l
   return host::fada_loss_forward(
       disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
       [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out) {
-        check_grid_limits(disc, "fada_loss");
-        c10::cuda::CUDAGuard guard(disc.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
-          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
-          forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
+        dispatch_fada(disc, seg, a, "fada_loss_cuda", [&](auto tag, const auto& g, const StagedConfig& cfg,
+                                                          cudaStream_t stream) {
+          forward_into<typename decltype(tag)::type>(disc, seg, wt, g, cfg, reduction, out, stream);
         });
       });
 }
@@ -681,22 +707,15 @@ at::Tensor fada_loss_backward_cuda(const at::Tensor& grad_in, const at::Tensor& 
       grad_in, disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
       [&](const at::Tensor& grad, const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt,
           at::Tensor& grad_disc) {
-        check_grid_limits(disc, "fada_loss");
-        c10::cuda::CUDAGuard guard(disc.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
-          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
-          backward_into<scalar_t, acc_t>(grad, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
+        dispatch_fada(disc, seg, a, "fada_loss_backward_cuda", [&](auto tag, const auto& g, const StagedConfig& cfg,
+                                                                   cudaStream_t stream) {
+          backward_into<typename decltype(tag)::type>(grad, disc, seg, wt, g, cfg, reduction, grad_disc, stream);
         });
       });
 }
 
 // The loss and G = dL/d(disc) for an upstream gradient of 1 (reduction mean or
-// sum; the autograd backward is grad_out * G). On the fast path one launch
-// computes both (then the fixed-order loss sum and the gradient gather); else
-// the forward and backward kernels run one after the other.
+// sum; the autograd backward is grad_out * G): with_grad_into.
 std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& disc_logits,
                                                             const at::Tensor& seg_logits, int64_t domain,
                                                             double temperature, double cap, int64_t out_h,
@@ -707,29 +726,9 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cuda(const at::Tensor& di
       disc_logits, seg_logits, weight, a, "CUDA kernel", on_kernel_device(disc_logits),
       [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out,
           at::Tensor& grad_disc) {
-        check_grid_limits(disc, "fada_loss");
-        c10::cuda::CUDAGuard guard(disc.device());
-        cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-          const FadaGeometry<acc_t> g = geometry<acc_t>(disc, seg, a);
-          const StagedConfig cfg = staged_config_for<acc_t>(disc, seg, a);
-          if (cfg.tiles == 0) {
-            forward_into<scalar_t, acc_t>(disc, seg, wt, g, cfg, reduction, out, stream);
-            backward_into<scalar_t, acc_t>(at::ones({}, disc.options().dtype(acc_type)), disc, seg, wt, g, cfg,
-                                           reduction, grad_disc, stream);
-            return;
-          }
-          const int64_t B = disc.size(0), total = B * out_h * out_w;
-          StagedRun<acc_t> run;
-          run.weight = wt.defined() ? wt.data_ptr<acc_t>() : nullptr;
-          run.grad_div = reduction == 1 ? static_cast<acc_t>(total) : static_cast<acc_t>(1);
-          run.partials = at::empty({cfg.tiles * g.h * B}, disc.options().dtype(acc_type));
-          staged_slots(disc, cfg, run);
-          launch_staged<scalar_t, acc_t, true, true>(disc, seg, staged_geometry(g, cfg), cfg, run, stream);
-          reduce_loss<scalar_t, acc_t>(run.partials, run.grad_div, out, stream);
-          gather_staged<scalar_t, acc_t>(run, cfg, grad_disc, stream);
+        dispatch_fada(disc, seg, a, "fada_loss_with_grad_cuda", [&](auto tag, const auto& g, const StagedConfig& cfg,
+                                                                    cudaStream_t stream) {
+          with_grad_into<typename decltype(tag)::type>(disc, seg, wt, g, cfg, reduction, out, grad_disc, stream);
         });
       });
 }

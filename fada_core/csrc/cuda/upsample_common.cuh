@@ -1,7 +1,9 @@
 // Device building blocks shared by the fused FADA loss and upsampled
 // cross-entropy CUDA kernels: fixed-order (deterministic) reductions, the
 // output ranges that touch a source row/column, and the final gather of the
-// per-group partials of the upsampling adjoint.
+// per-group partials of the upsampling adjoint; and on the host, what their
+// entry points share around a launch (dispatch_launch) and the general
+// backward's launch (adjoint_backward).
 //
 // Backward design (no float atomics, same bits every run): one block per
 // (batch item b, group r of output rows whose lower source row is r, tile of
@@ -235,6 +237,34 @@ inline void check_grid_limits(const at::Tensor& x, const char* op) {
               x.size(0), " and ", x.size(2));
 }
 
+// The element type a dispatch_launch body runs for: typename decltype(tag)::type.
+template <typename T>
+struct ScalarTag {
+  using type = T;
+};
+
+// Host: what every loss launch of the CUDA backend does around
+// `body(tag, stream)`, for input x (B, C, h, w) of `op`: check_grid_limits,
+// x's device made current, its current stream, and the dispatch over the
+// floating types (tag: a ScalarTag). `dispatch_name` names the launch in the
+// error for any other dtype, in AT_DISPATCH's words (whose name must be a
+// compile-time constant, so one wrapper could not pass each op's).
+template <typename Body>
+void dispatch_launch(const at::Tensor& x, const char* op, const char* dispatch_name, Body body) {
+  check_grid_limits(x, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (x.scalar_type()) {
+    case at::kDouble: return body(ScalarTag<double>(), stream);
+    case at::kFloat: return body(ScalarTag<float>(), stream);
+    case at::kHalf: return body(ScalarTag<at::Half>(), stream);
+    case at::kBFloat16: return body(ScalarTag<at::BFloat16>(), stream);
+    default:
+      TORCH_CHECK_NOT_IMPLEMENTED(false, '"', dispatch_name, "\" not implemented for '", c10::toString(x.scalar_type()),
+                                  "'");
+  }
+}
+
 // Launch configuration of the backward: NX threads (output columns per
 // chunk), TJ source columns per block, and the dynamic shared memory:
 // top/bottom [C][NX], accumulators [2][C][TJ], ranges [2][TJ] (int64).
@@ -283,6 +313,25 @@ AdjointConfig adjoint_config(int64_t channels, const AxisMap<acc_t>& sx, int64_t
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cfg.smem)));
   }
   return cfg;
+}
+
+// Host: a backward through the general kernels (see the top comment) into
+// grad, the contiguous (B, C, h, w) gradient of source logits sampled through
+// `sx` onto W output columns: the configuration of `kernel` (adjoint_config),
+// its partial slots, `launch(grid, cfg, part)` (the kernel's launch, whose
+// last two arguments are cfg.tj and part), then the gather into grad.
+template <typename scalar_t, typename acc_t, typename Kernel, typename Launch>
+void adjoint_backward(Kernel kernel, const AxisMap<acc_t>& sx, int64_t W, const at::Tensor& grad, cudaStream_t stream,
+                      Launch launch) {
+  const int64_t B = grad.size(0), C = grad.size(1), h = grad.size(2), w = grad.size(3);
+  const AdjointConfig cfg = adjoint_config<acc_t>(C, sx, w, W, kernel);
+  at::Tensor part = at::empty({B * h * 2 * C * w}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const dim3 grid(static_cast<unsigned>(ceil_div(w, cfg.tj)), static_cast<unsigned>(h), static_cast<unsigned>(B));
+  launch(grid, cfg, part.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FADA_LAUNCH(pixel_blocks(grad.numel()), kReduceThreads, 0, stream, gather_partials_kernel<scalar_t, acc_t>)(
+      part.data_ptr<acc_t>(), B, C, h, w, grad.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
