@@ -168,8 +168,7 @@ def main(argv=None):
     start = time.time()
     result = E.evaluate(feature_extractor, classifier, loader, num_classes, device=device, flip=args.flip,
                         scales=scales, output_dir=args.output, num_images_to_save=args.save_images,
-                        class_names=names, distributed=distributed,
-                        ignore_index=int(cfg.get("input", {}).get("ignore_label", 255)),
+                        distributed=distributed, ignore_index=int(cfg.get("input", {}).get("ignore_label", 255)),
                         label_id_dir=label_id_dir, trainid_to_labelid=lut, amp=args.amp)
     seconds = time.time() - start
     if rank == 0:

@@ -8,10 +8,10 @@ wrong answer.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DOMAINS = ("source", "target")
 REDUCTIONS = ("mean", "sum", "none")
@@ -31,9 +31,28 @@ def check_float(name: str, x: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (logits/features), got dtype {x.dtype}")
 
 
+def check_float_tensor(name: str, x, ndim: int, shape_doc: str) -> Tensor:
+    """A floating-point tensor of ``ndim`` dimensions (logits, features, weights)."""
+    check_tensor(name, x, ndim, shape_doc)
+    check_float(name, x)
+    return x
+
+
+def check_same_batch(name: str, x: Tensor, other_name: str, other: Tensor) -> None:
+    if x.shape[0] != other.shape[0]:
+        raise ValueError(f"{name} and {other_name} must share the batch size, got {x.shape[0]} and {other.shape[0]}")
+
+
 def check_int_labels(name: str, labels: Tensor) -> None:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}")
+
+
+def check_labels_for(name: str, x: Tensor, labels) -> None:
+    """``labels``: (B, H, W) integer class indices, with the batch size of ``x`` (checked already)."""
+    check_tensor("labels", labels, 3, "(B, H, W)")
+    check_int_labels("labels", labels)
+    check_same_batch(name, x, "labels", labels)
 
 
 def check_same_device(**tensors: Optional[Tensor]) -> None:
@@ -114,8 +133,7 @@ def check_label_range(name: str, labels: Tensor, num_classes: int, ignore_index:
 def check_weight(weight: Optional[Tensor], batch: int, size: Tuple[int, int]) -> Optional[Tensor]:
     if weight is None:
         return None
-    check_tensor("weight", weight, 3, "(B, H, W)")
-    check_float("weight", weight)
+    check_float_tensor("weight", weight, 3, "(B, H, W)")
     if tuple(weight.shape) != (batch, *size):
         raise ValueError(f"weight must have shape (B, H, W) = {(batch, *size)}, got {tuple(weight.shape)}")
     return weight
@@ -125,10 +143,8 @@ def check_fada_inputs(
     disc_logits, seg_logits, domain, size, weight, num_classes: Optional[int] = None
 ) -> Tuple[int, Tuple[int, int]]:
     """Validate FADA loss / encoding inputs; returns (K, output size)."""
-    check_tensor("disc_logits", disc_logits, 4, "(B, 2K, h, w)")
-    check_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
-    check_float("disc_logits", disc_logits)
-    check_float("seg_logits", seg_logits)
+    check_float_tensor("disc_logits", disc_logits, 4, "(B, 2K, h, w)")
+    check_float_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
     k = seg_logits.shape[1]
     if num_classes is not None and k != num_classes:
         raise ValueError(f"seg_logits must have num_classes={num_classes} channels, got {k}")
@@ -136,10 +152,7 @@ def check_fada_inputs(
         raise ValueError(
             f"disc_logits must have 2K = {2 * k} channels (K={k} from seg_logits), got {disc_logits.shape[1]}"
         )
-    if disc_logits.shape[0] != seg_logits.shape[0]:
-        raise ValueError(
-            f"disc_logits and seg_logits must share the batch size, got {disc_logits.shape[0]} and {seg_logits.shape[0]}"
-        )
+    check_same_batch("disc_logits", disc_logits, "seg_logits", seg_logits)
     check_choice("domain", domain, DOMAINS)
     size = check_size(size)
     if size is None:
@@ -164,3 +177,29 @@ def check_channels(name: str, x, expected: int, what: str) -> None:
     """A module's own channel count (``what``, e.g. "num_classes=19"); other checks are the functional's."""
     if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] != expected:
         raise ValueError(f"{name} must have {what} channels, got {x.shape[1]}")
+
+
+# The check of each option the modules take, by the option's name.
+_OPTION_CHECKS = {
+    "num_classes": check_num_classes,
+    "temperature": check_temperature,
+    "cap": check_cap,
+    "ignore_index": check_ignore_index,
+    "reduction": lambda value: check_choice("reduction", value, REDUCTIONS),
+    "backend": lambda value: check_choice("backend", value, BACKENDS),
+    "align_corners": lambda value: check_bool("align_corners", value),
+}
+
+
+class OptionsModule(nn.Module):
+    """Base of the modules whose constructor only takes options: each is checked once, by its name
+    (an error at construction, not at the first call), kept as an attribute and listed by the repr."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, _OPTION_CHECKS[name](value))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._option_names)

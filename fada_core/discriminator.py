@@ -92,8 +92,7 @@ class FineGrainedDiscriminator(nn.Module):
         return None if nn.parameter.is_lazy(weight) else int(weight.shape[1])
 
     def forward(self, features: Tensor, size: Optional[Union[int, Tuple[int, int]]] = None) -> Tensor:
-        V.check_tensor("features", features, 4, "(B, C_in, h, w)")
-        V.check_float("features", features)
+        V.check_float_tensor("features", features, 4, "(B, C_in, h, w)")
         if self.in_channels is not None:
             V.check_channels("features", features, self.in_channels, f"in_channels={self.in_channels}")
         size = V.check_size(size)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _validation as V
 from . import functional as FF
 
 
-class DomainEncoding(nn.Module):
+class DomainEncoding(V.OptionsModule):
     r"""Soft labels placed in the source or target half of 2K channels.
 
     :math:`a = \min(\mathrm{softmax}(z / T), \mathrm{cap})` (detached, not
@@ -36,20 +36,10 @@ class DomainEncoding(nn.Module):
     def __init__(
         self, num_classes: int, temperature: float = 1.8, cap: float = 0.9, align_corners: bool = True
     ) -> None:
-        super().__init__()
-        self.num_classes = V.check_num_classes(num_classes)
-        self.temperature = V.check_temperature(temperature)
-        self.cap = V.check_cap(cap)
-        self.align_corners = V.check_bool("align_corners", align_corners)
+        super().__init__(num_classes=num_classes, temperature=temperature, cap=cap, align_corners=align_corners)
 
     def forward(
         self, seg_logits: Tensor, domain: str, size: Optional[Union[int, Tuple[int, int]]] = None
     ) -> Tensor:
         V.check_channels("seg_logits", seg_logits, self.num_classes, f"num_classes={self.num_classes}")
         return FF.domain_encoding(seg_logits, domain, self.temperature, self.cap, size, self.align_corners)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}, "
-            f"align_corners={self.align_corners}"
-        )

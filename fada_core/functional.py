@@ -184,15 +184,8 @@ def soft_labels(
         >>> a.flatten().tolist()  # softmax = (0.982, 0.018), capped at 0.9
         [0.8999999761581421, 0.01798621006309986]
     """
-    V.check_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
-    V.check_float("seg_logits", seg_logits)
-    return _reference.soft_labels(
-        seg_logits,
-        V.check_temperature(temperature),
-        V.check_cap(cap),
-        V.check_size(size),
-        V.check_bool("align_corners", align_corners),
-    )
+    options = _check_soft_label_args(seg_logits, temperature, cap, size, align_corners)
+    return _reference.soft_labels(seg_logits, *options)
 
 
 def domain_encoding(
@@ -222,17 +215,18 @@ def domain_encoding(
         >>> enc.shape, enc[0, :3].abs().sum().item()
         (torch.Size([1, 6, 2, 2]), 0.0)
     """
-    V.check_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
-    V.check_float("seg_logits", seg_logits)
+    options = _check_soft_label_args(seg_logits, temperature, cap, size, align_corners)
     V.check_choice("domain", domain, V.DOMAINS)
-    return _reference.domain_encoding(
-        seg_logits,
-        domain,
-        V.check_temperature(temperature),
-        V.check_cap(cap),
-        V.check_size(size),
-        V.check_bool("align_corners", align_corners),
-    )
+    return _reference.domain_encoding(seg_logits, domain, *options)
+
+
+def _check_soft_label_args(
+    seg_logits: Tensor, temperature: float, cap: float, size: Size, align_corners: bool
+) -> Tuple[float, float, Optional[Tuple[int, int]], bool]:
+    """Checks ``seg_logits``; returns the options checked and normalised, in the reference's order."""
+    V.check_float_tensor("seg_logits", seg_logits, 4, "(B, K, h, w)")
+    temperature, cap = V.check_temperature(temperature), V.check_cap(cap)
+    return temperature, cap, V.check_size(size), V.check_bool("align_corners", align_corners)
 
 
 # --------------------------------------------------------------------------- losses
@@ -260,10 +254,8 @@ def soft_label_cross_entropy(
         >>> round(soft_label_cross_entropy(z, y).item(), 4)  # -log(1/2)
         0.6931
     """
-    V.check_tensor("logits", logits, 4, "(B, C, H, W)")
-    V.check_tensor("soft_label", soft_label, 4, "(B, C, H, W)")
-    V.check_float("logits", logits)
-    V.check_float("soft_label", soft_label)
+    V.check_float_tensor("logits", logits, 4, "(B, C, H, W)")
+    V.check_float_tensor("soft_label", soft_label, 4, "(B, C, H, W)")
     if soft_label.shape != logits.shape:
         raise ValueError(f"soft_label must have the logits' shape {tuple(logits.shape)}, got {tuple(soft_label.shape)}")
     V.check_choice("reduction", reduction, V.REDUCTIONS)
@@ -383,12 +375,8 @@ def upsampled_cross_entropy(
         >>> round(upsampled_cross_entropy(z, y, backend="eager").item(), 4)  # log(4)
         1.3863
     """
-    V.check_tensor("logits", logits, 4, "(B, K, h, w)")
-    V.check_tensor("labels", labels, 3, "(B, H, W)")
-    V.check_float("logits", logits)
-    V.check_int_labels("labels", labels)
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"logits and labels must share the batch size, got {logits.shape[0]} and {labels.shape[0]}")
+    V.check_float_tensor("logits", logits, 4, "(B, K, h, w)")
+    V.check_labels_for("logits", logits, labels)
     temperature = V.check_temperature(temperature)
     ignore_index = V.check_ignore_index(ignore_index)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
@@ -446,14 +434,8 @@ def class_center_stats(
     """
     num_classes = V.check_num_classes(num_classes)
     ignore_index = V.check_ignore_index(ignore_index)
-    V.check_tensor("features", features, 4, "(B, C, h, w)")
-    V.check_tensor("labels", labels, 3, "(B, H, W)")
-    V.check_float("features", features)
-    V.check_int_labels("labels", labels)
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"features and labels must share the batch size, got {features.shape[0]} and {labels.shape[0]}"
-        )
+    V.check_float_tensor("features", features, 4, "(B, C, h, w)")
+    V.check_labels_for("features", features, labels)
     V.check_same_device(features=features, labels=labels)
     labels = resize_labels(labels, tuple(features.shape[-2:]))
     features = features.detach()

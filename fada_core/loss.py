@@ -12,7 +12,7 @@ from . import functional as FF
 Size = Optional[Union[int, Tuple[int, int]]]
 
 
-class FADALoss(nn.Module):
+class FADALoss(V.OptionsModule):
     r"""Fine-grained adversarial loss: soft-label cross-entropy against the domain encoding.
 
     .. math:: \ell = \operatorname{reduce}_{p}\Big( w(p) \sum_{c=1}^{K}
@@ -54,13 +54,8 @@ class FADALoss(nn.Module):
         backend: str = "auto",
         align_corners: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_classes = V.check_num_classes(num_classes)
-        self.temperature = V.check_temperature(temperature)
-        self.cap = V.check_cap(cap)
-        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
-        self.backend = V.check_choice("backend", backend, V.BACKENDS)
-        self.align_corners = V.check_bool("align_corners", align_corners)
+        super().__init__(num_classes=num_classes, temperature=temperature, cap=cap, reduction=reduction,
+                         backend=backend, align_corners=align_corners)
 
     def forward(
         self, disc_logits: Tensor, seg_logits: Tensor, domain: str, size: Size = None, weight: Optional[Tensor] = None
@@ -79,14 +74,8 @@ class FADALoss(nn.Module):
             self.align_corners,
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, temperature={self.temperature}, cap={self.cap}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}, align_corners={self.align_corners}"
-        )
 
-
-class UpsampledCrossEntropy(nn.Module):
+class UpsampledCrossEntropy(V.OptionsModule):
     r"""Cross-entropy of low-resolution logits against full-resolution labels.
 
     Equals ``nn.CrossEntropyLoss(ignore_index=...)(upsample(logits) / T, labels)``
@@ -119,22 +108,12 @@ class UpsampledCrossEntropy(nn.Module):
         backend: str = "auto",
         align_corners: bool = True,
     ) -> None:
-        super().__init__()
-        self.temperature = V.check_temperature(temperature)
-        self.ignore_index = V.check_ignore_index(ignore_index)
-        self.reduction = V.check_choice("reduction", reduction, V.REDUCTIONS)
-        self.backend = V.check_choice("backend", backend, V.BACKENDS)
-        self.align_corners = V.check_bool("align_corners", align_corners)
+        super().__init__(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                         backend=backend, align_corners=align_corners)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         return FF.upsampled_cross_entropy(
             logits, labels, self.temperature, self.ignore_index, self.reduction, self.backend, self.align_corners
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}, align_corners={self.align_corners}"
         )
 
 

@@ -7,14 +7,14 @@ from typing import List
 import torch
 import torch.distributed as dist
 from einops import pack, unpack
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _validation as V
 from . import functional as FF
 from .functional import CCDResult, ClassCenterStats
 
 
-class ClassCenterDistance(nn.Module):
+class ClassCenterDistance(V.OptionsModule):
     r"""Class Center Distance (FADA, section 4), accumulated batch by batch.
 
     .. math:: \mathrm{CCD}(i, j) = \frac{\frac{1}{|S_i|}\sum_{x \in S_i}\|x - \mu_i\|^2}
@@ -53,10 +53,7 @@ class ClassCenterDistance(nn.Module):
     m2: Tensor
 
     def __init__(self, num_classes: int, ignore_index: int = 255, backend: str = "auto") -> None:
-        super().__init__()
-        self.num_classes = V.check_num_classes(num_classes)
-        self.ignore_index = V.check_ignore_index(ignore_index)
-        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+        super().__init__(num_classes=num_classes, ignore_index=ignore_index, backend=backend)
         k = self.num_classes
         self.register_buffer("counts", torch.zeros(k, dtype=torch.float64))
         # the feature width is known at the first update; until then (K, 0)
@@ -151,6 +148,3 @@ class ClassCenterDistance(nn.Module):
             rank_stats = ClassCenterStats(counts, part_means, m2)
             merged = rank_stats if merged is None else FF.merge_class_center_stats(merged, rank_stats)
         return merged
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, backend={self.backend!r}"

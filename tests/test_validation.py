@@ -150,3 +150,18 @@ def test_kernel_backend_unavailable_message(monkeypatch):
         FF.fada_loss(D4, S4, "source", backend="kernel")
     # auto falls back to eager and still computes
     assert torch.isfinite(FF.fada_loss(D4, S4, "source", backend="auto"))
+
+
+def test_module_reprs_list_the_checked_options():
+    # the options are checked (ints become floats) and listed in the order the constructor takes them
+    assert repr(FADALoss(3, temperature=2)) == (
+        "FADALoss(num_classes=3, temperature=2.0, cap=0.9, reduction='mean', backend='auto', align_corners=True)"
+    )
+    assert repr(UpsampledCrossEntropy(reduction="sum", align_corners=False)) == (
+        "UpsampledCrossEntropy(temperature=1.0, ignore_index=255, reduction='sum', backend='auto', "
+        "align_corners=False)"
+    )
+    assert repr(DomainEncoding(4, cap=1)) == "DomainEncoding(num_classes=4, temperature=1.8, cap=1.0, align_corners=True)"
+    assert repr(ClassCenterDistance(2, backend="eager")) == (
+        "ClassCenterDistance(num_classes=2, ignore_index=255, backend='eager')"
+    )

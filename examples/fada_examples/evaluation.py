@@ -470,8 +470,8 @@ def _sum_over_ranks(confusion: torch.Tensor, images_seen: int) -> int:
 @torch.no_grad()
 def evaluate(feature_extractor, classifier, loader, num_classes: int, *, device,
              flip: bool = False, scales: Sequence[float] = (1.0,), output_dir: Optional[str] = None,
-             num_images_to_save: int = 0, class_names: Optional[Sequence[str]] = None,
-             distributed: bool = False, ignore_index: int = 255, palette: Optional[np.ndarray] = None,
+             num_images_to_save: int = 0, distributed: bool = False, ignore_index: int = 255,
+             palette: Optional[np.ndarray] = None,
              label_id_dir: Optional[str] = None, trainid_to_labelid: Optional[np.ndarray] = None,
              progress: bool = True, desc: str = "eval", amp: Optional[str] = None) -> EvalResult:
     """Evaluate a segmentor over ``loader`` and return an :class:`EvalResult`.

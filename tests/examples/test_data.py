@@ -604,3 +604,17 @@ def test_data_roots_synthetic_only_when_none_given(tmp_path, capsys):
     out = prepare_data(cfg)
     assert "no data root given" in capsys.readouterr().out
     assert os.path.isdir(out["datasets"]["source_root"])
+
+
+
+@pytest.mark.parametrize("lookup, bad, message, table_13", [
+    (L.cityscapes_lut, 7, "num_classes must be 19, 16 or 13, got 7", L.CITYSCAPES_ID_TO_TRAINID_13),
+    (L.class_names, 12, "num_classes must be 19, 16 or 13, got 12", L.CLASS_NAMES_13),
+    (L.palette, 0, "num_classes must be 19, 16 or 13, got 0", L.PALETTE_13),
+    (L.synthia_lut, 19, "SYNTHIA num_classes must be 16 or 13, got 19", L.SYNTHIA_ID_TO_TRAINID_13),
+])
+def test_protocol_tables_name_the_protocols_there_are(lookup, bad, message, table_13):
+    with pytest.raises(ValueError) as info:
+        lookup(bad)
+    assert str(info.value) == message
+    assert lookup(13) is table_13

@@ -179,9 +179,8 @@ def test_evaluate_matches_manual_loop_and_saves_images(tmp_path):
     clf.eval()
     items = make_items()
     loader = torch.utils.data.DataLoader(ListDataset(items), batch_size=2)
-    names = [f"n{i}" for i in range(K)]
     res = evaluation.evaluate(fe, clf, loader, K, device="cpu", output_dir=str(tmp_path),
-                              num_images_to_save=3, class_names=names, progress=False)
+                              num_images_to_save=3, progress=False)
     assert fe.training and not clf.training  # modes restored
     fe.eval()
     inter = np.zeros(K)
@@ -205,6 +204,7 @@ def test_evaluate_matches_manual_loop_and_saves_images(tmp_path):
     rgb = np.asarray(img.convert("RGB"))
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) >= 2
     # CSV
+    names = [f"n{i}" for i in range(K)]
     path = evaluation.write_results_csv(res, names, str(tmp_path / "res.csv"))
     rows = list(csv.reader(open(path)))
     assert rows[0][:3] == ["class_id", "class", "iou"] and rows[1][1] == "n0"
@@ -342,7 +342,7 @@ def test_evaluate_label_id_outputs_agree_with_cityscapesscripts(tmp_path, cs_eva
     out = tmp_path / "label_ids"
     res = evaluation.evaluate(TinyFeatures().eval(), TinyClassifier(num_classes=19), loader, 19, device="cpu",
                               flip=True, label_id_dir=str(out), trainid_to_labelid=train_to_id,
-                              class_names=names, progress=False)
+                              progress=False)
     assert res.num_images == 3
     monkeypatch.setenv("CITYSCAPES_RESULTS", str(out))
     pred_files = [cs_eval.getPrediction(cs_eval.args, f) for f in gt_files]

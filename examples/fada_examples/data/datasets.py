@@ -171,6 +171,15 @@ def _epoch_indices(num_items: int, num_samples: Optional[int], class_balanced_li
     return None
 
 
+def _same_name_samples(image_dir: str, label_dir: str, list_path: Optional[str], num_samples: Optional[int],
+                       class_balanced_lists, seed: int) -> tuple[list[Sample], Optional[list[int]]]:
+    """The images named in ``list_path`` (default: every image of ``image_dir``), each with the label
+    file of the same name in ``label_dir`` (GTA5's and SYNTHIA's layout), and their epoch order."""
+    names = read_list(list_path) if list_path is not None else _list_images(image_dir)
+    samples = [Sample(os.path.join(image_dir, n), os.path.join(label_dir, n), n) for n in names]
+    return samples, _epoch_indices(len(samples), num_samples, class_balanced_lists, names, seed)
+
+
 class GTA5Dataset(SegmentationDataset):
     """GTA5 (``images/``, ``labels/``), labels in Cityscapes label IDs.
 
@@ -198,9 +207,8 @@ class GTA5Dataset(SegmentationDataset):
         image_dir = check_dir(os.path.join(root, "images"), "GTA5 image folder")
         label_dir = check_dir(os.path.join(root, "labels"), "GTA5 label folder")
         self.root = root
-        names = read_list(list_path) if list_path is not None else _list_images(image_dir)
-        samples = [Sample(os.path.join(image_dir, n), os.path.join(label_dir, n), n) for n in names]
-        indices = _epoch_indices(len(samples), num_samples, class_balanced_lists, names, seed)
+        samples, indices = _same_name_samples(image_dir, label_dir, list_path, num_samples,
+                                              class_balanced_lists, seed)
         super().__init__(samples, num_classes, L.cityscapes_lut(num_classes), transform, indices)
 
     def load(self, index: int):
@@ -273,9 +281,8 @@ class SynthiaDataset(SegmentationDataset):
         image_dir = check_dir(os.path.join(base, "RGB"), "SYNTHIA image folder")
         label_dir = check_dir(os.path.join(base, "GT", "LABELS"), "SYNTHIA label folder")
         self.root = root
-        names = read_list(list_path) if list_path is not None else _list_images(image_dir)
-        samples = [Sample(os.path.join(image_dir, n), os.path.join(label_dir, n), n) for n in names]
-        indices = _epoch_indices(len(samples), num_samples, class_balanced_lists, names, seed)
+        samples, indices = _same_name_samples(image_dir, label_dir, list_path, num_samples,
+                                              class_balanced_lists, seed)
         super().__init__(samples, num_classes, L.synthia_lut(num_classes), transform, indices)
 
     def read_label_ids(self, path: str) -> np.ndarray:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["ImageReadError", "check_dir", "check_file", "read_image", "read_label_ids",
-           "read_label_ids_16bit", "write_png_uint16"]
+           "read_label_ids_16bit", "write_png_uint16", "write_marker", "read_marker"]
 
 
 class ImageReadError(OSError):
@@ -28,6 +30,20 @@ def check_file(path: str, what: str = "file") -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
+
+
+def write_marker(path: str, info: dict) -> None:
+    """Record that a job producing files finished: ``info`` (what it was made from) as JSON."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=1, sort_keys=True)
+
+
+def read_marker(path: str) -> Optional[dict]:
+    """What :func:`write_marker` recorded at ``path``; None when there is no marker (not finished)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def _open(path: str, what: str) -> Image.Image:

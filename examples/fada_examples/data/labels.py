@@ -106,37 +106,33 @@ CROSSCITY_CITIES: tuple[str, ...] = ("Rome", "Rio", "Tokyo", "Taipei")
 CROSSCITY_ID_TO_TRAINID: np.ndarray = CITYSCAPES_ID_TO_TRAINID_13
 
 
+def _for_protocol(tables: dict, num_classes: int, what: str = ""):
+    """The table of the ``num_classes``-class protocol; ValueError listing the protocols there are."""
+    if num_classes not in tables:
+        *others, last = [str(k) for k in tables]
+        raise ValueError(f"{what}num_classes must be {', '.join(others)} or {last}, got {num_classes}")
+    return tables[num_classes]
+
+
 def cityscapes_lut(num_classes: int = 19) -> np.ndarray:
     """Cityscapes/GTA5 label-ID LUT for the 19-, 16- or 13-class protocol."""
-    luts = {19: CITYSCAPES_ID_TO_TRAINID, 16: CITYSCAPES_ID_TO_TRAINID_16,
-            13: CITYSCAPES_ID_TO_TRAINID_13}
-    if num_classes not in luts:
-        raise ValueError(f"num_classes must be 19, 16 or 13, got {num_classes}")
-    return luts[num_classes]
+    return _for_protocol({19: CITYSCAPES_ID_TO_TRAINID, 16: CITYSCAPES_ID_TO_TRAINID_16,
+                          13: CITYSCAPES_ID_TO_TRAINID_13}, num_classes)
 
 
 def synthia_lut(num_classes: int = 16) -> np.ndarray:
     """SYNTHIA class-ID LUT for the 16- or 13-class protocol."""
-    luts = {16: SYNTHIA_ID_TO_TRAINID_16, 13: SYNTHIA_ID_TO_TRAINID_13}
-    if num_classes not in luts:
-        raise ValueError(f"SYNTHIA num_classes must be 16 or 13, got {num_classes}")
-    return luts[num_classes]
+    return _for_protocol({16: SYNTHIA_ID_TO_TRAINID_16, 13: SYNTHIA_ID_TO_TRAINID_13}, num_classes, "SYNTHIA ")
 
 
 def class_names(num_classes: int = 19) -> tuple[str, ...]:
     """Names of the train IDs for the 19-, 16- or 13-class protocol."""
-    names = {19: CLASS_NAMES_19, 16: CLASS_NAMES_16, 13: CLASS_NAMES_13}
-    if num_classes not in names:
-        raise ValueError(f"num_classes must be 19, 16 or 13, got {num_classes}")
-    return names[num_classes]
+    return _for_protocol({19: CLASS_NAMES_19, 16: CLASS_NAMES_16, 13: CLASS_NAMES_13}, num_classes)
 
 
 def palette(num_classes: int = 19) -> np.ndarray:
     """(num_classes, 3) uint8 colours of the train IDs (Cityscapes colours)."""
-    palettes = {19: PALETTE_19, 16: PALETTE_16, 13: PALETTE_13}
-    if num_classes not in palettes:
-        raise ValueError(f"num_classes must be 19, 16 or 13, got {num_classes}")
-    return palettes[num_classes]
+    return _for_protocol({19: PALETTE_19, 16: PALETTE_16, 13: PALETTE_13}, num_classes)
 
 
 def encode_labels(label_ids: np.ndarray, lut: np.ndarray) -> np.ndarray:

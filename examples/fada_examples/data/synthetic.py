@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import uuid
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from . import labels as L
+from .io import read_marker, write_marker
 
 __all__ = ["make_synthetic_data", "draw_scene", "render", "SYNTHETIC_VERSION"]
 
@@ -208,8 +208,7 @@ def _write(root: str, params: dict) -> None:
     _write_source(src, params)
     _write_target(os.path.join(root, "cityscapes"), params)
     save_class_lists(compute_class_lists(GTA5Dataset(src)), os.path.join(src, class_lists_cache_name(19)))
-    with open(os.path.join(root, _MARKER), "w", encoding="utf-8") as f:
-        json.dump(params, f, indent=1, sort_keys=True)
+    write_marker(os.path.join(root, _MARKER), params)
 
 
 def _write_source(src: str, params: dict) -> None:
@@ -264,11 +263,9 @@ def _checked_params(num_source, num_target_train, num_target_val, size, seed) ->
 
 def _finished(root: str, params: dict) -> bool:
     """Whether ``root`` holds finished synthetic data made with ``params`` (ValueError: other params)."""
-    marker = os.path.join(root, _MARKER)
-    if not os.path.isfile(marker):
+    found = read_marker(os.path.join(root, _MARKER))
+    if found is None:
         return False
-    with open(marker, "r", encoding="utf-8") as f:
-        found = json.load(f)
     if found != params:
         raise ValueError(f"{root} already holds synthetic data made with {found}, not "
                          f"{params}; pass another root or delete it")

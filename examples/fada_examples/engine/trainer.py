@@ -531,6 +531,7 @@ def generate_pseudo_labels(features: nn.Module, classifier: nn.Module, cfg: Dict
     from PIL import Image
 
     from ..data import pseudo_label_path
+    from ..data.io import write_marker
     from ..evaluation import build_eval_loader, predict_probabilities
 
     dataset = _unlabelled_target(cfg, _test_transform(input_cfg or cfg["input"], size))
@@ -551,8 +552,7 @@ def generate_pseudo_labels(features: nn.Module, classifier: nn.Module, cfg: Dict
     bar.close()
     D.barrier()
     if D.is_main():
-        with open(os.path.join(out_dir, ".done"), "w", encoding="utf-8") as fh:
-            json.dump({"teacher": teacher, "size": list(size), "images": len(dataset)}, fh)
+        write_marker(os.path.join(out_dir, ".done"), {"teacher": teacher, "size": list(size), "images": len(dataset)})
     D.barrier()
     return written
 
@@ -572,11 +572,11 @@ def pseudo_label_size(cfg: Dict[str, Any], teacher_cfg: Optional[Dict[str, Any]]
 
 
 def _pseudo_labels_ready(out_dir: str, teacher: str, size: Optional[List[int]] = None) -> bool:
-    marker = os.path.join(out_dir, ".done")
-    if not os.path.isfile(marker):
+    from ..data.io import read_marker
+
+    info = read_marker(os.path.join(out_dir, ".done"))
+    if info is None:
         return False
-    with open(marker, "r", encoding="utf-8") as fh:
-        info = json.load(fh)
     if not teacher:
         return True
     return info.get("teacher") == os.path.abspath(teacher) and (size is None or info.get("size") == list(size))
@@ -665,8 +665,8 @@ def evaluate_models(features: nn.Module, classifier: nn.Module, cfg: Dict[str, A
     k = cfg["model"]["num_classes"]
     result = evaluate(features, classifier, loader, k, device=device, flip=cfg["test"]["flip"],
                       scales=tuple(cfg["test"]["scales"]), output_dir=output_dir,
-                      num_images_to_save=cfg["test"]["num_images_to_save"], class_names=names,
-                      distributed=D.is_distributed(), progress=progress)
+                      num_images_to_save=cfg["test"]["num_images_to_save"], distributed=D.is_distributed(),
+                      progress=progress)
     ccd_loader = loader if ccd_size == test_size else loader_of(build_test_dataset(cfg, size=ccd_size))
     ccd = class_center_analysis(features, ccd_loader, k, device=device, backend=cfg["backend"], progress=progress)
     return {"eval": result, "ccd": ccd, "miou": float(result.miou), "ccd_mean": float(ccd.mean),
