@@ -112,9 +112,11 @@ def _setup_with_grad(ctx, inputs, output):
 
 def _backward_with_grad(ctx, grad, _grad_of_grad):
     # The loss is a mean or sum, so its gradient is grad * (the gradient for 1),
-    # in the input's dtype (the loss, and so grad, is float32 for half inputs).
+    # in the input's dtype. The product is taken in grad's dtype (the loss's:
+    # float32 for half inputs): grad is a 0-dim tensor, which type promotion
+    # would otherwise round to half first (GradScaler's 2**16 is inf in float16).
     (grad_first,) = ctx.saved_tensors
-    grad_in = (grad * grad_first).to(grad_first.dtype) if ctx.needs_input_grad[0] else None
+    grad_in = (grad * grad_first.to(grad.dtype)).to(grad_first.dtype) if ctx.needs_input_grad[0] else None
     return (grad_in,) + (None,) * (ctx.num_inputs - 1)
 
 

@@ -342,3 +342,23 @@ def test_wide_instructions_only_in_their_builds(kernel_ops):
             wide.add(name)
     assert any("fada_cpu_avx512" in n for n in wide)  # the check sees AVX-512 code where it belongs
     assert [n for n in wide if "fada_cpu_avx2" not in n and "fada_cpu_avx512" not in n] == []
+
+
+def test_package_data_ships_every_source():
+    """setup.cfg's package_data (what the sdist and wheel carry for an AOT or JIT build) matches every
+    file under csrc: its globs are not recursive, so a new folder needs its own pattern."""
+    import configparser
+    import fnmatch
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(REPO, "setup.cfg"))
+    value = config["options.package_data"]["fada_core"]
+    # as setuptools reads a list: one item per line if there are several lines, else comma-separated
+    patterns = [p.strip() for p in (value.strip().splitlines() if "\n" in value.strip() else value.split(","))]
+    package = os.path.join(REPO, "fada_core")
+    sources = [os.path.relpath(os.path.join(root, name), package).replace(os.sep, "/")
+               for root, _, names in os.walk(_compile.CSRC) for name in names]
+    # fnmatch's * crosses "/", setuptools' does not: compare folder by folder
+    unshipped = [s for s in sources
+                 if not any(fnmatch.fnmatch(s, p) and s.count("/") == p.count("/") for p in patterns)]
+    assert sources and unshipped == []

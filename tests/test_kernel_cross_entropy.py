@@ -211,6 +211,17 @@ def test_with_grad_equals_forward_and_backward(isa_kernel_ops, reduction, sizes)
         isa_kernel_ops.upsampled_cross_entropy_with_grad(logits, labels, 1.8, 255, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_with_grad_autograd_scales_half_gradients_in_float32(kernel_ops, dtype):
+    """As the FADA loss's test of the same name: GradScaler's 2**16 upstream gradient is inf in float16."""
+    logits, labels = cross_entropy_inputs(2, 3, 4, 5, 7, 9, dtype, 8, 0.3)
+    leaf = logits.clone().requires_grad_(True)
+    (kernel_ops.upsampled_cross_entropy_with_grad(leaf, labels, 1.8, 255, 1)[0] * 2.0**16).backward()
+    want = kernel_ops.upsampled_cross_entropy_backward(torch.tensor(2.0**16), logits, labels, 1.8, 255, 1)
+    assert leaf.grad.dtype == dtype
+    assert_close_scaled(leaf.grad, want, dtype, equal_nan=False)
+
+
 @pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("reduction", [1, 2])
 def test_gradcheck_with_grad(kernel_ops, reduction, align_corners):

@@ -191,6 +191,20 @@ def test_with_grad_matches_reference(isa_kernel_ops, case):
     assert want_grad.abs().max() > 0  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_with_grad_autograd_scales_half_gradients_in_float32(kernel_ops, dtype):
+    """The with_grad op's autograd multiplies the float32 upstream gradient into its half gradient in
+    float32: GradScaler's default 2**16 is inf in float16. Same values as the backward op for that
+    upstream gradient, up to the one extra rounding of the gradient for 1."""
+    disc, seg, weight = fada_loss_inputs(2, 3, 4, 5, 4, 5, 7, 9, dtype, 8, True)
+    args = (1, T, CAP, 7, 9, weight, 1)
+    leaf = disc.clone().requires_grad_(True)
+    (kernel_ops.fada_loss_with_grad(leaf, seg, *args)[0] * 2.0**16).backward()
+    want = kernel_ops.fada_loss_backward(torch.tensor(2.0**16), disc, seg, *args)
+    assert leaf.grad.dtype == dtype
+    assert_close_scaled(leaf.grad, want, dtype, equal_nan=False)
+
+
 def test_with_grad_empty_batch(kernel_ops):
     disc, seg, weight = fada_loss_inputs(0, 3, 4, 5, 4, 5, 7, 9, torch.float32, 0, True)
     loss, grad = kernel_ops.fada_loss_with_grad(disc, seg, 1, T, CAP, 7, 9, weight, 1)
