@@ -119,8 +119,14 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 def _run_loss_op(name: str, reduction: str, logits: Tensor, *args) -> Tensor:
     """The loss of operator ``torch.ops.fada_core.<name>(logits, *args)``. Training with a mean or
     sum (``logits`` needs a gradient), its ``<name>_with_grad`` form computes the loss and that
-    gradient in one pass (one launch on the CUDA fast path); the backward then only scales it."""
-    with_grad = reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
+    gradient in one pass (one launch on the CUDA fast path); the backward then only scales it.
+
+    Not for half logits: the one-pass gradient is for an upstream gradient of 1, in the logits'
+    dtype, and a mean's is ~1/(B*H*W) per output pixel, below float16's normal range at training
+    sizes; scaling it afterwards (GradScaler) cannot restore the lost bits. The backward op gets the
+    real (scaled) upstream gradient instead."""
+    with_grad = (reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
+                 and logits.dtype in (torch.float32, torch.float64))
     out = getattr(torch.ops.fada_core, f"{name}_with_grad" if with_grad else name)(logits, *args)
     return out[0] if with_grad else out
 
