@@ -3,9 +3,11 @@
 // (cuda/fada_loss_kernel.cu) backends: argument checks (both backends reject
 // the same inputs with the same words), contiguity, the weight and upstream
 // gradient in the accumulation type, output and gradient allocation, empty
-// batches, the copy back into a non-contiguous gradient (the last three with
-// the cross-entropy's, host_util.h). Each backend passes only its device
-// check and a launch function. Host code only, ISA-neutral.
+// batches, the copy back into a non-contiguous gradient. What the
+// cross-entropy does alike (loss tensor, upstream-gradient checks, the fused
+// ops' reduction check, the copy back) lives in host_util.h. Each backend
+// passes only its device check and a launch function. Host code only,
+// ISA-neutral.
 #pragma once
 
 #include <ATen/ATen.h>
