@@ -220,7 +220,10 @@ void ce_gradient(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* 
                  at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor part = at::empty({p.B * p.h * 2 * p.K * p.w}, grad_logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (debug_poison()) {
+    part.fill_(std::numeric_limits<double>::quiet_NaN());
+    grad_logits.fill_(std::numeric_limits<double>::quiet_NaN());  // the gather must write every element
+  }
   acc_t* part_ptr = part.data_ptr<acc_t>();
   TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_logits.data_ptr<scalar_t>(), out),
               kBadLabel);

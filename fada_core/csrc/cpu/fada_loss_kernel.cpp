@@ -321,7 +321,10 @@ void fada_gradient(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t slots = p.B * p.h * 2, slot = 2 * p.K * p.w;  // top and bottom per task, 2K channels
   at::Tensor part = at::empty({slots * slot}, grad_disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  if (debug_poison()) part.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (debug_poison()) {
+    part.fill_(std::numeric_limits<double>::quiet_NaN());
+    grad_disc.fill_(std::numeric_limits<double>::quiet_NaN());  // the gather must write every element
+  }
   fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part.data_ptr<acc_t>(), grad_disc.data_ptr<scalar_t>(), out);
 }
 
