@@ -12,6 +12,7 @@
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -316,6 +317,20 @@ inline void gather_row(const acc_t* part, scalar_t* out, int64_t b, int64_t i, i
     scalar_t* o = out + ((b * channels + c) * h + i) * w;
     for (int64_t j = 0; j < w; ++j) o[j] = static_cast<scalar_t>(gathered_partial(part, b, c, i, j, channels, h, w));
   }
+}
+
+// The partials adjoint_row_groups needs for the gradient `grad` (B, channels,
+// h, w): two slots of channels x w per (batch item, row group), in acc_t.
+// Under FADA_CORE_DEBUG_POISON they and grad start as NaN, so a slot or a
+// gradient element the kernel forgot to write shows up in the tests.
+template <typename acc_t>
+at::Tensor adjoint_partials(at::Tensor& grad) {
+  at::Tensor part = at::empty({2 * grad.numel()}, grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (debug_poison()) {
+    part.fill_(std::numeric_limits<double>::quiet_NaN());
+    grad.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return part;
 }
 
 // The tasks of a backward kernel, one per (batch item b, row group r), the

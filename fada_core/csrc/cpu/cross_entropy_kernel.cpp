@@ -219,13 +219,9 @@ template <typename scalar_t>
 void ce_gradient(const CeProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                  at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor part = at::empty({p.B * p.h * 2 * p.K * p.w}, grad_logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  if (debug_poison()) {
-    part.fill_(std::numeric_limits<double>::quiet_NaN());
-    grad_logits.fill_(std::numeric_limits<double>::quiet_NaN());  // the gather must write every element
-  }
-  acc_t* part_ptr = part.data_ptr<acc_t>();
-  TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part_ptr, grad_logits.data_ptr<scalar_t>(), out),
+  at::Tensor part = adjoint_partials<acc_t>(grad_logits);
+  TORCH_CHECK(ce_backward_kernel<scalar_t>(p, grad_map, grad_scale, part.data_ptr<acc_t>(),
+                                           grad_logits.data_ptr<scalar_t>(), out),
               kBadLabel);
 }
 
@@ -235,19 +231,11 @@ at::Tensor upsampled_cross_entropy_cpu(const at::Tensor& logits_in, const at::Te
   return host::upsampled_cross_entropy_forward(
       logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out) {
-        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "upsampled_cross_entropy_cpu", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
           CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
-          if (reduction == 0) {
-            LossOut<scalar_t> map;
-            map.map = out.data_ptr<acc_t>();
-            TORCH_CHECK(ce_forward_kernel<scalar_t>(p, map), kBadLabel);
-          } else {
-            RowTotals rows(p.B * p.H);
-            TORCH_CHECK(ce_forward_kernel<scalar_t>(p, rows.out<scalar_t>()), kBadLabel);
-            out.fill_(static_cast<acc_t>(rows.finish(reduction)));
-          }
+          write_loss<scalar_t>(out, p.B * p.H, reduction, [&](const LossOut<scalar_t>& loss) {
+            TORCH_CHECK(ce_forward_kernel<scalar_t>(p, loss), kBadLabel);
+          });
         });
       });
 }
@@ -282,15 +270,14 @@ std::tuple<at::Tensor, at::Tensor> upsampled_cross_entropy_with_grad_cpu(const a
   return host::upsampled_cross_entropy_with_grad(
       logits_in, labels_in, temperature, reduction, "CPU kernel", logits_in.device().is_cpu(),
       [&](const at::Tensor& logits, const at::Tensor& labels, at::Tensor& out, at::Tensor& grad_logits) {
-        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                         "upsampled_cross_entropy_with_grad_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           CeProblem<scalar_t> p(logits, labels, temperature, ignore_index, align_corners);
-          RowTotals rows(p.B * p.H);
-          ce_gradient<scalar_t>(p, nullptr, reduced_grad_scale(acc_t(1), labels, ignore_index, reduction),
-                                rows.out<scalar_t>(), grad_logits);
-          out.fill_(static_cast<acc_t>(rows.finish(reduction)));
+          const acc_t scale = reduced_grad_scale(acc_t(1), labels, ignore_index, reduction);
+          write_loss<scalar_t>(out, p.B * p.H, reduction, [&](const LossOut<scalar_t>& loss) {
+            ce_gradient<scalar_t>(p, nullptr, scale, loss, grad_logits);
+          });
         });
       });
 }

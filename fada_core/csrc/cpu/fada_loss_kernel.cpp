@@ -319,12 +319,7 @@ template <typename scalar_t>
 void fada_gradient(const FadaProblem<scalar_t>& p, const at::opmath_type<scalar_t>* grad_map,
                    at::opmath_type<scalar_t> grad_scale, const LossOut<scalar_t>& out, at::Tensor& grad_disc) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t slots = p.B * p.h * 2, slot = 2 * p.K * p.w;  // top and bottom per task, 2K channels
-  at::Tensor part = at::empty({slots * slot}, grad_disc.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  if (debug_poison()) {
-    part.fill_(std::numeric_limits<double>::quiet_NaN());
-    grad_disc.fill_(std::numeric_limits<double>::quiet_NaN());  // the gather must write every element
-  }
+  at::Tensor part = adjoint_partials<acc_t>(grad_disc);
   fada_backward_kernel<scalar_t>(p, grad_map, grad_scale, part.data_ptr<acc_t>(), grad_disc.data_ptr<scalar_t>(), out);
 }
 
@@ -336,19 +331,10 @@ at::Tensor fada_loss_cpu(const at::Tensor& disc_logits, const at::Tensor& seg_lo
   return host::fada_loss_forward(
       disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
       [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out) {
-        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_cpu", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
           FadaProblem<scalar_t> p(disc, seg, wt, a);
-          if (reduction == 0) {
-            LossOut<scalar_t> map;
-            map.map = out.data_ptr<acc_t>();
-            fada_forward_kernel<scalar_t>(p, map);
-          } else {
-            RowTotals rows(p.B * p.H);
-            fada_forward_kernel<scalar_t>(p, rows.out<scalar_t>());
-            out.fill_(static_cast<acc_t>(rows.finish(reduction)));
-          }
+          write_loss<scalar_t>(out, p.B * p.H, reduction,
+                               [&](const LossOut<scalar_t>& loss) { fada_forward_kernel<scalar_t>(p, loss); });
         });
       });
 }
@@ -387,14 +373,12 @@ std::tuple<at::Tensor, at::Tensor> fada_loss_with_grad_cpu(const at::Tensor& dis
       disc_logits, seg_logits, weight, a, "CPU kernel", disc_logits.device().is_cpu(),
       [&](const at::Tensor& disc, const at::Tensor& seg, const at::Tensor& wt, at::Tensor& out,
           at::Tensor& grad_disc) {
-        if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, disc.scalar_type(), "fada_loss_with_grad_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           FadaProblem<scalar_t> p(disc, seg, wt, a);
-          RowTotals rows(p.B * p.H);
-          fada_gradient<scalar_t>(p, nullptr, p.reduced_grad_scale(acc_t(1), reduction), rows.out<scalar_t>(),
-                                  grad_disc);
-          out.fill_(static_cast<acc_t>(rows.finish(reduction)));
+          write_loss<scalar_t>(out, p.B * p.H, reduction, [&](const LossOut<scalar_t>& loss) {
+            fada_gradient<scalar_t>(p, nullptr, p.reduced_grad_scale(acc_t(1), reduction), loss, grad_disc);
+          });
         });
       });
 }

@@ -7,6 +7,7 @@
 // Included inside each instruction-set build's namespace (isa/kernels.h).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
@@ -79,6 +80,25 @@ struct RowTotals {
     return total;
   }
 };
+
+// Runs `kernel(const LossOut<scalar_t>&)`, which adds the loss of every output
+// pixel, and puts the loss into `out`: per pixel for reduction none (0), else
+// its mean (1) or sum (2) over the `rows` output rows, in a fixed order.
+// Under FADA_CORE_DEBUG_POISON `out` starts as NaN.
+template <typename scalar_t, typename Kernel>
+void write_loss(at::Tensor& out, int64_t rows, int64_t reduction, const Kernel& kernel) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (debug_poison()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (reduction == 0) {
+    LossOut<scalar_t> map;
+    map.map = out.data_ptr<acc_t>();
+    kernel(map);
+    return;
+  }
+  RowTotals totals(rows);
+  kernel(totals.out<scalar_t>());
+  out.fill_(static_cast<acc_t>(totals.finish(reduction)));
+}
 
 }  // namespace cpu
 }  // namespace fada
